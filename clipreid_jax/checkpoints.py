@@ -1,0 +1,86 @@
+"""Model directories on disk: `config.json` (what the model is) + `variables/` (orbax pytree).
+
+Every directory is written atomically: built under a hidden sibling name, then renamed into place, so
+a crash or a bad input never leaves a half-written model behind and never clobbers a good one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Any, Iterator
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+  """A model directory or source checkpoint that cannot be used; the message names the file."""
+
+
+def read_config(path: str | os.PathLike) -> dict:
+  path = pathlib.Path(path)
+  cfg_file = path / "config.json"
+  if not cfg_file.is_file():
+    raise CheckpointError(f"{cfg_file}: not found; expected a directory written by `python -m clipreid_jax.convert`")
+  try:
+    return json.loads(cfg_file.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+
+
+def _checkpointer():
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer()
+
+
+def restore_variables(path: str | os.PathLike) -> dict:
+  """Restores the variables pytree (numpy-backed jax arrays on the default device)."""
+  path = pathlib.Path(path).resolve() / "variables"
+  if not path.is_dir():
+    raise CheckpointError(f"{path}: not found; the model directory is incomplete")
+  ckptr = _checkpointer()
+  try:
+    return ckptr.restore(path)
+  except Exception as e:  # orbax raises many types for truncated or foreign data
+    raise CheckpointError(f"{path}: cannot restore ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
+  """Yields a staging directory that replaces `dst` only if the block finishes without error."""
+  dst = pathlib.Path(dst).resolve()
+  if dst.exists() and not overwrite:
+    raise CheckpointError(f"{dst}: already exists; choose a new destination or pass --overwrite")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  stage = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+  stage.mkdir()
+  try:
+    yield stage
+    if dst.exists():
+      old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+      os.rename(dst, old)
+      os.rename(stage, dst)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(stage, dst)
+  finally:
+    if stage.exists():
+      shutil.rmtree(stage, ignore_errors=True)
+
+
+def save_model_dir(dst: str | os.PathLike, variables: Any, config: dict, overwrite: bool = False) -> pathlib.Path:
+  """Writes `config` (+ format version) and `variables` into `dst` atomically."""
+  import jax
+  variables = jax.tree.map(np.asarray, variables)
+  with atomic_directory(dst, overwrite) as stage:
+    ckptr = _checkpointer()
+    ckptr.save(stage / "variables", variables)
+    ckptr.wait_until_finished()
+    config = {"format_version": FORMAT_VERSION, **config}
+    (stage / "config.json").write_text(json.dumps(config, indent=1, sort_keys=False) + "\n")
+  return pathlib.Path(dst).resolve()

@@ -1,0 +1,292 @@
+"""Converts PyTorch checkpoints into Flax model directories.
+
+  python -m clipreid_jax.convert clip SRC DST [--input_size H W] [--stride S] [--trust] [--overwrite]
+  python -m clipreid_jax.convert clipreid SRC.pth DST [...]
+
+`clip` reads an OpenAI CLIP file and infers the architecture from tensor shapes (as OpenAI's
+`build_model` does); `clipreid` reads a released CLIP-ReID / baseline checkpoint. DST gets
+`config.json` + `variables/` (see `clipreid_jax.checkpoints`). Errors are one line naming the file,
+exit code 2, and nothing is written to DST.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Callable, Optional
+
+import numpy as np
+
+from clipreid_jax.checkpoints import CheckpointError, save_model_dir
+from clipreid_jax.models.clip import CLIPConfig
+from clipreid_jax.state_dicts import read_state_dict
+
+# --------------------------------------------------------------------------------------------------
+# Positional-embedding resize, equal to torch's F.interpolate(bilinear, align_corners=False), no antialias.
+
+
+def _bilinear_axis(in_size: int, out_size: int):
+  """Source indices and weights along one axis, as torch's CPU kernel computes them.
+
+  The scale is float32, the source coordinate is computed in double and rounded to float32.
+  """
+  scale = np.float64(np.float32(in_size) / np.float32(out_size))
+  src = (scale * (np.arange(out_size) + 0.5) - 0.5).astype(np.float32)
+  src = np.maximum(src, np.float32(0))
+  i0 = src.astype(np.int64)
+  i1 = i0 + (i0 < in_size - 1)
+  l1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+  return i0, i1, np.float32(1) - l1, l1
+
+
+def resize_grid(grid: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+  """Bilinear resize of an (H, W, C) array to out_hw (float32 arithmetic, result in the input dtype).
+
+  Equal to torch's F.interpolate(mode='bilinear', align_corners=False) to within 1-2 float32 ulp
+  (torch's vectorised kernel rounds in a slightly different order).
+  """
+  h, w, _ = grid.shape
+  if (h, w) == tuple(out_hw):
+    return grid.copy()
+  g = grid.astype(np.float32)
+  h0, h1, a0, a1 = _bilinear_axis(h, out_hw[0])
+  w0, w1, b0, b1 = _bilinear_axis(w, out_hw[1])
+  a0, a1 = a0[:, None, None], a1[:, None, None]
+  b0, b1 = b0[None, :, None], b1[None, :, None]
+  out = ((a0 * b0) * g[h0][:, w0] + (a0 * b1) * g[h0][:, w1]
+         + (a1 * b0) * g[h1][:, w0] + (a1 * b1) * g[h1][:, w1])
+  return out.astype(grid.dtype)
+
+
+def resize_pos_embed(posemb: np.ndarray, out_hw: tuple[int, int], in_hw: Optional[tuple[int, int]] = None) -> np.ndarray:
+  """Resizes a (1 + h*w, C) table: row 0 (class / mean token) kept, the grid resized bilinearly."""
+  n, c = posemb.shape
+  if in_hw is None:
+    g = int(round((n - 1) ** 0.5))
+    if g * g != n - 1:
+      raise ValueError(f"positional embedding with {n - 1} grid rows is not square; give its grid")
+    in_hw = (g, g)
+  grid = posemb[1:].reshape(in_hw[0], in_hw[1], c)
+  return np.concatenate([posemb[:1], resize_grid(grid, out_hw).reshape(-1, c)], axis=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture inference.
+
+
+def _count(sd: dict, pattern: str) -> int:
+  rx = re.compile(pattern)
+  return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
+
+
+def infer_clip_config(sd: dict, prefix: str = "", *, vision_prefix: str = "visual.", text_prefix: str = "",
+                      token_embedding_key: str = "token_embedding.weight") -> CLIPConfig:
+  """Sizes of a CLIP model from its state dict (OpenAI's `build_model` rules)."""
+  v = prefix + vision_prefix
+  t = prefix + text_prefix
+  try:
+    text_width = sd[t + "ln_final.weight"].shape[0]
+    common = dict(
+        embed_dim=sd[t + "text_projection"].shape[1],
+        context_length=sd[t + "positional_embedding"].shape[0],
+        vocab_size=sd[token_embedding_key].shape[0] if token_embedding_key in sd else 49408,
+        text_width=text_width, text_heads=text_width // 64,
+        text_layers=_count(sd, re.escape(t) + r"transformer\.resblocks\.(\d+)\."))
+    if v + "proj" in sd:
+      conv = sd[v + "conv1.weight"]
+      n = sd[v + "positional_embedding"].shape[0] - 1
+      g = int(round(n ** 0.5))
+      return CLIPConfig(vision_layers=_count(sd, re.escape(v) + r"transformer\.resblocks\.(\d+)\."),
+                        vision_width=conv.shape[0], vision_patch_size=conv.shape[-1], vision_stride=conv.shape[-1],
+                        vision_grid=(g, g) if g * g == n else (n, 1), **common)
+    if v + "attnpool.positional_embedding" in sd:
+      layers = tuple(_count(sd, re.escape(v) + rf"layer{b}\.(\d+)\.") for b in (1, 2, 3, 4))
+      n = sd[v + "attnpool.positional_embedding"].shape[0] - 1
+      g = int(round(n ** 0.5))
+      return CLIPConfig(vision_layers=layers, vision_width=sd[v + "layer1.0.conv1.weight"].shape[0],
+                        vision_grid=(g, g) if g * g == n else (n, 1), **common)
+  except KeyError as e:
+    raise CheckpointError(f"unknown architecture: missing tensor {e.args[0]!r}, not a CLIP state dict") from None
+  raise CheckpointError(f"no '{v}proj' (ViT) or '{v}attnpool.positional_embedding' (ResNet): unknown architecture")
+
+
+# --------------------------------------------------------------------------------------------------
+# Name mapping: OpenAI / official CLIP-ReID state-dict keys -> (collection, Flax path, layout transform).
+
+Transform = Callable[[np.ndarray], np.ndarray]
+_IDENT: Transform = lambda a: a
+_LINEAR: Transform = lambda a: a.T  # torch (out, in) -> flax (in, out)
+_CONV: Transform = lambda a: a.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O)
+
+
+def _leaf(name: str, arr: np.ndarray) -> tuple[str, str, Transform]:
+  """Maps the last part of a torch key to (collection, flax leaf, transform)."""
+  if name == "weight":
+    if arr.ndim == 4:
+      return "params", "kernel", _CONV
+    if arr.ndim == 2:
+      return "params", "kernel", _LINEAR
+    return "params", "scale", _IDENT  # LayerNorm / BatchNorm weight
+  if name == "bias":
+    return "params", "bias", _IDENT
+  if name == "running_mean":
+    return "batch_stats", "mean", _IDENT
+  if name == "running_var":
+    return "batch_stats", "var", _IDENT
+  return "params", name, _IDENT
+
+
+_MODULE_RENAMES = [
+    (re.compile(r"resblocks\.(\d+)"), r"resblocks_\1"),
+    (re.compile(r"layer(\d)\.(\d+)"), r"layer\1_\2"),
+    (re.compile(r"downsample\.0"), "downsample_conv"),
+    (re.compile(r"downsample\.1"), "downsample_bn"),
+]
+
+
+def map_key(key: str, arr: np.ndarray, top_renames: dict[str, str]) -> Optional[tuple[str, tuple[str, ...], Transform]]:
+  """(collection, path, transform) for a torch key, or None for entries that carry no state."""
+  if key.endswith("num_batches_tracked"):
+    return None
+  for src, dst in top_renames.items():
+    if key == src or key.startswith(src + "."):
+      key = dst + key[len(src):]
+      break
+  if key.endswith("attn.in_proj_weight"):
+    key = key[:-len("in_proj_weight")] + "in_proj.weight"
+  elif key.endswith("attn.in_proj_bias"):
+    key = key[:-len("in_proj_bias")] + "in_proj.bias"
+  for rx, repl in _MODULE_RENAMES:
+    key = rx.sub(repl, key)
+  *modules, last = key.split(".")
+  if modules and modules[-1] == "token_embedding" and last == "weight":
+    return "params", (*modules, "embedding"), _IDENT
+  collection, leaf, fn = _leaf(last, arr)
+  return collection, (*modules, leaf), fn
+
+
+def convert_state_dict(sd: dict[str, np.ndarray], top_renames: dict[str, str], *, skip=()) -> dict:
+  """Builds the Flax variables {collection: nested dict} from a state dict, casting floats to float32."""
+  variables: dict = {}
+  for key, arr in sd.items():
+    if any(key == s or key.startswith(s + ".") for s in skip):
+      continue
+    mapped = map_key(key, arr, top_renames)
+    if mapped is None:
+      continue
+    collection, path, fn = mapped
+    value = fn(np.asarray(arr))
+    if np.issubdtype(value.dtype, np.floating):
+      value = value.astype(np.float32)
+    node = variables.setdefault(collection, {})
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = np.array(value, order="C")  # ascontiguousarray would make 0-d arrays 1-d
+  return variables
+
+
+CLIP_RENAMES = {"transformer": "text.transformer", "positional_embedding": "text.positional_embedding",
+                "ln_final": "text.ln_final", "text_projection": "text.text_projection"}
+
+
+def clip_variables(sd: dict[str, np.ndarray], cfg: CLIPConfig, *, grid: Optional[tuple[int, int]] = None) -> tuple[CLIPConfig, dict]:
+  """Flax variables of `CLIP(cfg)` from an OpenAI state dict; resizes the image positional table to `grid`."""
+  import dataclasses
+  sd = dict(sd)
+  if grid is not None and tuple(grid) != tuple(cfg.vision_grid):
+    key = "visual.positional_embedding" if cfg.is_vit else "visual.attnpool.positional_embedding"
+    sd[key] = resize_pos_embed(sd[key], tuple(grid), tuple(cfg.vision_grid))
+    cfg = dataclasses.replace(cfg, vision_grid=tuple(grid))
+  return cfg, convert_state_dict(sd, CLIP_RENAMES)
+
+
+def check_variables(path: str, variables: dict, expected: dict) -> None:
+  """Raises CheckpointError unless `variables` has exactly the structure and shapes of `expected`."""
+  import jax
+  got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+  want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  missing = sorted(set(want) - set(got))
+  extra = sorted(set(got) - set(want))
+  if missing or extra:
+    raise CheckpointError(f"{path}: tensors do not fit the inferred architecture (missing {missing[:3]}, unexpected {extra[:3]})")
+  for k in want:
+    if got[k] != want[k]:
+      raise CheckpointError(f"{path}: {k} has shape {got[k]}, the inferred architecture needs {want[k]}")
+
+
+def grid_for(cfg: CLIPConfig, input_size: tuple[int, int], stride: Optional[int]) -> tuple[int, int]:
+  """Token grid for an input size: (L - patch) // stride + 1 for a ViT (CLIP-ReID's OLP formula)."""
+  h, w = input_size
+  if cfg.is_vit:
+    s, p = stride or cfg.vision_patch_size, cfg.vision_patch_size
+    return ((h - p) // s + 1, (w - p) // s + 1)
+  down = 32 if cfg.resnet_last_stride == 2 else 16
+  return (h // down, w // down)
+
+
+def convert_clip(src: str, dst: str, *, input_size=None, stride=None, resnet_last_stride: int = 2,
+                 trust: bool = False, overwrite: bool = False) -> str:
+  import dataclasses
+  import jax
+  from clipreid_jax.models.clip import CLIP
+  sd = read_state_dict(src, trust=trust)
+  try:
+    cfg = infer_clip_config(sd)
+  except CheckpointError as e:
+    raise CheckpointError(f"{src}: {e}") from None
+  if not cfg.is_vit:
+    cfg = dataclasses.replace(cfg, resnet_last_stride=resnet_last_stride)
+  if stride is not None:
+    if not cfg.is_vit:
+      raise CheckpointError(f"{src}: --stride applies to ViT checkpoints only; this is a ResNet")
+    cfg = dataclasses.replace(cfg, vision_stride=stride)
+  grid = grid_for(cfg, input_size, stride) if input_size else None
+  cfg, variables = clip_variables(sd, cfg, grid=grid)
+  model = CLIP(cfg)
+  h, w = cfg.input_size()
+  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, h, w, 3), np.float32),
+                                               np.zeros((1, 4), np.int32)))
+  check_variables(src, variables, expected)
+  save_model_dir(dst, variables, {"kind": "clip", "clip": json_config(cfg), "source": str(src)}, overwrite=overwrite)
+  return dst
+
+
+def json_config(cfg: CLIPConfig) -> dict:
+  import json
+  return json.loads(cfg.to_json())
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m clipreid_jax.convert", description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="kind", required=True)
+  p = sub.add_parser("clip", help="an OpenAI CLIP checkpoint (TorchScript .pt, state dict .pt/.pth, .safetensors, .npz)")
+  p.add_argument("src")
+  p.add_argument("dst")
+  p.add_argument("--input_size", type=int, nargs=2, metavar=("H", "W"),
+                 help="resize the image positional embedding for this input size (default: keep the checkpoint grid)")
+  p.add_argument("--stride", type=int, help="ViT patch stride (12 = overlapping patches)")
+  p.add_argument("--resnet_last_stride", type=int, default=2, choices=(1, 2))
+  p.add_argument("--trust", action="store_true", help="load a TorchScript archive whose hash is not OpenAI's")
+  p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+  r = sub.add_parser("clipreid", help="a released CLIP-ReID or baseline checkpoint (.pth)")
+  r.add_argument("src")
+  r.add_argument("dst")
+  r.add_argument("--overwrite", action="store_true")
+  r.add_argument("--dataset", help="dataset name the checkpoint was trained on (sets the prompt noun)")
+  args = parser.parse_args(argv)
+  try:
+    if args.kind == "clip":
+      convert_clip(args.src, args.dst, input_size=args.input_size, stride=args.stride,
+                   resnet_last_stride=args.resnet_last_stride, trust=args.trust, overwrite=args.overwrite)
+    else:
+      from clipreid_jax.models import clipreid
+      clipreid.convert_clipreid(args.src, args.dst, dataset=args.dataset, overwrite=args.overwrite)
+  except (CheckpointError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.dst}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,415 @@
+"""OpenAI CLIP in Flax linen: ViT and modified-ResNet image towers, causal text transformer.
+
+Images are NHWC. Parameters are float32; `dtype` sets the compute dtype (bfloat16 on GPU/TPU), while
+LayerNorm and BatchNorm statistics are always computed in float32, as OpenAI's code does.
+
+Parameter names follow OpenAI's state dict (see `clipreid_jax.convert`), with Flax leaf names:
+`kernel`/`bias` for Dense and Conv, `scale`/`bias` for normalisation layers, plain arrays for
+`class_embedding`, `positional_embedding`, `proj`, `text_projection`, `logit_scale`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Optional, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture description (what OpenAI's build_model infers from a state dict).
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """Sizes of a CLIP model. `vision_layers` is an int for a ViT, a 4-tuple for a ResNet."""
+  embed_dim: int
+  vision_layers: Any
+  vision_width: int
+  vision_patch_size: int = 16  # ViT only
+  vision_stride: int = 16  # ViT patch stride (12 = CLIP-ReID's overlapping patches)
+  vision_grid: tuple[int, int] = (14, 14)  # token grid the positional embedding is stored for
+  resnet_last_stride: int = 2  # 2 as in CLIP, 1 as CLIP-ReID uses
+  context_length: int = 77
+  vocab_size: int = 49408
+  text_width: int = 512
+  text_heads: int = 8
+  text_layers: int = 12
+
+  @property
+  def is_vit(self) -> bool:
+    return isinstance(self.vision_layers, int)
+
+  @property
+  def vision_heads(self) -> int:
+    # OpenAI: width // 64 for ViT; the ResNet attention pool has width * 32 channels, 64 per head.
+    return self.vision_width // 64 if self.is_vit else self.vision_width * 32 // 64
+
+  def input_size(self) -> tuple[int, int]:
+    """The image size (H, W) whose token grid is `vision_grid`."""
+    gh, gw = self.vision_grid
+    if self.is_vit:
+      s, p = self.vision_stride, self.vision_patch_size
+      return ((gh - 1) * s + p, (gw - 1) * s + p)
+    stride = 32 if self.resnet_last_stride == 2 else 16
+    return (gh * stride, gw * stride)
+
+  def to_json(self) -> str:
+    d = dataclasses.asdict(self)
+    d["vision_layers"] = self.vision_layers if self.is_vit else list(self.vision_layers)
+    d["vision_grid"] = list(self.vision_grid)
+    return json.dumps(d, indent=1)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "CLIPConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown CLIP config keys {unknown}; expected a subset of {sorted(known)}")
+    d = dict(d)
+    if not isinstance(d["vision_layers"], int):
+      d["vision_layers"] = tuple(d["vision_layers"])
+    if "vision_grid" in d:
+      d["vision_grid"] = tuple(d["vision_grid"])
+    return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 (eps 1e-5), output cast back to the input dtype."""
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(x.dtype)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch semantics (eps 1e-5, momentum 0.1).
+
+  Normalises with the biased batch variance and updates the running variance with the unbiased one,
+  as torch does (Flax's own BatchNorm stores the biased variance). Statistics are in float32 and taken
+  over all axes but the last: under `jax.jit` with a sharded batch this is the global batch.
+  """
+  use_running_average: Optional[bool] = None
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x, use_running_average: Optional[bool] = None):
+    use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32) if self.use_bias else None
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if use_ra:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if not self.is_initializing():
+        n = int(np.prod([x.shape[a] for a in axes]))
+        unbiased = var * (n / max(n - 1, 1))
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale
+    if bias is not None:
+      y = y + bias
+    return y.astype(self.dtype)
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+class MultiheadAttention(nn.Module):
+  """Self-attention with a packed q/k/v projection (OpenAI's nn.MultiheadAttention layout)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, causal: bool = False):
+    b, l, w = x.shape
+    qkv = nn.Dense(3 * w, dtype=self.dtype, name="in_proj")(x)
+    qkv = qkv.reshape(b, l, 3, self.num_heads, w // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # XLA's reference path on CPU; cuDNN flash attention on GPU is chosen by the caller's dtype.
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    return nn.Dense(w, dtype=self.dtype, name="out_proj")(out.reshape(b, l, w))
+
+
+class MLP(nn.Module):
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(self.width * 4, dtype=self.dtype, name="c_fc")(x)
+    return nn.Dense(self.width, dtype=self.dtype, name="c_proj")(quick_gelu(x))
+
+
+class ResidualAttentionBlock(nn.Module):
+  """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+  width: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, causal: bool = False):
+    x = x + MultiheadAttention(self.num_heads, self.dtype, name="attn")(LayerNorm(name="ln_1")(x), causal=causal)
+    return x + MLP(self.width, self.dtype, name="mlp")(LayerNorm(name="ln_2")(x))
+
+
+class Transformer(nn.Module):
+  """A stack of blocks. Returns the stream after every block but the last, and after the last."""
+  width: int
+  layers: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, causal: bool = False):
+    penultimate = x
+    for i in range(self.layers):
+      penultimate = x
+      x = ResidualAttentionBlock(self.width, self.num_heads, self.dtype, name=f"resblocks_{i}")(x, causal=causal)
+    return penultimate, x
+
+
+# --------------------------------------------------------------------------------------------------
+# Image towers. Both return three features (B, ·): the "last-but-one" feature, the final feature and
+# the projected embedding, which is what CLIP-ReID's heads and triplet losses consume.
+
+
+class VisionTransformer(nn.Module):
+  """CLIP ViT. `cls_offset` (B, width), e.g. a SIE embedding, is added to the class token only."""
+  width: int
+  layers: int
+  num_heads: int
+  patch_size: int
+  stride: int
+  grid: tuple[int, int]
+  output_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, cls_offset=None):
+    b = images.shape[0]
+    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.stride,) * 2, padding="VALID",
+                use_bias=False, dtype=self.dtype, name="conv1")(images.astype(self.dtype))
+    gh, gw = x.shape[1:3]
+    if (gh, gw) != tuple(self.grid):
+      raise ValueError(f"image {images.shape[1:3]} gives a {gh}x{gw} token grid; the model's positional "
+                       f"embedding is for {self.grid[0]}x{self.grid[1]} (input size {self._input_size()})")
+    x = x.reshape(b, gh * gw, self.width)  # row-major over (h, w), as torch's flatten(2)
+    scale = self.width ** -0.5
+    cls_emb = self.param("class_embedding", nn.initializers.normal(scale), (self.width,))
+    pos = self.param("positional_embedding", nn.initializers.normal(scale), (gh * gw + 1, self.width))
+    cls = jnp.broadcast_to(cls_emb.astype(self.dtype), (b, 1, self.width))
+    if cls_offset is not None:
+      cls = cls + cls_offset[:, None, :].astype(self.dtype)
+    x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+    x = LayerNorm(name="ln_pre")(x)
+    x_last, x = Transformer(self.width, self.layers, self.num_heads, self.dtype, name="transformer")(x)
+    # Only the class token is used downstream; ln_post and proj act per token, so this is exact.
+    feat = LayerNorm(name="ln_post")(x[:, 0])
+    proj = self.param("proj", nn.initializers.normal(scale), (self.width, self.output_dim))
+    return x_last[:, 0], feat, feat @ proj.astype(self.dtype)
+
+  def _input_size(self):
+    return tuple((g - 1) * self.stride + self.patch_size for g in self.grid)
+
+
+class Bottleneck(nn.Module):
+  """ResNet bottleneck with anti-aliased downsampling (avgpool before the strided path)."""
+  planes: int
+  stride: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    def bn(name):
+      return BatchNorm(use_running_average=not train, dtype=self.dtype, name=name)
+
+    def conv(features, k, name):
+      return nn.Conv(features, (k, k), padding=[(k // 2, k // 2)] * 2, use_bias=False, dtype=self.dtype, name=name)
+
+    out = nn.relu(bn("bn1")(conv(self.planes, 1, "conv1")(x)))
+    out = nn.relu(bn("bn2")(conv(self.planes, 3, "conv2")(out)))
+    if self.stride > 1:
+      out = nn.avg_pool(out, (self.stride,) * 2, strides=(self.stride,) * 2)
+    out = bn("bn3")(conv(self.planes * 4, 1, "conv3")(out))
+    identity = x
+    if self.stride > 1 or x.shape[-1] != self.planes * 4:
+      if self.stride > 1:
+        identity = nn.avg_pool(identity, (self.stride,) * 2, strides=(self.stride,) * 2)
+      identity = conv(self.planes * 4, 1, "downsample_conv")(identity)
+      identity = bn("downsample_bn")(identity)
+    return nn.relu(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+  """CLIP's attention pooling, evaluated for the mean token only (the only output CLIP uses)."""
+  num_heads: int
+  output_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    x = x.reshape(b, h * w, c)
+    x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
+    pos = self.param("positional_embedding", nn.initializers.normal(c ** -0.5), (h * w + 1, c))
+    x = x + pos.astype(x.dtype)
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
+    hd = c // self.num_heads
+    q = dense(c, "q_proj")(x[:, :1]).reshape(b, 1, self.num_heads, hd)
+    k = dense(c, "k_proj")(x).reshape(b, h * w + 1, self.num_heads, hd)
+    v = dense(c, "v_proj")(x).reshape(b, h * w + 1, self.num_heads, hd)
+    out = jax.nn.dot_product_attention(q, k, v).reshape(b, c)
+    return dense(self.output_dim, "c_proj")(out)
+
+
+class ModifiedResNet(nn.Module):
+  """CLIP's ResNet: 3-conv stem, anti-aliased bottlenecks, attention pooling.
+
+  Returns (global average of layer3, global average of layer4, attention-pool output).
+  """
+  layers: Sequence[int]
+  width: int
+  output_dim: int
+  num_heads: int
+  last_stride: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    def stem(x, features, stride, i):
+      x = nn.Conv(features, (3, 3), strides=(stride, stride), padding=[(1, 1), (1, 1)], use_bias=False,
+                  dtype=self.dtype, name=f"conv{i}")(x)
+      return nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype, name=f"bn{i}")(x))
+
+    x = images.astype(self.dtype)
+    x = stem(x, self.width // 2, 2, 1)
+    x = stem(x, self.width // 2, 1, 2)
+    x = stem(x, self.width, 1, 3)
+    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    feats = []
+    for i, (n, planes, stride) in enumerate(zip(self.layers, [1, 2, 4, 8], [1, 2, 2, self.last_stride])):
+      for j in range(n):
+        x = Bottleneck(self.width * planes, stride if j == 0 else 1, self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+      feats.append(x)
+    pooled = AttentionPool2d(self.num_heads, self.output_dim, self.dtype, name="attnpool")(x)
+    return feats[2].mean(axis=(1, 2)), feats[3].mean(axis=(1, 2)), pooled
+
+
+def vision_tower(cfg: CLIPConfig, dtype: Dtype = jnp.float32, name: str = "visual") -> nn.Module:
+  if cfg.is_vit:
+    return VisionTransformer(cfg.vision_width, cfg.vision_layers, cfg.vision_heads, cfg.vision_patch_size,
+                             cfg.vision_stride, tuple(cfg.vision_grid), cfg.embed_dim, dtype, name=name)
+  return ModifiedResNet(tuple(cfg.vision_layers), cfg.vision_width, cfg.embed_dim, cfg.vision_heads,
+                        cfg.resnet_last_stride, dtype, name=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Text tower.
+
+
+class TextTransformer(nn.Module):
+  """Causal text transformer over token embeddings; returns the projected feature at `eot_index`.
+
+  Because attention is causal, the feature at position t depends only on positions <= t, so callers
+  may pass just the first `eot_index + 1` positions: the result is exactly the same.
+  """
+  width: int
+  layers: int
+  num_heads: int
+  embed_dim: int
+  context_length: int = 77
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, eot_index):
+    chex.assert_rank(x, 3)
+    l = x.shape[1]
+    pos = self.param("positional_embedding", nn.initializers.normal(0.01), (self.context_length, self.width))
+    x = x.astype(self.dtype) + pos[:l].astype(self.dtype)
+    _, x = Transformer(self.width, self.layers, self.num_heads, self.dtype, name="transformer")(x, causal=True)
+    x = LayerNorm(name="ln_final")(x)
+    x = jnp.take_along_axis(x, jnp.asarray(eot_index).reshape(-1, 1, 1), axis=1)[:, 0]
+    proj = self.param("text_projection", nn.initializers.normal(self.width ** -0.5), (self.width, self.embed_dim))
+    return x @ proj.astype(self.dtype)
+
+
+class CLIP(nn.Module):
+  """The two towers. `encode_image(images)` (NHWC) and `encode_text(token_ids)` return embeddings."""
+  config: CLIPConfig
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    self.visual = vision_tower(cfg, self.dtype)
+    self.token_embedding = nn.Embed(cfg.vocab_size, cfg.text_width, dtype=self.dtype)
+    self.text = TextTransformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.embed_dim,
+                                cfg.context_length, self.dtype)
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(np.log(1 / 0.07)), ())
+
+  def encode_image(self, images, train: bool = False):
+    chex.assert_rank(images, 4)
+    if self.config.is_vit:
+      return self.visual(images)[2]
+    return self.visual(images, train)[2]
+
+  def encode_text(self, tokens, truncate: bool = True):
+    """Embeddings of token ids (B, context). The end token is the largest id (49407), as in OpenAI's code.
+
+    With concrete `tokens` and `truncate`, the transformer runs only up to the last end token: exact,
+    since attention is causal, and several times cheaper for short texts.
+    """
+    eot = jnp.argmax(tokens, axis=-1)
+    if truncate:
+      try:
+        tokens = tokens[:, :int(np.max(np.asarray(eot))) + 1]
+      except jax.errors.TracerArrayConversionError:
+        pass  # traced tokens: keep the full context
+    return self.text(self.token_embedding(tokens), eot)
+
+  def __call__(self, images, tokens):
+    img = self.encode_image(images)
+    txt = self.encode_text(tokens)
+    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+    txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
+    return jnp.exp(self.logit_scale) * img @ txt.T
+
+
+def load_clip(path: str | pathlib.Path, dtype: Dtype = jnp.float32):
+  """Loads a directory written by `python -m clipreid_jax.convert clip`: returns (model, variables)."""
+  from clipreid_jax import checkpoints  # local import: keeps this module free of orbax at import time
+  path = pathlib.Path(path)
+  meta = checkpoints.read_config(path)
+  if meta.get("kind") != "clip":
+    raise ValueError(f"{path}: expected a converted CLIP directory (config.json kind 'clip'), got kind {meta.get('kind')!r}")
+  cfg = CLIPConfig.from_dict(meta["clip"])
+  variables = checkpoints.restore_variables(path)
+  return CLIP(cfg, dtype=dtype), variables

@@ -1,0 +1,255 @@
+"""Flax CLIP equals OpenAI's PyTorch CLIP (openai-clip package, random weights), directly and through
+`python -m clipreid_jax.convert clip`; positional-embedding resize equals torch and the golden files."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip_reference import random_clip, rel_err, state_dict_numpy
+from clipreid_jax import convert
+from clipreid_jax.models.clip import CLIP, load_clip
+from clipreid_jax.tokenizer import tokenize
+from conftest import golden_root
+
+TEXTS = ["a photo of a person", "A photo of a X X X X vehicle.", "two dogs playing in the snow, at night"]
+SMALL = {
+    "vit": dict(embed_dim=32, image_resolution=64, vision_layers=2, vision_width=128, vision_patch_size=16),
+    "resnet": dict(embed_dim=32, image_resolution=64, vision_layers=(1, 2, 1, 1), vision_width=16, vision_patch_size=None),
+}
+
+
+def torch_outputs(model, images_nchw, tokens):
+  with torch.no_grad():
+    return (model.encode_image(torch.from_numpy(images_nchw)).numpy(),
+            model.encode_text(torch.from_numpy(tokens).long()).numpy())
+
+
+def flax_outputs(model, variables, images_nchw, tokens):
+  img = model.apply(variables, images_nchw.transpose(0, 2, 3, 1), method=model.encode_image)
+  txt = model.apply(variables, tokens, method=model.encode_text)
+  return np.asarray(img), np.asarray(txt)
+
+
+def images(n, res, seed=0):
+  return np.random.RandomState(seed).randn(n, 3, res, res).astype(np.float32)
+
+
+@pytest.fixture(scope="module", params=sorted(SMALL))
+def small(request):
+  model = random_clip(3, **SMALL[request.param])
+  return request.param, model, state_dict_numpy(model)
+
+
+def test_small_parity(small):
+  _, tmodel, sd = small
+  cfg, variables = convert.clip_variables(sd, convert.infer_clip_config(sd))
+  x, toks = images(3, 64), tokenize(TEXTS)
+  ref_img, ref_txt = torch_outputs(tmodel, x, toks)
+  img, txt = flax_outputs(CLIP(cfg), variables, x, toks)
+  assert rel_err(img, ref_img) <= 1e-5
+  assert rel_err(txt, ref_txt) <= 1e-5
+
+
+def test_text_truncation_is_exact(small):
+  _, _, sd = small
+  cfg, variables = convert.clip_variables(sd, convert.infer_clip_config(sd))
+  model, toks = CLIP(cfg), tokenize(TEXTS)
+  full = model.apply(variables, toks, False, method=model.encode_text)
+  short = model.apply(variables, toks, True, method=model.encode_text)
+  jitted = jax.jit(lambda v, t: model.apply(v, t, method=model.encode_text))(variables, toks)  # traced: no truncation
+  # Mathematically identical; float32 rounding differs only because the matmul shapes do.
+  assert rel_err(short, full) <= 2e-6 and rel_err(jitted, full) <= 2e-6
+
+
+def test_bfloat16_compute_keeps_float32_params(small):
+  _, tmodel, sd = small
+  cfg, variables = convert.clip_variables(sd, convert.infer_clip_config(sd))
+  x, toks = images(2, 64), tokenize(TEXTS[:2])
+  ref_img, _ = torch_outputs(tmodel, x, toks)
+  model = CLIP(cfg, dtype=jax.numpy.bfloat16)
+  out = model.apply(variables, x.transpose(0, 2, 3, 1), method=model.encode_image)
+  assert out.dtype == jax.numpy.bfloat16
+  assert all(v.dtype == np.float32 for v in jax.tree.leaves(variables["params"]))
+  assert rel_err(np.asarray(out, np.float32), ref_img) < 0.1  # bfloat16 has 8 bits of mantissa
+
+
+@pytest.mark.parametrize("arch", ["ViT-B/16", "RN50"])
+def test_full_size_parity(arch):
+  """The real ViT-B/16 and RN50 sizes once, at 224x224, from random weights."""
+  if arch == "ViT-B/16":
+    kw = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16)
+  else:
+    kw = dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64, vision_patch_size=None)
+  tmodel = random_clip(5, transformer_width=512, transformer_heads=8, transformer_layers=12, **kw)
+  sd = state_dict_numpy(tmodel)
+  cfg = convert.infer_clip_config(sd)
+  assert (cfg.vision_grid, cfg.text_width, cfg.text_layers) == ((14, 14) if cfg.is_vit else (7, 7), 512, 12)
+  cfg, variables = convert.clip_variables(sd, cfg)
+  del sd
+  x, toks = images(1, 224), tokenize(TEXTS[:2])
+  ref_img, ref_txt = torch_outputs(tmodel, x, toks)
+  img, txt = flax_outputs(CLIP(cfg), variables, x, toks)
+  assert rel_err(img, ref_img) <= 1e-5
+  assert rel_err(txt, ref_txt) <= 1e-5
+
+
+# --- conversion command ------------------------------------------------------------------------
+
+
+def _write_safetensors(path, sd):
+  header, blobs, offset = {}, [], 0
+  for k, v in sd.items():
+    b = np.ascontiguousarray(v).tobytes()
+    header[k] = {"dtype": {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64"}[v.dtype],
+                 "shape": list(v.shape), "data_offsets": [offset, offset + len(b)]}
+    blobs.append(b)
+    offset += len(b)
+  h = json.dumps(header).encode()
+  path.write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors", "npz", "torchscript"])
+def test_convert_command_roundtrip(small, tmp_path, fmt):
+  _, tmodel, sd = small
+  x, toks = images(2, 64, seed=1), tokenize(TEXTS)
+  if fmt == "pth":
+    src = tmp_path / "clip.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, src)
+  elif fmt == "safetensors":
+    src = tmp_path / "clip.safetensors"
+    _write_safetensors(src, sd)
+  elif fmt == "npz":
+    src = tmp_path / "clip.npz"
+    np.savez(src, **sd)
+  else:
+    src = tmp_path / "my_clip.pt"
+    traced = torch.jit.trace(tmodel, (torch.from_numpy(x), torch.from_numpy(toks).long()), check_trace=False)
+    traced.save(str(src))
+    assert convert.main(["clip", str(src), str(tmp_path / "untrusted")]) == 2  # unknown archive: needs --trust
+    assert not (tmp_path / "untrusted").exists()
+  args = ["clip", str(src), str(tmp_path / "out")] + (["--trust"] if fmt == "torchscript" else [])
+  assert convert.main(args) == 0
+  model, variables = load_clip(tmp_path / "out")
+  ref_img, ref_txt = torch_outputs(tmodel, x, toks)
+  img, txt = flax_outputs(model, variables, x, toks)
+  assert rel_err(img, ref_img) <= 1e-5
+  assert rel_err(txt, ref_txt) <= 1e-5
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["kind"] == "clip"
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_convert_resizes_for_reid_grid(tmp_path):
+  tmodel = random_clip(7, **SMALL["vit"])
+  sd = state_dict_numpy(tmodel)
+  src = tmp_path / "clip.npz"
+  np.savez(src, **sd)
+  assert convert.main(["clip", str(src), str(tmp_path / "out"), "--input_size", "64", "40", "--stride", "12"]) == 0
+  model, variables = load_clip(tmp_path / "out")
+  assert model.config.vision_grid == (5, 3) and model.config.vision_stride == 12
+  pos = np.asarray(variables["params"]["visual"]["positional_embedding"])
+  np.testing.assert_array_equal(pos, convert.resize_pos_embed(sd["visual.positional_embedding"], (5, 3)))
+  out = model.apply(variables, np.zeros((1, 64, 40, 3), np.float32), method=model.encode_image)
+  assert out.shape == (1, 32)
+
+
+# --- positional-embedding resize ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src_grid", [14, 7])
+@pytest.mark.parametrize("out_hw", [(16, 8), (21, 10), (16, 16), (21, 21)])
+def test_resize_matches_torch(src_grid, out_hw):
+  pe = np.random.RandomState(src_grid).randn(src_grid * src_grid + 1, 96).astype(np.float32)
+  grid = torch.from_numpy(pe[1:].reshape(1, src_grid, src_grid, -1)).permute(0, 3, 1, 2)
+  ref = F.interpolate(grid, size=out_hw, mode="bilinear").permute(0, 2, 3, 1).reshape(-1, 96).numpy()
+  out = convert.resize_pos_embed(pe, out_hw)
+  assert out.shape == (out_hw[0] * out_hw[1] + 1, 96)
+  np.testing.assert_array_equal(out[0], pe[0])
+  # torch's vectorised kernel rounds in another order: equal to within 2 float32 ulp of the values
+  np.testing.assert_allclose(out[1:], ref, rtol=0, atol=2 * np.finfo(np.float32).eps * np.abs(ref).max())
+
+
+def _golden_resize_cases():
+  cases = []
+  for arch_dir in sorted(p for p in golden_root().iterdir() if (p / "clip_openai_layout.npz").is_file()):
+    for variant in sorted(p for p in arch_dir.iterdir() if (p / "model_state.npz").is_file()):
+      cases.append(variant)
+  return cases
+
+
+@pytest.mark.parametrize("variant", _golden_resize_cases(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_resize_matches_golden(variant):
+  clip_sd = dict(np.load(variant.parent / "clip_openai_layout.npz"))
+  state = np.load(variant / "model_state.npz")
+  for clip_key, reid_key in [("visual.positional_embedding", "image_encoder.positional_embedding"),
+                             ("visual.attnpool.positional_embedding", "image_encoder.attnpool.positional_embedding")]:
+    if clip_key in clip_sd:
+      ref = state[reid_key]
+      grid = tuple(json.loads((variant / "meta.json").read_text())["grid_hw"])
+      out = convert.resize_pos_embed(clip_sd[clip_key], grid)
+      np.testing.assert_allclose(out, ref, rtol=0, atol=2 * np.finfo(np.float32).eps * np.abs(ref).max())
+
+
+def test_golden_clip_files_convert(tmp_path):
+  """The golden tiny CLIP files (OpenAI layout, float16 token embedding) convert and run."""
+  found = 0
+  for arch_dir in sorted(p for p in golden_root().iterdir() if (p / "clip_openai_layout.npz").is_file()):
+    dst = tmp_path / arch_dir.name
+    assert convert.main(["clip", str(arch_dir / "clip_openai_layout.npz"), str(dst)]) == 0
+    model, variables = load_clip(dst)
+    assert variables["params"]["token_embedding"]["embedding"].dtype == np.float32
+    h, w = model.config.input_size()
+    assert model.apply(variables, np.zeros((2, h, w, 3), np.float32), method=model.encode_image).shape == (2, model.config.embed_dim)
+    found += 1
+  assert found
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "clipreid_jax.convert", *map(str, args)], capture_output=True, text=True)
+
+
+def test_bad_inputs_exit_2_and_write_nothing(small, tmp_path):
+  _, tmodel, sd = small
+  good = tmp_path / "good.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, good)
+  notckpt = tmp_path / "notes.pth"
+  notckpt.write_text("this is not a checkpoint\n")
+  truncated = tmp_path / "truncated.pth"
+  truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+  unknown = tmp_path / "unknown.npz"
+  np.savez(unknown, **{"foo.weight": np.zeros((3, 3), np.float32)})
+  fake_openai = tmp_path / "ViT-B-16.pt"
+  torch.jit.trace(tmodel, (torch.zeros(1, 3, 64, 64), torch.from_numpy(tokenize("x")).long()), check_trace=False).save(str(fake_openai))
+  pickled = tmp_path / "code.pth"
+  torch.save({"w": torch.zeros(2), "cfg": pathlib.Path("x")}, pickled)
+  cases = [(notckpt, "notes.pth"), (truncated, "truncated.pth"), (unknown, "unknown architecture"),
+           (fake_openai, "SHA-256"), (pickled, "not a plain state dict"), (tmp_path / "missing.pt", "no such file")]
+  for src, expected in cases:
+    dst = tmp_path / f"out_{src.stem}"
+    result = _run_cli("clip", src, dst)
+    assert result.returncode == 2, (src, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and str(src.name) in lines[0], lines
+    assert not dst.exists()
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_existing_destination_is_kept(small, tmp_path):
+  _, _, sd = small
+  src = tmp_path / "clip.npz"
+  np.savez(src, **sd)
+  dst = tmp_path / "out"
+  dst.mkdir()
+  (dst / "precious.txt").write_text("keep me")
+  assert convert.main(["clip", str(src), str(dst)]) == 2
+  assert (dst / "precious.txt").read_text() == "keep me"
+  assert convert.main(["clip", str(src), str(dst), "--overwrite"]) == 0
+  assert not (dst / "precious.txt").exists() and (dst / "config.json").is_file()
