@@ -271,8 +271,16 @@ def main(argv=None) -> int:
   r = sub.add_parser("clipreid", help="a released CLIP-ReID or baseline checkpoint (.pth)")
   r.add_argument("src")
   r.add_argument("dst")
-  r.add_argument("--overwrite", action="store_true")
-  r.add_argument("--dataset", help="dataset name the checkpoint was trained on (sets the prompt noun)")
+  r.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+  r.add_argument("--dataset", help="dataset the checkpoint was trained on (default: from the file name); "
+                 "sets the prompt noun and the SIE table layout")
+  r.add_argument("--input_size", type=int, nargs=2, metavar=("H", "W"),
+                 help="training input size (default: inferred from the positional embedding)")
+  r.add_argument("--stride", type=int, help="ViT patch stride (default: inferred)")
+  r.add_argument("--sie", choices=("camera", "view", "camera_view"), help="SIE mode of the cv_embed table")
+  r.add_argument("--camera_num", type=int, help="cameras in the training split (SIE)")
+  r.add_argument("--view_num", type=int, help="views in the training split (SIE)")
+  r.add_argument("--sie_coe", type=float, default=1.0, help="SIE scale (the official SIE recipe uses 1.0)")
   args = parser.parse_args(argv)
   try:
     if args.kind == "clip":
@@ -280,7 +288,9 @@ def main(argv=None) -> int:
                    resnet_last_stride=args.resnet_last_stride, trust=args.trust, overwrite=args.overwrite)
     else:
       from clipreid_jax.models import clipreid
-      clipreid.convert_clipreid(args.src, args.dst, dataset=args.dataset, overwrite=args.overwrite)
+      clipreid.convert_clipreid(args.src, args.dst, dataset=args.dataset, input_size=args.input_size,
+                                stride=args.stride, sie=args.sie, camera_num=args.camera_num,
+                                view_num=args.view_num, sie_coe=args.sie_coe, overwrite=args.overwrite)
   except (CheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,0 +1,378 @@
+"""CLIP-ReID: the ReID image encoder (CLIP image tower + BN necks + classifiers + SIE), the prompt
+learner and the text encoder, with the official code's parameter names and semantics.
+
+Parameter tree (Flax names of the official state dict):
+  image_encoder/...        CLIP image tower (ViT or modified ResNet with last stride 1)
+  bottleneck, bottleneck_proj   BatchNorm1d necks (`scale`, `bias`; bias frozen at 0 by the optimizer)
+  classifier, classifier_proj   bias-free Dense (`kernel`), init N(0, 0.001^2)
+  cv_embed                 SIE table (rows, width), ViT only, when SIE is on
+  prompt_learner/cls_ctx   (C, 4, text_width) learnable tokens, init N(0, 0.02^2)
+  prompt_learner/token_prefix, token_suffix   frozen embeddings of the template around the X tokens
+  text_encoder/...         CLIP text transformer, ln_final, text_projection
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clipreid_jax.models.clip import BatchNorm, CLIPConfig, TextTransformer, vision_tower
+
+Dtype = Any
+
+PERSON_TEMPLATE = "A photo of a X X X X person."
+VEHICLE_TEMPLATE = "A photo of a X X X X vehicle."
+VEHICLE_DATASETS = ("veri", "vehicleid")
+N_CTX = 4
+CTX_START = 5  # tokens 0..4 are [SOT, a, photo, of, a]; 5..8 are the learned X X X X
+VIT_PIXEL_MEAN = VIT_PIXEL_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReIDConfig:
+  """What a CLIP-ReID model is. `clip.vision_grid`/`vision_stride` are the ReID grid and patch stride."""
+  clip: CLIPConfig
+  num_classes: int
+  sie_camera: bool = False
+  sie_view: bool = False
+  camera_num: int = 1
+  view_num: int = 1
+  sie_coe: float = 3.0
+  prompt_noun: str = "person"
+  with_text: bool = True  # False: the paper's baseline (image side only)
+  eot_index: int = 11  # end token of the tokenized template
+  image_size: tuple[int, int] = ()  # the input (H, W); OLP's grid leaves edge pixels uncovered, so keep it
+
+
+  @property
+  def backbone(self) -> str:
+    return "ViT-B-16" if self.clip.is_vit else "RN50"
+
+  @property
+  def input_size(self) -> tuple[int, int]:
+    return tuple(self.image_size) if self.image_size else self.clip.input_size()
+
+  @property
+  def pixel_mean(self) -> tuple[float, ...]:
+    return VIT_PIXEL_MEAN if self.clip.is_vit else IMAGENET_MEAN
+
+  @property
+  def pixel_std(self) -> tuple[float, ...]:
+    return VIT_PIXEL_STD if self.clip.is_vit else IMAGENET_STD
+
+  @property
+  def feature_dim(self) -> int:
+    """Width of the pre-BN image feature (768 ViT-B/16, 2048 RN50)."""
+    return self.clip.vision_width if self.clip.is_vit else self.clip.vision_width * 32
+
+  @property
+  def sie_rows(self) -> int:
+    if not self.clip.is_vit or not (self.sie_camera or self.sie_view):
+      return 0
+    if self.sie_camera and self.sie_view:
+      return self.camera_num * self.view_num
+    return self.camera_num if self.sie_camera else self.view_num
+
+  @property
+  def template(self) -> str:
+    return VEHICLE_TEMPLATE if self.prompt_noun == "vehicle" else PERSON_TEMPLATE
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["clip"] = json.loads(self.clip.to_json())
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ReIDConfig":
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown CLIP-ReID config keys {unknown}")
+    d["clip"] = CLIPConfig.from_dict(d["clip"])
+    d["image_size"] = tuple(d.get("image_size", ()))
+    return cls(**d)
+
+
+def prompt_noun_for(dataset: str) -> str:
+  return "vehicle" if dataset.lower() in VEHICLE_DATASETS else "person"
+
+
+class PromptLearner(nn.Module):
+  """Builds "A photo of a X X X X person." embeddings with the X tokens learned per identity.
+
+  Returns only the first `length` positions: attention is causal, so the end-token feature depends on
+  positions <= eot_index alone, and the 65 padding tokens after it can be skipped exactly.
+  """
+  num_classes: int
+  width: int
+  context_length: int = 77
+
+  @nn.compact
+  def __call__(self, labels, length: int):
+    ctx = self.param("cls_ctx", nn.initializers.normal(0.02), (self.num_classes, N_CTX, self.width))
+    prefix = self.param("token_prefix", nn.initializers.zeros, (1, CTX_START, self.width))
+    suffix = self.param("token_suffix", nn.initializers.zeros,
+                        (1, self.context_length - CTX_START - N_CTX, self.width))
+    b = labels.shape[0]
+    suffix = suffix[:, :max(length - CTX_START - N_CTX, 0)]
+    return jnp.concatenate([jnp.broadcast_to(prefix, (b,) + prefix.shape[1:]), ctx[labels],
+                            jnp.broadcast_to(suffix, (b,) + suffix.shape[1:])], axis=1)
+
+
+class CLIPReID(nn.Module):
+  """The official `build_transformer` model (CLIP-ReID) or, with `with_text=False`, the baseline."""
+  config: ReIDConfig
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    self.image_encoder = vision_tower(cfg.clip, self.dtype, name="image_encoder")
+    self.bottleneck = BatchNorm()
+    self.bottleneck_proj = BatchNorm()
+    init = nn.initializers.normal(0.001)
+    self.classifier = nn.Dense(cfg.num_classes, use_bias=False, kernel_init=init, dtype=jnp.float32)
+    self.classifier_proj = nn.Dense(cfg.num_classes, use_bias=False, kernel_init=init, dtype=jnp.float32)
+    if cfg.sie_rows:
+      self.cv_embed = self.param("cv_embed", nn.initializers.truncated_normal(0.02), (cfg.sie_rows, cfg.feature_dim))
+    if cfg.with_text:
+      c = cfg.clip
+      self.prompt_learner = PromptLearner(cfg.num_classes, c.text_width, c.context_length)
+      self.text_encoder = TextTransformer(c.text_width, c.text_layers, c.text_heads, c.embed_dim,
+                                          c.context_length, self.dtype)
+
+  # -- image side ---------------------------------------------------------------------------------
+
+  def _sie_offset(self, cams, views):
+    cfg = self.config
+    if not cfg.sie_rows:
+      return None
+    if cfg.sie_camera and cfg.sie_view:
+      idx = cams * cfg.view_num + views
+    else:
+      idx = cams if cfg.sie_camera else views
+    if idx is None:
+      raise ValueError("this model uses SIE: pass camera ids" + (" and view ids" if cfg.sie_view else ""))
+    return cfg.sie_coe * self.cv_embed[idx]
+
+  def image_features(self, images, cams=None, views=None, *, train: bool = False, sie: bool = True):
+    """(feature_last, feature, feature_proj), all before the BN necks.
+
+    ViT: 11th-block CLS (no LN) / ln_post CLS / projected CLS. RN50: layer3 GAP / layer4 GAP / attnpool.
+    """
+    chex.assert_rank(images, 4)
+    if self.config.clip.is_vit:
+      offset = self._sie_offset(cams, views) if sie else None
+      return self.image_encoder(images, offset)
+    return self.image_encoder(images, train)
+
+  def __call__(self, images, cams=None, views=None, *, train: bool = False):
+    """Training outputs (BN necks on batch statistics when `train`; call with mutable=['batch_stats'])."""
+    last, feat, proj = self.image_features(images, cams, views, train=train)
+    bn_feat = self.bottleneck(feat, use_running_average=not train)
+    bn_proj = self.bottleneck_proj(proj, use_running_average=not train)
+    return {
+        "cls_score": self.classifier(bn_feat.astype(jnp.float32)),
+        "cls_score_proj": self.classifier_proj(bn_proj.astype(jnp.float32)),
+        "img_feature_last": last.astype(jnp.float32),
+        "img_feature": feat.astype(jnp.float32),
+        "img_feature_proj": proj.astype(jnp.float32),
+    }
+
+  def eval_feature(self, images, cams=None, views=None):
+    """Test feature: concat of the pre-BN feature and projected feature (1280-d ViT, 3072-d RN50)."""
+    _, feat, proj = self.image_features(images, cams, views, train=False)
+    return jnp.concatenate([feat, proj], axis=-1).astype(jnp.float32)
+
+  def stage1_feature(self, images):
+    """Stage-1 bank entry: projected feature, no SIE, BatchNorm on running statistics."""
+    return self.image_features(images, train=False, sie=False)[2].astype(jnp.float32)
+
+  # -- text side ----------------------------------------------------------------------------------
+
+  def text_features(self, labels, *, full_context: bool = False):
+    """Text features (B, embed_dim) of identities `labels`: the end token after ln_final, projected."""
+    cfg = self.config
+    if not cfg.with_text:
+      raise ValueError("a baseline model has no text side")
+    length = cfg.clip.context_length if full_context else cfg.eot_index + 1
+    prompts = self.prompt_learner(labels, length)
+    eot = jnp.full((labels.shape[0],), cfg.eot_index, jnp.int32)
+    return self.text_encoder(prompts, eot).astype(jnp.float32)
+
+  def init_all(self, images, labels, cams=None, views=None):
+    """Touches every submodule (for `init`)."""
+    out = self(images, cams, views, train=False)
+    if self.config.with_text:
+      out["text"] = self.text_features(labels)
+    return out
+
+
+def init_variables(model: CLIPReID, rng, batch: int = 2) -> dict:
+  cfg = model.config
+  h, w = cfg.input_size
+  zeros = jnp.zeros((batch,), jnp.int32)
+  return model.init(rng, jnp.zeros((batch, h, w, 3)), zeros, zeros, zeros, method=CLIPReID.init_all)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building from CLIP, loading and converting official checkpoints.
+
+
+def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, input_size: tuple[int, int],
+              stride: int = 16, sie_camera=False, sie_view=False, camera_num=1, view_num=1, sie_coe=3.0,
+              dataset: str = "market1501", with_text: bool = True, rng=None, dtype=jnp.float32):
+  """A CLIP-ReID model initialised from converted CLIP variables, as the official `make_model` does.
+
+  The image positional embedding is resized to the ReID grid; heads, SIE and prompt tokens are drawn
+  fresh from `rng`; the prompt's prefix/suffix come from CLIP's token embedding.
+  """
+  from clipreid_jax.convert import grid_for, resize_pos_embed
+  from clipreid_jax.tokenizer import tokenize
+  if not clip_cfg.is_vit:
+    clip_cfg = dataclasses.replace(clip_cfg, resnet_last_stride=1)  # CLIP-ReID's last-stride-1 ResNet
+  else:
+    clip_cfg = dataclasses.replace(clip_cfg, vision_stride=stride)
+  grid = grid_for(clip_cfg, input_size, stride if clip_cfg.is_vit else None)
+  noun = prompt_noun_for(dataset)
+  tokens = tokenize(PERSON_TEMPLATE if noun == "person" else VEHICLE_TEMPLATE)[0]
+  cfg = ReIDConfig(clip=dataclasses.replace(clip_cfg, vision_grid=grid), num_classes=num_classes,
+                   sie_camera=sie_camera, sie_view=sie_view, camera_num=camera_num, view_num=view_num,
+                   sie_coe=sie_coe, prompt_noun=noun, with_text=with_text, eot_index=int(tokens.argmax()),
+                   image_size=tuple(input_size))
+  model = CLIPReID(cfg, dtype)
+  variables = jax.tree.map(np.asarray, init_variables(model, rng if rng is not None else jax.random.PRNGKey(0)))
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  cp = clip_variables["params"]
+  visual = jax.tree.map(np.asarray, cp["visual"])
+  key = "positional_embedding"
+  if clip_cfg.is_vit:
+    visual[key] = resize_pos_embed(visual[key], grid, tuple(clip_cfg.vision_grid))
+  else:
+    visual["attnpool"][key] = resize_pos_embed(visual["attnpool"][key], grid, tuple(clip_cfg.vision_grid))
+  params["image_encoder"] = visual
+  if "visual" in clip_variables.get("batch_stats", {}):
+    stats["image_encoder"] = jax.tree.map(np.asarray, clip_variables["batch_stats"]["visual"])
+  if with_text:
+    params["text_encoder"] = jax.tree.map(np.asarray, cp["text"])
+    emb = np.asarray(cp["token_embedding"]["embedding"])[tokens]
+    params["prompt_learner"]["token_prefix"] = emb[None, :CTX_START]
+    params["prompt_learner"]["token_suffix"] = emb[None, CTX_START + N_CTX:]
+  return model, {"params": params, "batch_stats": stats}
+
+
+def load_clipreid(path: str | pathlib.Path, dtype: Dtype = jnp.float32):
+  """Loads a directory written by `convert clipreid` or by training: returns (model, variables)."""
+  from clipreid_jax import checkpoints
+  path = pathlib.Path(path)
+  meta = checkpoints.read_config(path)
+  if meta.get("kind") != "clipreid":
+    raise checkpoints.CheckpointError(f"{path}: expected a CLIP-ReID model directory (config.json kind 'clipreid'), "
+                                      f"got kind {meta.get('kind')!r}")
+  cfg = ReIDConfig.from_dict(meta["reid"])
+  return CLIPReID(cfg, dtype), checkpoints.restore_variables(path)
+
+
+# Released checkpoints store no input size; these are the official recipes' (input size, stride) pairs.
+_KNOWN_GEOMETRIES = [((256, 128), 16), ((256, 128), 12), ((256, 256), 16), ((256, 256), 12)]
+# Camera/view counts of the official SIE tables (train split), used to read camera x view tables.
+_SIE_TABLES = {"veri": (20, 8)}
+OFFICIAL_RENAMES: dict[str, str] = {}  # official keys already use our module names
+
+
+def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, dataset: Optional[str] = None,
+                      sie: Optional[str] = None, camera_num: Optional[int] = None, view_num: Optional[int] = None,
+                      sie_coe: float = 1.0) -> ReIDConfig:
+  """Infers a ReIDConfig from an official CLIP-ReID / baseline state dict (tensor shapes + file name)."""
+  from clipreid_jax.checkpoints import CheckpointError
+  from clipreid_jax.convert import grid_for, infer_clip_config
+  with_text = "text_encoder.ln_final.weight" in sd
+  if "classifier.weight" not in sd or not any(k.startswith("image_encoder.") for k in sd):
+    raise CheckpointError(f"{path}: no 'classifier.weight' / 'image_encoder.*' tensors; not a CLIP-ReID or baseline checkpoint")
+  if with_text:
+    clip_cfg = infer_clip_config(sd, vision_prefix="image_encoder.", text_prefix="text_encoder.",
+                                 token_embedding_key="")
+  else:  # baseline: no text side; take the embedding width from the projection
+    vit = "image_encoder.proj" in sd
+    e = sd["image_encoder.proj"].shape[1] if vit else sd["image_encoder.attnpool.c_proj.weight"].shape[0]
+    fake = dict(sd)
+    fake.update({"ln_final.weight": np.zeros(512), "text_projection": np.zeros((512, e)),
+                 "positional_embedding": np.zeros((77, 512))})
+    clip_cfg = infer_clip_config(fake, vision_prefix="image_encoder.", token_embedding_key="")
+  clip_cfg = dataclasses.replace(clip_cfg, vision_stride=clip_cfg.vision_patch_size, resnet_last_stride=1)
+  pos_key = "image_encoder.positional_embedding" if clip_cfg.is_vit else "image_encoder.attnpool.positional_embedding"
+  rows = sd[pos_key].shape[0]
+  name = pathlib.Path(path).name.lower()
+  if dataset is None:
+    for cand in ("msmt17", "market1501", "occ_duke", "duke", "veri", "vehicleid"):
+      if name.startswith(cand.replace("_", "")) or name.startswith(cand):
+        dataset = {"duke": "dukemtmc"}.get(cand, cand)
+        break
+  if input_size is None:
+    geometries = [(s, st) for s, st in _KNOWN_GEOMETRIES if clip_cfg.is_vit or st == 16]
+    if stride is not None:
+      geometries = [(s, st) for s, st in geometries if st == stride]
+    matches = [(s, st) for s, st in geometries
+               if np.prod(grid_for(dataclasses.replace(clip_cfg, vision_stride=st), s, st)) + 1 == rows]
+    if not matches:
+      raise CheckpointError(f"{path}: {pos_key} has {rows} rows, which fits none of the official input sizes; "
+                            "pass --input_size H W (and --stride)")
+    input_size, stride = matches[0]
+  stride = stride or 16
+  cfg_s = dataclasses.replace(clip_cfg, vision_stride=stride if clip_cfg.is_vit else 16)
+  grid = grid_for(cfg_s, tuple(input_size), stride if clip_cfg.is_vit else None)
+  if int(np.prod(grid)) + 1 != rows:
+    raise CheckpointError(f"{path}: {pos_key} has {rows} rows, but input {tuple(input_size)} with stride {stride} "
+                          f"gives a {grid[0]}x{grid[1]} grid ({int(np.prod(grid)) + 1} rows)")
+  clip_cfg = dataclasses.replace(cfg_s, vision_grid=grid)
+  sie_camera = sie_view = False
+  cams, views = 1, 1
+  if "cv_embed" in sd:
+    n_rows = sd["cv_embed"].shape[0]
+    mode = sie or ("camera_view" if (dataset in _SIE_TABLES and n_rows == np.prod(_SIE_TABLES[dataset])) else "camera")
+    sie_camera, sie_view = mode in ("camera", "camera_view"), mode in ("view", "camera_view")
+    if mode == "camera_view":
+      cams, views = camera_num or _SIE_TABLES.get(dataset, (None, None))[0], view_num or _SIE_TABLES.get(dataset, (None, None))[1]
+      if cams is None or views is None:
+        raise CheckpointError(f"{path}: a camera x view SIE table needs --camera_num and --view_num")
+    elif mode == "camera":
+      cams, views = camera_num or n_rows, view_num or 1
+    else:
+      cams, views = camera_num or 1, view_num or n_rows
+    expected = cams * views if mode == "camera_view" else (cams if mode == "camera" else views)
+    if expected != n_rows:
+      raise CheckpointError(f"{path}: cv_embed has {n_rows} rows, but SIE '{mode}' with {cams} cameras and "
+                            f"{views} views needs {expected}")
+  elif sie in ("camera", "view", "camera_view"):
+    raise CheckpointError(f"{path}: SIE '{sie}' requested, but the checkpoint has no cv_embed table")
+  noun = prompt_noun_for(dataset or "")
+  from clipreid_jax.tokenizer import tokenize
+  eot = int(tokenize(PERSON_TEMPLATE if noun == "person" else VEHICLE_TEMPLATE)[0].argmax())
+  return ReIDConfig(clip=clip_cfg, num_classes=int(sd["classifier.weight"].shape[0]), sie_camera=sie_camera,
+                    sie_view=sie_view, camera_num=int(cams), view_num=int(views), sie_coe=float(sie_coe),
+                    prompt_noun=noun, with_text=with_text, eot_index=eot, image_size=tuple(input_size))
+
+
+def convert_clipreid(src: str, dst: str, *, dataset=None, input_size=None, stride=None, sie=None,
+                     camera_num=None, view_num=None, sie_coe: float = 1.0, overwrite: bool = False) -> ReIDConfig:
+  """Converts an official CLIP-ReID / baseline `.pth` (or `.npz`) into a model directory."""
+  from clipreid_jax.checkpoints import save_model_dir
+  from clipreid_jax.convert import check_variables, convert_state_dict
+  from clipreid_jax.state_dicts import read_state_dict
+  sd = read_state_dict(src)
+  sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+  cfg = infer_reid_config(sd, src, input_size=input_size, stride=stride, dataset=dataset, sie=sie,
+                          camera_num=camera_num, view_num=view_num, sie_coe=sie_coe)
+  variables = convert_state_dict(sd, OFFICIAL_RENAMES)
+  expected = jax.eval_shape(lambda: init_variables(CLIPReID(cfg), jax.random.PRNGKey(0)))
+  check_variables(src, variables, expected)
+  save_model_dir(dst, variables, {"kind": "clipreid", "reid": cfg.to_dict(), "source": str(src)}, overwrite=overwrite)
+  return cfg

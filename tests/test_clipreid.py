@@ -1,0 +1,173 @@
+"""CLIP-ReID model parity with the official code's outputs, through `convert clipreid`.
+
+Data-driven over every variant folder in $CLIPREID_GOLDEN (vit/*, rn50/*, and whatever else is there):
+no sizes, seeds or class counts are assumed beyond what meta.json and the arrays state.
+"""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clipreid_jax import convert
+from clipreid_jax.checkpoints import CheckpointError
+from clipreid_jax.models import clipreid
+from golden_reid import close, convert_args, meta, sie_inputs, variants
+
+VARIANTS = variants()
+FWD = dict(rtol=5e-5, atol=1e-6)  # golden README section 10: forward features, logits, text features
+BN = dict(rtol=1e-5, atol=1e-7)  # BN running statistics after one train forward
+
+
+def test_golden_variants_present():
+  assert VARIANTS, "no golden CLIP-ReID variants found"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  cache = {}
+
+  def get(variant):
+    if variant not in cache:
+      dst = tmp_path_factory.mktemp(variant.name) / "model"
+      assert convert.main(convert_args(variant, dst)) == 0
+      cache[variant] = clipreid.load_clipreid(dst)
+    return cache[variant]
+  return get
+
+
+def _assert_close(name, x, ref, tol):
+  ok, ratio = close(x, ref, **tol)
+  assert np.shape(x) == np.shape(ref), (name, np.shape(x), np.shape(ref))
+  assert ok, f"{name}: error is {ratio:.2f}x the tolerance"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v.parent.name}/{v.name}")
+def test_forward_outputs(variant, converted):
+  model, variables = converted(variant)
+  m = meta(variant)
+  cfg = model.config
+  assert cfg.num_classes == m["num_classes"]
+  assert tuple(cfg.clip.vision_grid) == tuple(m["grid_hw"]) and cfg.input_size == tuple(m["SIZE_TRAIN"])
+  inputs, ref = np.load(variant / "inputs.npz"), np.load(variant / "outputs.npz")
+  x = inputs["images"].transpose(0, 2, 3, 1)
+  labels = inputs["labels"].astype(np.int32)
+  cams, views = sie_inputs(variant, inputs)
+  got = {
+      "get_image_feature": model.apply(variables, x, method=model.stage1_feature),
+      "eval_feature": model.apply(variables, x, cams, views, method=model.eval_feature),
+      "text_features_all": model.apply(variables, jnp.arange(cfg.num_classes), method=model.text_features),
+      "text_features_batch": model.apply(variables, labels, method=model.text_features),
+  }
+  train_out, updates = model.apply(variables, x, cams, views, train=True, mutable=["batch_stats"])
+  got.update(train_out)
+  got["train_return_img_feature_proj"] = train_out["img_feature_proj"]
+  got["stage2_i2t_logits"] = train_out["img_feature_proj"] @ got["text_features_all"].T
+  for name, value in got.items():
+    if name in ref.files:
+      _assert_close(name, value, ref[name], FWD)
+  assert set(ref.files) & set(got), "no comparable outputs"
+  for neck in ("bottleneck", "bottleneck_proj"):
+    for ours, theirs in (("mean", "running_mean"), ("var", "running_var")):
+      key = f"bn_after_train_forward/{neck}.{theirs}"
+      if key in ref.files:
+        _assert_close(key, updates["batch_stats"][neck][ours], ref[key], BN)
+  assert got["eval_feature"].shape[1] == cfg.feature_dim + cfg.clip.embed_dim
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v.parent.name}/{v.name}")
+def test_text_prefix_truncation_equals_full_context(variant, converted):
+  model, variables = converted(variant)
+  labels = jnp.arange(model.config.num_classes)
+  short = model.apply(variables, labels, method=model.text_features)
+  full = model.apply(variables, labels, full_context=True, method=model.text_features)
+  _assert_close("truncated text features", short, full, FWD)
+
+
+def test_from_clip_matches_official_construction(tmp_path):
+  """Building from the golden tiny CLIP reproduces the official model's converted CLIP parts."""
+  for variant in VARIANTS:
+    m = meta(variant)
+    clip_dir = tmp_path / f"clip_{variant.parent.name}"
+    if not clip_dir.exists():
+      assert convert.main(["clip", str(variant.parent / "clip_openai_layout.npz"), str(clip_dir)]) == 0
+    from clipreid_jax.models.clip import load_clip
+    clip_model, clip_vars = load_clip(clip_dir)
+    model, variables = clipreid.from_clip(
+        clip_model.config, clip_vars, num_classes=m["num_classes"], input_size=tuple(m["SIZE_TRAIN"]),
+        stride=m["STRIDE_SIZE"][0], sie_camera=m["SIE_CAMERA"], sie_view=m["SIE_VIEW"],
+        camera_num=m["camera_num"], view_num=m["view_num"], sie_coe=m["SIE_COE"], dataset=m["DATASETS.NAMES"])
+    state = np.load(variant / "model_state.npz")
+    params = variables["params"]
+    pos = params["image_encoder"]["positional_embedding"] if model.config.clip.is_vit else \
+        params["image_encoder"]["attnpool"]["positional_embedding"]
+    key = "image_encoder.positional_embedding" if model.config.clip.is_vit else "image_encoder.attnpool.positional_embedding"
+    np.testing.assert_allclose(pos, state[key], rtol=0, atol=2 * np.finfo(np.float32).eps * np.abs(state[key]).max())
+    np.testing.assert_array_equal(params["prompt_learner"]["token_prefix"], state["prompt_learner.token_prefix"])
+    np.testing.assert_array_equal(params["prompt_learner"]["token_suffix"], state["prompt_learner.token_suffix"])
+    np.testing.assert_array_equal(params["text_encoder"]["text_projection"], state["text_encoder.text_projection"])
+    assert params["prompt_learner"]["cls_ctx"].shape == state["prompt_learner.cls_ctx"].shape
+    assert np.all(params["bottleneck"]["bias"] == 0) and np.all(params["bottleneck"]["scale"] == 1)
+    assert abs(float(np.std(params["classifier"]["kernel"])) - 0.001) < 0.0005
+    assert model.config.eot_index == 11
+
+
+def test_inference_from_tensors_official_names(tmp_path):
+  """Released checkpoints: geometry, SIE table, classes and text width come from the tensors alone."""
+  variant = next(v for v in VARIANTS if (v / "model_state.npz").is_file())
+  sd = dict(np.load(variant / "model_state.npz"))
+  m = meta(variant)
+  cfg = clipreid.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
+  assert cfg.num_classes == sd["classifier.weight"].shape[0]
+  assert cfg.clip.text_width == sd["text_encoder.ln_final.weight"].shape[0]
+  # A full-size ViT-B/16 person checkpoint with a 15-row camera table (MSMT17 SIE+OLP), built from shapes.
+  shapes = {"image_encoder.proj": (768, 512), "image_encoder.conv1.weight": (768, 3, 16, 16),
+            "image_encoder.positional_embedding": (211, 768), "classifier.weight": (1041, 768),
+            "cv_embed": (15, 768), "image_encoder.transformer.resblocks.0.attn.in_proj_weight": (2304, 768),
+            "text_encoder.ln_final.weight": (512,), "text_encoder.text_projection": (512, 512),
+            "text_encoder.positional_embedding": (77, 512), "text_encoder.transformer.resblocks.0.ln_1.weight": (512,)}
+  fake = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+  cfg = clipreid.infer_reid_config(fake, "MSMT17_clipreid_12x12sie_ViT-B-16_60.pth")
+  assert cfg.input_size == (256, 128) and tuple(cfg.clip.vision_grid) == (21, 10)
+  assert cfg.clip.vision_stride == 12 and cfg.num_classes == 1041 and cfg.sie_camera and cfg.camera_num == 15
+  assert cfg.prompt_noun == "person"
+  fake["image_encoder.positional_embedding"] = np.zeros((442, 768), np.float32)
+  fake["cv_embed"] = np.zeros((160, 768), np.float32)
+  cfg = clipreid.infer_reid_config(fake, "VeRi_clipreid_12x12sie_ViT-B-16_60.pth")
+  assert tuple(cfg.clip.vision_grid) == (21, 21) and cfg.prompt_noun == "vehicle"
+  assert (cfg.sie_camera, cfg.sie_view, cfg.camera_num, cfg.view_num) == (True, True, 20, 8)
+
+
+def test_convert_bad_inputs(tmp_path, capsys):
+  variant = next(v for v in VARIANTS if (v / "model_state.npz").is_file())
+  sd = dict(np.load(variant / "model_state.npz"))
+  m = meta(variant)
+  size = [str(s) for s in m["SIZE_TRAIN"]]
+  clip_file = variant.parent / "clip_openai_layout.npz"
+  # Another architecture: an OpenAI CLIP file is not a CLIP-ReID checkpoint.
+  assert convert.main(["clipreid", str(clip_file), str(tmp_path / "a")]) == 2
+  assert "not a CLIP-ReID" in capsys.readouterr().err
+  # A geometry that contradicts the tensors names both values.
+  src = tmp_path / "state.npz"
+  np.savez(src, **sd)
+  assert convert.main(["clipreid", str(src), str(tmp_path / "b"), "--input_size", "512", "512", "--stride", "16"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "rows" in err and "512" in err
+  # An SIE table that contradicts the requested cameras.
+  sd_sie = dict(sd, cv_embed=np.zeros((6, sd["classifier.weight"].shape[1]), np.float32))
+  np.savez(tmp_path / "sie.npz", **sd_sie)
+  assert convert.main(["clipreid", str(tmp_path / "sie.npz"), str(tmp_path / "c"), "--input_size", *size,
+                       "--stride", str(m["STRIDE_SIZE"][0]), "--sie", "camera", "--camera_num", "4"]) == 2
+  err = capsys.readouterr().err
+  assert "6 rows" in err and "4 cameras" in err
+  for d in "abc":
+    assert not (tmp_path / d).exists()
+
+
+def test_loading_wrong_kind_fails(tmp_path):
+  variant = VARIANTS[0]
+  assert convert.main(["clip", str(variant.parent / "clip_openai_layout.npz"), str(tmp_path / "clip")]) == 0
+  with pytest.raises(CheckpointError, match="kind 'clip'"):
+    clipreid.load_clipreid(tmp_path / "clip")
