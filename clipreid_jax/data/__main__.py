@@ -1,0 +1,51 @@
+"""Split statistics of a dataset as JSON: `python -m clipreid_jax.data NAME ROOT [--opt KEY=VALUE ...]`.
+
+Example: `python -m clipreid_jax.data vehicleid /data --opt test_size=1600`. A data error prints one line to stderr
+and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from clipreid_jax.data import errors, registry
+
+
+def _value(text: str):
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m clipreid_jax.data", description=__doc__.splitlines()[0])
+  parser.add_argument("name", help=f"one of {', '.join(registry.DATASET_NAMES)}")
+  parser.add_argument("root", help="dataset root (see data/README.md)")
+  parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="reader option, repeatable")
+  args = parser.parse_args(argv)
+  try:
+    opts = {}
+    for item in args.opt:
+      key, sep, value = item.partition("=")
+      if not sep:
+        raise errors.DataError(f"--opt {item!r}: expected KEY=VALUE")
+      opts[key] = _value(value)
+    with warnings.catch_warnings():
+      # Warnings (e.g. counts that differ from the published ones) go to stderr as one line each.
+      warnings.simplefilter("always", errors.DataWarning)
+      warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+      dataset = registry.get_dataset(args.name, args.root, **opts)
+  except errors.DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(dataset.stats(), indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

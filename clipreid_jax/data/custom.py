@@ -1,0 +1,124 @@
+"""Bring-your-own dataset: three CSV list files, no code.
+
+Format (see data/README.md): ROOT/train.csv, ROOT/query.csv and ROOT/gallery.csv, one image per row
+
+    path,identity,camera[,view]
+    images/alice/0001.jpg,alice,cam1
+    images/bob/0002.png,bob,cam2
+
+- `path` is relative to the folder of the list file (absolute paths work too); any format PIL reads.
+- `identity` and `camera` (and the optional `view`) are integers or free text.
+- The header row is optional; with it the columns may come in any order (names: path, identity|id|pid,
+  camera|cam|camid, view|viewid). Blank lines and lines starting with '#' are skipped.
+
+Numbering: train identities become labels 0..K-1 in sorted order. Query and gallery identities keep their integer
+values when all of them are integers, and are otherwise numbered in sorted order over query and gallery together
+(so the same text is the same person in both). Cameras and views are numbered 0.. in sorted order over the three
+files together (integers sort as numbers), so 'cam1'..'cam6' or 1..6 become 0..5. A missing view column means view 0.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Sequence
+
+from clipreid_jax.data import errors, layouts
+from clipreid_jax.data.records import ReidDataset
+
+NAME = "custom"
+SPLITS = ("train", "query", "gallery")
+LAYOUT = "ROOT/{train,query,gallery}.csv with rows 'path,identity,camera[,view]' (paths relative to ROOT)"
+_COLUMNS = {"path": "path", "identity": "identity", "id": "identity", "pid": "identity", "camera": "camera",
+            "cam": "camera", "camid": "camera", "view": "view", "viewid": "view"}
+Row = tuple[str, str, str, str]  # relpath, identity, camera, view
+
+
+def read_csv(list_file: str, check_files: bool = True) -> list[Row]:
+  """Rows (relpath from the list file's folder, identity, camera, view) of one list file.
+
+  Raises:
+    ListFileError: a malformed row, or a row naming a missing image (the message names the file and line).
+  """
+  if not os.path.isfile(list_file):
+    raise errors.ListFileError(f"{NAME}: list file {list_file} not found; expected layout: {LAYOUT}")
+  base = os.path.dirname(list_file)
+  order = ("path", "identity", "camera", "view")
+  rows: list[Row] = []
+  header_seen = False
+  with open(list_file, newline="", encoding="utf-8") as f:
+    for line, fields in enumerate(csv.reader(f), 1):
+      fields = [x.strip() for x in fields]
+      if not any(fields) or fields[0].startswith("#"):
+        continue
+      if not rows and not header_seen and "path" in (x.lower() for x in fields):
+        unknown = [x for x in fields if x.lower() not in _COLUMNS]
+        order = tuple(_COLUMNS.get(x.lower(), x) for x in fields)
+        if unknown or not {"path", "identity", "camera"} <= set(order) or len(set(order)) < len(order):
+          raise errors.ListFileError(f"{NAME}: {list_file}:{line}: header {','.join(fields)!r} needs columns path, "
+                                     "identity, camera and optionally view, each once")
+        header_seen = True
+        continue
+      if len(fields) < 3 or len(fields) > len(order):
+        raise errors.ListFileError(
+            f"{NAME}: {list_file}:{line}: expected 'path,identity,camera[,view]', got {','.join(fields)!r}")
+      row = dict(zip(order, fields))
+      if not row.get("path") or not row.get("identity") or not row.get("camera"):
+        raise errors.ListFileError(f"{NAME}: {list_file}:{line}: empty path, identity or camera")
+      relpath = row["path"]
+      if check_files:
+        layouts.check_exists(os.path.join(base, relpath), list_file, line, NAME)
+      rows.append((relpath, row["identity"], row["camera"], row.get("view") or "0"))
+  return rows
+
+
+def _sort_key(values: Sequence[str]):
+  """Numeric order when every value is an integer, text order otherwise."""
+  if all(_is_int(v) for v in values):
+    return int
+  return str
+
+
+def _is_int(text: str) -> bool:
+  try:
+    int(text)
+    return True
+  except ValueError:
+    return False
+
+
+def _numbering(values: set[str]) -> dict[str, int]:
+  return {v: i for i, v in enumerate(sorted(values, key=_sort_key(list(values))))}
+
+
+def load(root: str | os.PathLike, *, train_list: str = "train.csv", query_list: str = "query.csv",
+         gallery_list: str = "gallery.csv", check_files: bool = True) -> ReidDataset:
+  """Reads a custom dataset from three CSV list files (see the module docstring for the format).
+
+  Args:
+    root: folder of the list files.
+    train_list, query_list, gallery_list: list file names (or paths) relative to root.
+    check_files: check that every listed image exists, naming the first missing one.
+  """
+  root = os.fspath(root)
+  lists = [os.path.join(root, x) for x in (train_list, query_list, gallery_list)]
+  if not os.path.isdir(root) or not all(os.path.isfile(x) for x in lists):
+    missing = [x for x in lists if not os.path.isfile(x)]
+    raise errors.DatasetNotFoundError(
+        f"{NAME}: missing {', '.join(missing) or root} under {root}; expected layout: {LAYOUT}")
+  rows = {s: read_csv(x, check_files) for s, x in zip(SPLITS, lists)}
+  every = [r for s in SPLITS for r in rows[s]]
+  cams = _numbering({r[2] for r in every})
+  views = _numbering({r[3] for r in every})
+  test_ids = {r[1] for s in ("query", "gallery") for r in rows[s]}
+  test_pid = {v: int(v) for v in test_ids} if all(_is_int(v) for v in test_ids) else _numbering(test_ids)
+  train_pid = _numbering({r[1] for r in rows["train"]})
+
+  def records(split: str, pid_of: dict[str, int]) -> list[tuple[str, int, int, int]]:
+    base = os.path.relpath(os.path.dirname(os.path.abspath(lists[SPLITS.index(split)])), os.path.abspath(root))
+    return [(os.path.normpath(os.path.join(base, p)), pid_of[i], cams[c], views[v]) for p, i, c, v in rows[split]]
+
+  return ReidDataset(
+      NAME,
+      train=layouts.make_split(NAME, "train", root, records("train", train_pid), lists[0]),
+      query=layouts.make_split(NAME, "query", root, records("query", test_pid), lists[1]),
+      gallery=layouts.make_split(NAME, "gallery", root, records("gallery", test_pid), lists[2]))

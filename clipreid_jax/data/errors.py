@@ -1,0 +1,38 @@
+"""Exceptions and warnings of the data package.
+
+Every error a user can cause with their data (a wrong root, an empty split, a broken image, a bad list file, too few
+identities for the sampler) raises a subclass of `DataError` with a one-line message that names the file or folder,
+so a CLI can print `str(err)` and exit with code 2.
+"""
+
+
+class DataError(ValueError):
+  """Base class of the data errors a user can fix by fixing their data or options."""
+
+
+class DatasetNotFoundError(DataError):
+  """The root does not hold the expected layout (the message shows the expected layout)."""
+
+
+class UnknownDatasetError(DataError):
+  """A dataset name that the registry does not know."""
+
+
+class EmptySplitError(DataError):
+  """A split (train, query or gallery) has no usable images."""
+
+
+class ListFileError(DataError):
+  """A list file is malformed or names an image that does not exist."""
+
+
+class ImageReadError(DataError):
+  """An image file is empty, is not an image, or cannot be decoded."""
+
+
+class NotEnoughIdentitiesError(DataError):
+  """The identity sampler cannot fill one batch of P distinct identities."""
+
+
+class DataWarning(UserWarning):
+  """Something suspicious but usable: counts that differ from the published ones, a truncated JPEG, no view labels."""

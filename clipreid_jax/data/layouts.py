@@ -1,0 +1,130 @@
+"""Helpers shared by the dataset readers: finding the dataset folder, parsing file names, relabelling, list files."""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Callable, Iterable, Sequence
+
+from clipreid_jax.data import errors
+from clipreid_jax.data.records import Split
+
+# '0002_c1s1_000451_03.jpg' (Market, Duke), '-1_c3s2_...' (Market junk), '0001_c001_00016450_0.jpg' (VeRi).
+PID_CAM_PATTERN = re.compile(r"([-\d]+)_c(\d+)")
+
+
+def find_dataset_dir(root: str | os.PathLike, name: str, candidates: Sequence[str],
+                     required: Sequence[Sequence[str]], layout: str) -> tuple[str, tuple[str, ...]]:
+  """Finds the dataset folder under `root` (or `root` itself) that holds one of the `required` sets of entries.
+
+  Args:
+    root: the folder the user passed.
+    name: dataset name, for messages.
+    candidates: sub-folder names to try under root, in order ('.' is root itself, tried last when not listed).
+    required: alternative sets of entries (folders or files) that must all exist, e.g. the V1 and V2 MSMT17 names.
+    layout: one-line description of the expected layout, shown when nothing matches.
+
+  Returns:
+    (dataset folder, the set of entries that matched).
+
+  Raises:
+    DatasetNotFoundError: nothing under root matches; the message shows the expected layout.
+  """
+  root = os.fspath(root)
+  if not os.path.isdir(root):
+    raise errors.DatasetNotFoundError(f"{name}: root {root} is not a folder; expected layout: {layout}")
+  tried = list(candidates) + ([] if "." in candidates else ["."])
+  for sub in tried:
+    d = os.path.normpath(os.path.join(root, sub))
+    for entries in required:
+      if all(os.path.exists(os.path.join(d, e)) for e in entries):
+        return d, tuple(entries)
+  raise errors.DatasetNotFoundError(f"{name}: no dataset found under {root}; expected layout: {layout}")
+
+
+def list_images(folder: str, exts: tuple[str, ...] = (".jpg",)) -> list[str]:
+  """Sorted file names in `folder` with one of the extensions (case-insensitive)."""
+  return sorted(f for f in os.listdir(folder) if f.lower().endswith(exts) and not f.startswith("."))
+
+
+def parse_folder(dataset_dir: str, sub: str, *, name: str, num_cams: int, skip_junk: bool,
+                 view_of: Callable[[str], int | None] = lambda _: 0) -> list[tuple[str, int, int, int]]:
+  """Reads `dataset_dir/sub/*.jpg` named '<pid>_c<cam>...' into (relpath, pid, camid, viewid) records, sorted by name.
+
+  Args:
+    dataset_dir: the dataset folder; relpaths start there.
+    sub: the split folder.
+    name: dataset name, for messages.
+    num_cams: cameras are numbered 1..num_cams in file names and become 0..num_cams-1.
+    skip_junk: drop pid -1 (Market and VeRi 'junk' images).
+    view_of: view id of a file name, or None to drop the image (VeRi without a keypoint entry).
+
+  Raises:
+    DataError: a camera number outside 1..num_cams.
+  """
+  records, unparsed = [], []
+  for fname in list_images(os.path.join(dataset_dir, sub)):
+    m = PID_CAM_PATTERN.search(fname)
+    if m is None:
+      unparsed.append(fname)
+      continue
+    pid, cam = int(m.group(1)), int(m.group(2))
+    if pid == -1 and skip_junk:
+      continue
+    if not 1 <= cam <= num_cams:
+      raise errors.DataError(f"{name}: {os.path.join(dataset_dir, sub, fname)}: camera {cam} outside 1..{num_cams}")
+    view = view_of(fname)
+    if view is None:
+      continue
+    records.append((f"{sub}/{fname}", pid, cam - 1, view))
+  if unparsed:
+    warnings.warn(f"{name}: skipped {len(unparsed)} files in {sub} not named '<pid>_c<cam>...', e.g. {unparsed[0]}",
+                  errors.DataWarning, stacklevel=2)
+  return records
+
+
+def relabel(records: Iterable[tuple[str, int, int, int]]) -> list[tuple[str, int, int, int]]:
+  """Replaces pids by labels 0..K-1 in sorted pid order (the same on every host, unlike Python set order)."""
+  records = list(records)
+  label = {pid: i for i, pid in enumerate(sorted({r[1] for r in records}))}
+  return [(p, label[pid], cam, view) for p, pid, cam, view in records]
+
+
+def make_split(name: str, split: str, root: str, records: Sequence[tuple[str, int, int, int]], where: str) -> Split:
+  """A Split of `records`; raises EmptySplitError when there are none."""
+  if not records:
+    raise errors.EmptySplitError(f"{name}: split '{split}' is empty (no usable images in {where})")
+  return Split.from_records(root, records)
+
+
+def read_list_file(path: str, name: str, min_fields: int = 2) -> list[tuple[int, list[str]]]:
+  """Non-empty, non-comment lines of a whitespace-separated list file as (line number, fields).
+
+  Raises:
+    ListFileError: the file is missing, or a line has fewer than `min_fields` fields.
+  """
+  if not os.path.isfile(path):
+    raise errors.ListFileError(f"{name}: list file {path} not found")
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      fields = line.split()
+      if not fields or fields[0].startswith("#"):
+        continue
+      if len(fields) < min_fields:
+        raise errors.ListFileError(f"{name}: {path}:{n}: expected at least {min_fields} fields, got {line.strip()!r}")
+      out.append((n, fields))
+  return out
+
+
+def check_exists(path: str, list_file: str, line: int, name: str) -> None:
+  """Raises ListFileError naming the list file and line when a listed image is missing."""
+  if not os.path.isfile(path):
+    raise errors.ListFileError(f"{name}: {list_file}:{line} names a missing image {path}")
+
+
+def parse_int(text: str, list_file: str, line: int, name: str, what: str) -> int:
+  try:
+    return int(text)
+  except ValueError:
+    raise errors.ListFileError(f"{name}: {list_file}:{line}: {what} {text!r} is not an integer") from None

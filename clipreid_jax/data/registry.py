@@ -1,0 +1,67 @@
+"""Dataset names -> readers: `get_dataset(name, root, **opts)`."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from clipreid_jax.data import custom, dukemtmc, errors, market1501, msmt17, synthetic, vehicleid, veri
+from clipreid_jax.data.records import ReidDataset
+
+READERS: dict[str, Callable[..., ReidDataset]] = {
+    "market1501": market1501.load,
+    "msmt17": msmt17.load,
+    "dukemtmc": dukemtmc.load_duke,
+    "occ_duke": dukemtmc.load_occ_duke,
+    "veri": veri.load,
+    "vehicleid": vehicleid.load,
+    "custom": custom.load,
+}
+DATASET_NAMES = tuple(READERS)
+# Not a dataset on disk: writes the synthetic Market-layout data (configs/demo.py) if needed, then reads it.
+READERS["synthetic"] = synthetic.load
+# The official DATASETS.NAMES spellings and common variants.
+_ALIASES = {"market": "market1501", "market-1501": "market1501", "duke": "dukemtmc", "dukemtmcreid": "dukemtmc",
+            "occluded_duke": "occ_duke", "veri776": "veri", "veri-776": "veri"}
+
+# Folder or layout of each dataset, for messages and data/README.md.
+LAYOUTS = {"market1501": market1501.LAYOUT, "msmt17": msmt17.LAYOUT, "dukemtmc": dukemtmc.DUKE_LAYOUT,
+           "occ_duke": dukemtmc.OCC_DUKE_LAYOUT, "veri": veri.LAYOUT, "vehicleid": vehicleid.LAYOUT,
+           "custom": custom.LAYOUT, "synthetic": market1501.LAYOUT}
+
+# Vehicle datasets use the vehicle prompt ('A photo of a X X X X vehicle.').
+VEHICLE_DATASETS = frozenset({"veri", "vehicleid"})
+
+
+def canonical_name(name: str) -> str:
+  """The registry name of `name` (case-insensitive; 'VehicleID' -> 'vehicleid').
+
+  Raises:
+    UnknownDatasetError: not a known name.
+  """
+  key = name.strip().lower()
+  key = _ALIASES.get(key, key)
+  if key not in READERS:
+    raise errors.UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+  return key
+
+
+def get_dataset(name: str, root: str | os.PathLike, **opts) -> ReidDataset:
+  """Reads dataset `name` from `root`.
+
+  Args:
+    name: one of DATASET_NAMES (case-insensitive; the official spellings such as 'VehicleID' work too), or
+      'synthetic' (options: those of `write_synthetic_market`).
+    root: the dataset root (see data/README.md for each layout).
+    **opts: reader options, e.g. `test_size=1600, gallery_seed=0` (vehicleid), `keypoint_dir=...` (veri),
+      `check_counts=False`, `check_files=False` (list-based datasets).
+
+  Raises:
+    DataError (a subclass of ValueError) for an unknown name, a missing layout, an empty split or a bad list file.
+  """
+  reader = READERS[canonical_name(name)]
+  try:
+    return reader(root, **opts)
+  except TypeError as e:
+    if "unexpected keyword" in str(e):
+      raise errors.DataError(f"{name}: {e}") from None
+    raise

@@ -1,0 +1,149 @@
+"""Bad input: each case raises its own DataError subclass with a one-line message; the CLI exits with code 2."""
+import io
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipreid_jax import data
+from clipreid_jax.data import __main__ as inspect_cli
+
+
+def _jpeg(size=(16, 32)) -> bytes:
+  buf = io.BytesIO()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+  return buf.getvalue()
+
+
+def _one_line(err: Exception) -> str:
+  msg = str(err)
+  assert "\n" not in msg and msg
+  return msg
+
+
+def _market(root: pathlib.Path, query=("0003_c1s1_000001_01.jpg",)) -> pathlib.Path:
+  d = root / "Market-1501-v15.09.15"
+  for sub, names in (("bounding_box_train", ["0002_c1s1_000001_01.jpg", "0004_c2s1_000001_01.jpg"]),
+                     ("query", list(query)), ("bounding_box_test", ["0003_c2s1_000002_01.jpg"])):
+    (d / sub).mkdir(parents=True)
+    for n in names:
+      (d / sub / n).write_bytes(_jpeg())
+  return d
+
+
+def test_missing_root_shows_expected_layout(tmp_path):
+  with pytest.raises(data.DatasetNotFoundError) as e:
+    data.get_dataset("market1501", tmp_path / "nope")
+  msg = _one_line(e.value)
+  assert str(tmp_path / "nope") in msg and "Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}" in msg
+  assert isinstance(e.value, data.DataError) and isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("name,expected", [("market1501", "bounding_box_train"), ("msmt17", "list_train"),
+                                           ("dukemtmc", "DukeMTMC-reID"), ("occ_duke", "Occluded_Duke"),
+                                           ("veri", "image_train"), ("vehicleid", "train_test_split"),
+                                           ("custom", "train.csv")])
+def test_wrong_layout_names_it(tmp_path, name, expected):
+  (tmp_path / "something_else").mkdir()
+  with pytest.raises(data.DatasetNotFoundError) as e:
+    data.get_dataset(name, tmp_path)
+  assert expected in _one_line(e.value)
+
+
+def test_empty_split(tmp_path):
+  _market(tmp_path, query=())
+  with pytest.raises(data.EmptySplitError, match="split 'query' is empty") as e:
+    data.get_dataset("market1501", tmp_path, check_counts=False)
+  _one_line(e.value)
+
+
+@pytest.mark.parametrize("content,match", [(b"", "is empty"), (b"not an image at all", "not an image file"),
+                                           (None, "cannot read image")])
+def test_unreadable_image_names_the_file(tmp_path, content, match):
+  path = tmp_path / "0001_c1s1_000001_01.jpg"
+  if content is not None:
+    path.write_bytes(content)
+  with pytest.raises(data.ImageReadError, match=match) as e:
+    data.read_image(path)
+  assert str(path) in _one_line(e.value)
+
+
+def test_header_truncated_jpeg_is_an_error(tmp_path):
+  path = tmp_path / "cut.jpg"
+  path.write_bytes(_jpeg()[:100])
+  with pytest.raises(data.ImageReadError, match="cut.jpg") as e:
+    data.read_image(path)
+  _one_line(e.value)
+
+
+def test_bad_image_surfaces_through_the_loader(tmp_path):
+  d = _market(tmp_path)
+  (d / "bounding_box_train" / "0004_c2s1_000001_01.jpg").write_bytes(b"")
+  ds = data.get_dataset("market1501", tmp_path, check_counts=False)
+  loader = data.stage1_loader(ds.train, image_size=(16, 8), batch_size=2)
+  with pytest.raises(data.ImageReadError, match="0004_c2s1_000001_01.jpg"):
+    list(loader)
+
+
+def test_list_file_naming_a_missing_image(tmp_path):
+  (tmp_path / "im").mkdir()
+  (tmp_path / "im" / "a.jpg").write_bytes(_jpeg())
+  (tmp_path / "train.csv").write_text("im/a.jpg,1,1\n")
+  (tmp_path / "query.csv").write_text("im/a.jpg,1,1\n")
+  (tmp_path / "gallery.csv").write_text("path,identity,camera\nim/a.jpg,1,2\nim/missing.jpg,2,1\n")
+  with pytest.raises(data.ListFileError) as e:
+    data.get_dataset("custom", tmp_path)
+  msg = _one_line(e.value)
+  assert "gallery.csv:3" in msg and "missing.jpg" in msg
+
+
+def test_msmt17_list_naming_a_missing_image(tmp_path):
+  d = tmp_path / "MSMT17_V1"
+  for sub in ("train", "test"):
+    (d / sub / "0000").mkdir(parents=True)
+  (d / "train" / "0000" / "0000_000_01_x_0000_0.jpg").write_bytes(_jpeg())
+  (d / "list_train.txt").write_text("0000/0000_000_01_x_0000_0.jpg 0\n")
+  (d / "list_val.txt").write_text("0000/0000_001_02_x_0001_0.jpg 0\n")
+  (d / "list_query.txt").write_text("")
+  (d / "list_gallery.txt").write_text("")
+  with pytest.raises(data.ListFileError, match="list_val.txt:1 names a missing image"):
+    data.get_dataset("msmt17", tmp_path)
+
+
+def test_malformed_list_line(tmp_path):
+  (tmp_path / "im").mkdir()
+  (tmp_path / "im" / "a.jpg").write_bytes(_jpeg())
+  for f in ("train.csv", "query.csv"):
+    (tmp_path / f).write_text("im/a.jpg,1,1\n")
+  (tmp_path / "gallery.csv").write_text("im/a.jpg,1\n")
+  with pytest.raises(data.ListFileError, match="gallery.csv:1: expected 'path,identity,camera"):
+    data.get_dataset("custom", tmp_path)
+
+
+def test_fewer_identities_than_p(tmp_path):
+  _market(tmp_path)
+  ds = data.get_dataset("market1501", tmp_path, check_counts=False)
+  with pytest.raises(data.NotEnoughIdentitiesError, match="at least P=4 identities.*has 2") as e:
+    data.train_loader(ds.train, image_size=(16, 8), num_ids=4, num_instances=2, seed=0, epoch=1)
+  _one_line(e.value)
+
+
+def test_uneven_host_split():
+  pids = np.repeat(np.arange(8), 4)
+  split = data.Split.from_records("/x", [(f"{i}.jpg", int(p), 0, 0) for i, p in enumerate(pids)])
+  with pytest.raises(data.DataError, match="does not split evenly over 3 hosts"):
+    data.train_loader(split, image_size=(16, 8), num_ids=4, num_instances=2, seed=0, epoch=1, process_count=3)
+
+
+@pytest.mark.parametrize("argv,match", [(["market1501", "{root}/missing"], "expected layout"),
+                                        (["cuhk03", "{root}"], "unknown dataset"),
+                                        (["market1501", "{root}", "--opt", "nonsense"], "expected KEY=VALUE"),
+                                        (["vehicleid", "{root}", "--opt", "test_size=5"], "test_size 5 is not one of")])
+def test_cli_exit_code_2(tmp_path, capsys, argv, match):
+  code = inspect_cli.main([a.format(root=tmp_path) for a in argv])
+  out = capsys.readouterr()
+  assert code == 2 and out.out == ""
+  lines = out.err.strip().splitlines()
+  assert len(lines) == 1 and match in lines[0] and lines[0].startswith("error: ")

@@ -1,0 +1,105 @@
+"""Host image work: golden PIL resize pairs (exact), the test transform (exact), image modes and truncated files."""
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipreid_jax import data
+from clipreid_jax.data import images
+
+
+def _archs(golden):
+  specs = json.loads((golden / "clip_specs.json").read_text())
+  return [(arch, specs[arch]) for arch in ("vit", "rn50") if (golden / arch / "pil_resize_pairs.npz").is_file()]
+
+
+def _pairs(npz):
+  return sorted(int(k.split("_")[1]) for k in npz.files if k.startswith("src_"))
+
+
+def test_pixel_stats_follow_the_official_configs(golden):
+  for arch, spec in _archs(golden):
+    mean, std = data.pixel_stats(arch)
+    assert np.allclose(mean, spec["pixel_mean"]) and np.allclose(std, spec["pixel_std"])
+  assert data.pixel_stats("ViT-B-16") == data.PIXEL_STATS["vit"]
+  assert data.pixel_stats("RN50") == data.PIXEL_STATS["rn50"]
+
+
+def test_golden_pil_resize_pairs_exact(golden):
+  archs = _archs(golden)
+  assert archs, "no pil_resize_pairs.npz in the golden folder"
+  for arch, spec in archs:
+    z = np.load(golden / arch / "pil_resize_pairs.npz")
+    size = tuple(spec["size"])
+    for i in _pairs(z):
+      src = z[f"src_{i}"]
+      np.testing.assert_array_equal(images.resize(src, size, images.BICUBIC), z[f"train_resize_bicubic_{i}"])
+      np.testing.assert_array_equal(images.resize(src, size, images.BILINEAR), z[f"test_resize_bilinear_uint8_{i}"])
+      expected = z[f"test_transform_{i}"].transpose(1, 2, 0)  # golden CHW, ours HWC
+      got = data.test_transform(Image.fromarray(src), size, spec["pixel_mean"], spec["pixel_std"])
+      assert got.dtype == np.float32
+      np.testing.assert_array_equal(got, expected)
+
+
+def test_golden_test_transform_through_files_and_device(golden, tmp_path):
+  import jax
+  for arch, spec in _archs(golden):
+    z = np.load(golden / arch / "pil_resize_pairs.npz")
+    size = tuple(spec["size"])
+    for i in _pairs(z):
+      # A lossless file gives the same pixels as the source array.
+      path = tmp_path / f"{arch}_{i}.png"
+      Image.fromarray(z[f"src_{i}"]).save(path)
+      resized = data.load_resized(path, size, images.BILINEAR)
+      np.testing.assert_array_equal(resized, z[f"test_resize_bilinear_uint8_{i}"])
+      # Device normalisation of the uint8 batch is bit-exact too (table lookup).
+      on_device = jax.jit(lambda x, m=tuple(spec["pixel_mean"]), s=tuple(spec["pixel_std"]): data.normalize(x, m, s))
+      expected = z[f"test_transform_{i}"].transpose(1, 2, 0)
+      np.testing.assert_array_equal(np.asarray(on_device(resized[None]))[0], expected)
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("RGB", "PNG"),
+                                      ("I;16", "PNG"), ("1", "PNG")])
+def test_image_modes_become_rgb(tmp_path, mode, fmt):
+  img = Image.new("RGB", (10, 20), (200, 100, 50)).convert(mode)
+  path = tmp_path / f"x.{fmt.lower()}"
+  img.save(path, fmt)
+  out = data.read_image(path)
+  assert out.mode == "RGB" and out.size == (10, 20)
+  arr = data.load_resized(path, (8, 4))
+  assert arr.shape == (8, 4, 3) and arr.dtype == np.uint8
+
+
+def test_grayscale_is_replicated(tmp_path):
+  Image.new("L", (4, 4), 77).save(tmp_path / "g.png")
+  assert np.all(np.asarray(data.read_image(tmp_path / "g.png")) == 77)
+
+
+def test_truncated_jpeg_loads_with_a_warning(tmp_path):
+  rng = np.random.default_rng(1)
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+  full = buf.getvalue()
+  path = tmp_path / "cut.jpg"
+  path.write_bytes(full[:len(full) * 2 // 3])
+  with pytest.warns(data.DataWarning, match="cut.jpg: truncated"):
+    img = data.read_image(path)
+  assert img.size == (32, 64) and img.mode == "RGB"
+  # The decoded top rows equal those of the complete file.
+  complete = np.asarray(Image.open(io.BytesIO(full)).convert("RGB"))
+  np.testing.assert_array_equal(np.asarray(img)[:8], complete[:8])
+
+
+def test_truncated_png_loads_with_a_warning(tmp_path):
+  rng = np.random.default_rng(2)
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+  path = tmp_path / "cut.png"
+  path.write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+  with pytest.warns(data.DataWarning, match="cut.png: truncated"):
+    img = data.read_image(path)
+  assert img.size == (32, 64)
+  from PIL import ImageFile
+  assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # the module-wide flag is restored

@@ -1,0 +1,84 @@
+"""Packed (tfds array_record) datasets give exactly the records and pixels of the folder source."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipreid_jax import data
+
+packed = pytest.importorskip("clipreid_jax.data.packed")
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+  root = tmp_path_factory.mktemp("market")
+  data.write_synthetic_market(root, num_train_ids=6, num_test_ids=3, imgs_per_id=4, num_cams=2, size=(32, 16), seed=1)
+  out = tmp_path_factory.mktemp("tfds")
+  assert packed.prepare("market1501", root, out) == "reid_packed/market1501"
+  return root, out
+
+
+def _same_batches(a, b):
+  return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+                                  for x, y in zip(a, b))
+
+
+def test_packed_records_and_pixels_equal_the_folder(market):
+  root, out = market
+  folder, pack = data.get_dataset("market1501", root), packed.load_packed("market1501", out)
+  assert pack.name == "market1501" and pack.stats() == folder.stats()
+  for s in ("train", "query", "gallery"):
+    a, b = getattr(pack, s), getattr(folder, s)
+    assert a.same_records(b)
+    for i in range(len(a)):
+      np.testing.assert_array_equal(np.asarray(a.images[i]), np.asarray(data.read_image(b.path(i))))
+
+
+def test_packed_source_feeds_the_same_pipeline(market):
+  root, out = market
+  folder, pack = data.get_dataset("market1501", root), packed.load_packed("market1501", out)
+  kw = dict(image_size=(32, 16), num_ids=3, num_instances=2, seed=4, epoch=1)
+  assert _same_batches(list(data.train_loader(pack.train, **kw)), list(data.train_loader(folder.train, **kw)))
+  kw = dict(image_size=(32, 16), batch_size=8, process_index=1, process_count=2)
+  assert _same_batches(list(data.eval_loader(pack.query, pack.gallery, **kw)),
+                       list(data.eval_loader(folder.query, folder.gallery, **kw)))
+
+
+def test_custom_with_png_and_grayscale(tmp_path):
+  (tmp_path / "im").mkdir()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (20, 10, 3), dtype=np.uint8)).save(tmp_path / "im" / "a.png")
+  Image.fromarray(rng.integers(0, 255, (20, 10), dtype=np.uint8)).save(tmp_path / "im" / "b.jpg")
+  Image.fromarray(rng.integers(0, 255, (20, 10, 3), dtype=np.uint8)).convert("CMYK").save(tmp_path / "im" / "c.jpg")
+  (tmp_path / "train.csv").write_text("im/a.png,x,1\nim/b.jpg,y,2\n")
+  (tmp_path / "query.csv").write_text("im/c.jpg,x,1\n")
+  (tmp_path / "gallery.csv").write_text("im/a.png,x,2\nim/b.jpg,y,1\n")
+  from clipreid_jax.data import prepare
+  assert prepare.main(["custom", "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path / "out")]) == 0
+  folder, pack = data.get_dataset("custom", tmp_path), packed.load_packed("custom", tmp_path / "out")
+  for s in ("train", "query", "gallery"):
+    a, b = getattr(pack, s), getattr(folder, s)
+    assert a.same_records(b)
+    for i in range(len(a)):
+      np.testing.assert_array_equal(np.asarray(a.images[i]), np.asarray(data.read_image(b.path(i))))
+
+
+def test_missing_packed_dataset(tmp_path):
+  with pytest.raises(data.DatasetNotFoundError, match="python -m clipreid_jax.data.prepare vehicleid_1600"):
+    packed.load_packed("vehicleid", tmp_path, test_size=1600)
+
+
+def test_prepare_cli_reports_data_errors(tmp_path, capsys):
+  from clipreid_jax.data import prepare
+  assert prepare.main(["market1501", "--manual_dir", str(tmp_path / "none"), "--data_dir", str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "expected layout" in err[0]
+
+
+def test_prepare_cli_prints_stats(market, capsys):
+  from clipreid_jax.data import prepare
+  root, out = market
+  assert prepare.main(["market1501", "--manual_dir", str(root), "--data_dir", str(out)]) == 0  # already prepared
+  stats = json.loads(capsys.readouterr().out)
+  assert stats["tfds_name"] == "reid_packed/market1501" and stats["num_train_pids"] == 6

@@ -1,0 +1,291 @@
+"""Dataset readers on small trees in each official layout: counts, file-name rules, labels, warnings."""
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipreid_jax import data
+from clipreid_jax.data import __main__ as inspect_cli
+from clipreid_jax.data import published
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _jpeg_bytes() -> bytes:
+  buf = io.BytesIO()
+  Image.new("RGB", (4, 8), (120, 30, 200)).save(buf, "JPEG")
+  return buf.getvalue()
+
+
+JPEG = _jpeg_bytes()
+
+
+def touch_images(folder: pathlib.Path, names) -> None:
+  folder.mkdir(parents=True, exist_ok=True)
+  for name in names:
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(JPEG)
+
+
+def market_names(pid: int, cams, start: int = 0):
+  return [f"{pid:04d}_c{c}s1_{start + i:06d}_01.jpg" if pid >= 0 else f"-1_c{c}s1_{start + i:06d}_01.jpg"
+          for i, c in enumerate(cams)]
+
+
+def make_market(root: pathlib.Path) -> pathlib.Path:
+  d = root / "Market-1501-v15.09.15"
+  touch_images(d / "bounding_box_train",
+               market_names(2, [1, 2]) + market_names(7, [3]) + market_names(10, [4, 5, 6]) + market_names(-1, [1]))
+  touch_images(d / "query", market_names(3, [1]) + market_names(5, [2, 3]))
+  touch_images(d / "bounding_box_test", market_names(3, [2, 4]) + market_names(5, [5]) + market_names(0, [1, 6])
+               + market_names(-1, [2, 3]) + ["bad_name.jpg"])
+  (d / "bounding_box_test" / "Thumbs.db").write_bytes(b"x")
+  return d
+
+
+def test_market1501_rules(tmp_path):
+  make_market(tmp_path)
+  with pytest.warns(data.DataWarning) as record:
+    ds = data.get_dataset("market1501", tmp_path)
+  messages = " | ".join(str(w.message) for w in record)
+  assert "num_train_pids 3 (published 751)" in messages and "num_gallery_imgs 5 (published 15913)" in messages
+  assert "bad_name.jpg" in messages  # a .jpg not named <pid>_c<cam> is skipped with a warning
+  assert ds.stats() == dict(num_train_pids=3, num_train_imgs=6, num_train_cams=6, num_train_views=1, num_query_pids=2,
+                            num_query_imgs=3, num_gallery_pids=3, num_gallery_imgs=5)
+  # Junk (-1) skipped everywhere, distractors (0) kept, train labels in sorted pid order, cameras 0-based.
+  assert ds.train.pids.tolist() == [0, 0, 1, 2, 2, 2]
+  assert ds.train.camids.tolist() == [0, 1, 2, 3, 4, 5]
+  assert sorted(set(ds.gallery.pids.tolist())) == [0, 3, 5]
+  assert -1 not in ds.query.pids and -1 not in ds.gallery.pids
+  assert set(ds.train.viewids.tolist()) == {0}
+  rec = ds.query[0]
+  assert rec.pid == 3 and rec.camid == 0 and os.path.isfile(rec.path)
+  assert rec.path.endswith("query/0003_c1s1_000000_01.jpg")
+  # The same folder passed directly works too, and labels do not depend on the path.
+  with pytest.warns(data.DataWarning, match="bad_name.jpg"):
+    ds2 = data.get_dataset("Market1501", tmp_path / "Market-1501-v15.09.15", check_counts=False)
+  assert ds2.train.same_records(ds.train)
+
+
+def test_duke_and_occluded_duke(tmp_path):
+  duke = tmp_path / "dukemtmcreid" / "DukeMTMC-reID"
+  for d in (duke, tmp_path / "dukemtmcreid" / "Occluded_Duke"):
+    # pids 12, 100, 5000 relabel numerically (text order would put 100 first).
+    touch_images(d / "bounding_box_train", ["5000_c8_f0001.jpg", "0012_c1_f0002.jpg", "0100_c2_f0003.jpg"])
+    touch_images(d / "query", ["0005_c3_f0004.jpg"])
+    touch_images(d / "bounding_box_test", ["0005_c4_f0005.jpg", "0009_c5_f0006.jpg"])
+  for name in ("dukemtmc", "occ_duke"):
+    with pytest.warns(data.DataWarning, match="published 702"):
+      ds = data.get_dataset(name, tmp_path)
+    assert ds.name == name
+    assert [os.path.basename(p) for p in ds.train.relpaths] == ["0012_c1_f0002.jpg", "0100_c2_f0003.jpg",
+                                                                "5000_c8_f0001.jpg"]
+    assert ds.train.pids.tolist() == [0, 1, 2] and ds.train.camids.tolist() == [0, 1, 7]
+    assert ds.stats()["num_gallery_pids"] == 2 and set(ds.gallery.viewids.tolist()) == {0}
+
+
+def _msmt_name(pid: int, cam: int, k: int) -> str:
+  return f"{pid:04d}/{pid:04d}_{k:03d}_{cam:02d}_0303morning_{k:04d}_0.jpg"
+
+
+@pytest.mark.parametrize("folder,train_dir,test_dir", [("MSMT17_V1", "train", "test"),
+                                                       ("MSMT17_V2", "mask_train_v2", "mask_test_v2"),
+                                                       ("MSMT17", "train", "test")])
+def test_msmt17_lists(tmp_path, folder, train_dir, test_dir):
+  d = tmp_path / folder
+  train = [(_msmt_name(0, 1, 0), 0), (_msmt_name(0, 15, 1), 0), (_msmt_name(1, 5, 2), 1)]
+  val = [(_msmt_name(2, 7, 3), 2)]
+  query = [(_msmt_name(0, 3, 0), 0)]
+  gallery = [(_msmt_name(0, 4, 1), 0), (_msmt_name(3, 2, 2), 3)]
+  for sub, rows, lst in ((train_dir, train, "list_train.txt"), (train_dir, val, "list_val.txt"),
+                         (test_dir, query, "list_query.txt"), (test_dir, gallery, "list_gallery.txt")):
+    touch_images(d / sub, [r for r, _ in rows])
+    (d / lst).write_text("".join(f"{r} {p}\n" for r, p in rows))
+  with pytest.warns(data.DataWarning, match="num_train_imgs 4 \\(published 32621\\)"):
+    ds = data.get_dataset("msmt17", tmp_path)
+  # train = list_train + list_val, camera from the third field of the file name.
+  assert len(ds.train) == 4 and ds.train.pids.tolist() == [0, 0, 1, 2]
+  assert ds.train.camids.tolist() == [0, 14, 4, 6]
+  assert ds.query.camids.tolist() == [2] and ds.gallery.pids.tolist() == [0, 3]
+  assert all(os.path.isfile(ds.train.path(i)) for i in range(len(ds.train)))
+  assert ds.train.relpaths[0].startswith(train_dir + "/")
+
+
+def _veri_name(pid: int, cam: int, k: int) -> str:
+  return f"{pid:04d}_c{cam:03d}_{k:08d}_0.jpg"
+
+
+def make_veri(root: pathlib.Path, keypoints: bool) -> pathlib.Path:
+  d = root / "VeRi"
+  train = [_veri_name(1, 1, 1), _veri_name(1, 20, 2), _veri_name(3, 2, 3), _veri_name(4, 5, 4)]
+  query = [_veri_name(2, 3, 5), _veri_name(5, 3, 6)]
+  gallery = [_veri_name(2, 4, 7), _veri_name(5, 9, 8), "-1_c001_00000009_0.jpg"]
+  touch_images(d / "image_train", train)
+  touch_images(d / "image_query", query)
+  touch_images(d / "image_test", gallery)
+  if keypoints:
+    kp = " ".join(["-1"] * 40)
+    # train[3] has no entry (dropped); query[1] is found in the train map (train map first).
+    (d / "keypoint_train.txt").write_text(
+        "".join(f"VeRi/image_train/{n} {kp} {v}\n" for n, v in zip(train[:3], (0, 7, 3)))
+        + f"VeRi/image_query/{query[1]} {kp} 6\n")
+    (d / "keypoint_test.txt").write_text(
+        f"VeRi/image_query/{query[0]} {kp} 2\n" + f"VeRi/image_query/{query[1]} {kp} 1\n"
+        + "".join(f"VeRi/image_test/{n} {kp} 5\n" for n in gallery[:1]))
+  return d
+
+
+def test_veri_with_keypoints(tmp_path):
+  make_veri(tmp_path, keypoints=True)
+  with pytest.warns(data.DataWarning, match="num_train_imgs 3 \\(published 37715\\)"):
+    ds = data.get_dataset("veri", tmp_path)
+  assert ds.train.viewids.tolist() == [0, 7, 3] and ds.train.pids.tolist() == [0, 0, 1]
+  assert ds.train.camids.tolist() == [0, 19, 1]
+  assert ds.query.viewids.tolist() == [2, 6]  # the train map wins for query[1]
+  assert ds.gallery.pids.tolist() == [2]  # one gallery image lacks an entry, the junk -1 is skipped
+  assert ds.num_train_views == 3
+
+
+def test_veri_without_keypoints_warns(tmp_path):
+  make_veri(tmp_path, keypoints=False)
+  with pytest.warns(data.DataWarning) as record:
+    ds = data.get_dataset("veri", tmp_path)
+  messages = " | ".join(str(w.message) for w in record)
+  assert "every view id is 0" in messages and "published 37778" in messages
+  assert len(ds.train) == 4 and len(ds.gallery) == 2 and set(ds.train.viewids.tolist()) == {0}
+
+
+def make_vehicleid(root: pathlib.Path) -> pathlib.Path:
+  d = root / "VehicleID_V1.0"
+  train = [(f"{i:07d}", pid) for i, pid in enumerate([7, 7, 3, 3, 3, 9])]
+  test = {800: [(f"{100 + i:07d}", pid) for i, pid in enumerate([11, 11, 11, 12, 12, 13])]}
+  test[1600] = test[800] + [(f"{200 + i:07d}", pid) for i, pid in enumerate([14, 14])]
+  test[2400] = test[1600] + [(f"{300 + i:07d}", 15) for i in range(3)]
+  touch_images(d / "image", [f"{n}.jpg" for n, _ in train + test[2400]])
+  (d / "train_test_split").mkdir()
+  (d / "train_test_split" / "train_list.txt").write_text("".join(f"{n} {p}\n" for n, p in train))
+  for size, rows in test.items():
+    (d / "train_test_split" / f"test_list_{size}.txt").write_text("".join(f"{n} {p}\n" for n, p in rows))
+  return d
+
+
+@pytest.mark.parametrize("test_size,num_ids", [(800, 3), (1600, 4), (2400, 5)])
+def test_vehicleid_splits(tmp_path, test_size, num_ids):
+  make_vehicleid(tmp_path)
+  with pytest.warns(data.DataWarning, match=f"num_gallery_imgs {num_ids} \\(published {test_size}\\)"):
+    ds = data.get_dataset("VehicleID", tmp_path, test_size=test_size)
+  assert ds.train.pids.tolist() == [1, 1, 0, 0, 0, 2] and len(ds.train) == 6
+  # One random image per identity in the gallery (camera 1), the rest in the query (camera 0).
+  assert sorted(ds.gallery.pids.tolist()) == sorted(set(ds.gallery.pids.tolist())) and len(ds.gallery) == num_ids
+  assert set(ds.gallery.camids.tolist()) == {1} and set(ds.query.camids.tolist()) == {0}
+  all_paths = set(ds.query.relpaths.tolist()) | set(ds.gallery.relpaths.tolist())
+  assert len(all_paths) == len(ds.query) + len(ds.gallery)
+  # The gallery draw is seeded: the same on every call (every host), and the seed changes it.
+  again = data.get_dataset("vehicleid", tmp_path, test_size=test_size, check_counts=False)
+  assert again.gallery.same_records(ds.gallery) and again.query.same_records(ds.query)
+  draws = {tuple(data.get_dataset("vehicleid", tmp_path, test_size=test_size, gallery_seed=s,
+                                  check_counts=False).gallery.relpaths) for s in range(8)}
+  assert len(draws) > 1
+
+
+def test_vehicleid_rejects_other_test_sizes(tmp_path):
+  make_vehicleid(tmp_path)
+  with pytest.raises(data.DataError, match="test_size 500"):
+    data.get_dataset("vehicleid", tmp_path, test_size=500)
+
+
+def make_custom(root: pathlib.Path) -> pathlib.Path:
+  touch_images(root / "images", ["alice/1.jpg", "alice/2.jpg", "bob/1.jpg", "carl/1.jpg", "carl/2.jpg", "dan/1.jpg",
+                                 "eve/1.jpg"])
+  Image.new("L", (4, 8), 30).save(root / "images" / "eve" / "2.png")
+  (root / "train.csv").write_text("path,identity,camera,view\n# comment\nimages/bob/1.jpg,bob,cam2,front\n"
+                                  "images/alice/1.jpg,alice,cam1,back\n\nimages/alice/2.jpg,alice,cam2,front\n")
+  (root / "query.csv").write_text("images/carl/1.jpg,carl,cam1\nimages/dan/1.jpg,dan,cam3\n")
+  (root / "gallery.csv").write_text("camera,path,identity\ncam2,images/carl/2.jpg,carl\ncam1,images/eve/1.jpg,eve\n"
+                                    "cam3,images/eve/2.png,eve\n")
+  return root
+
+
+def test_custom_csv(tmp_path):
+  make_custom(tmp_path)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no published counts for custom data
+    ds = data.get_dataset("custom", tmp_path)
+  assert ds.train.pids.tolist() == [1, 0, 0]  # alice 0, bob 1 (sorted)
+  assert ds.train.camids.tolist() == [1, 0, 1]  # cam1..cam3 -> 0..2 over all files
+  assert ds.train.viewids.tolist() == [2, 1, 2]  # '0' (default), back, front
+  assert ds.query.camids.tolist() == [0, 2] and ds.gallery.camids.tolist() == [1, 0, 2]
+  # Text identities of query and gallery share one numbering: carl 0, dan 1, eve 2.
+  assert ds.query.pids.tolist() == [0, 1] and ds.gallery.pids.tolist() == [0, 2, 2]
+  assert os.path.isfile(ds.gallery.path(2)) and ds.gallery.relpaths[2] == "images/eve/2.png"
+  assert ds.stats()["num_train_views"] == 2
+
+
+def test_custom_integer_identities_are_kept(tmp_path):
+  touch_images(tmp_path / "im", ["a.jpg", "b.jpg", "c.jpg"])
+  (tmp_path / "train.csv").write_text("im/a.jpg,10,1\nim/b.jpg,20,2\n")
+  (tmp_path / "query.csv").write_text("im/a.jpg,42,1\n")
+  (tmp_path / "gallery.csv").write_text("im/b.jpg,42,2\nim/c.jpg,7,2\n")
+  ds = data.get_dataset("custom", tmp_path)
+  assert ds.train.pids.tolist() == [0, 1] and ds.query.pids.tolist() == [42] and ds.gallery.pids.tolist() == [42, 7]
+
+
+def test_registry_names_and_layouts():
+  assert data.DATASET_NAMES == ("market1501", "msmt17", "dukemtmc", "occ_duke", "veri", "vehicleid", "custom")
+  assert data.canonical_name("VehicleID") == "vehicleid" and data.canonical_name("Market") == "market1501"
+  with pytest.raises(data.UnknownDatasetError, match="unknown dataset 'cuhk03'"):
+    data.get_dataset("cuhk03", "/nonexistent")
+  with pytest.raises(data.DataError, match="unexpected keyword"):
+    data.get_dataset("market1501", "/nonexistent", test_size=800)
+
+
+@pytest.mark.filterwarnings("ignore::clipreid_jax.data.errors.DataWarning")
+def test_published_counts_match_exactly_give_no_warning(tmp_path):
+  make_market(tmp_path)
+  ds = data.get_dataset("market1501", tmp_path, check_counts=False)
+  published.PUBLISHED["tiny_market"] = ds.stats()
+  try:
+    assert published.differences(ds, "tiny_market") == []
+  finally:
+    del published.PUBLISHED["tiny_market"]
+
+
+def test_inspection_cli_prints_json(tmp_path, capsys):
+  make_vehicleid(tmp_path)
+  assert inspect_cli.main(["vehicleid", str(tmp_path), "--opt", "test_size=1600"]) == 0
+  out = capsys.readouterr()
+  stats = json.loads(out.out)
+  assert stats == dict(num_train_pids=3, num_train_imgs=6, num_train_cams=1, num_train_views=1, num_query_pids=3,
+                       num_query_imgs=4, num_gallery_pids=4, num_gallery_imgs=4)
+  assert "published 1600" in out.err
+
+
+def test_inspection_cli_subprocess(tmp_path):
+  make_market(tmp_path)
+  ok = subprocess.run([sys.executable, "-m", "clipreid_jax.data", "market1501", str(tmp_path)], capture_output=True,
+                      text=True, cwd=REPO, check=False)
+  assert ok.returncode == 0, ok.stderr
+  assert json.loads(ok.stdout)["num_train_imgs"] == 6
+  bad = subprocess.run([sys.executable, "-m", "clipreid_jax.data", "market1501", str(tmp_path / "missing")],
+                       capture_output=True, text=True, cwd=REPO, check=False)
+  assert bad.returncode == 2 and bad.stdout == ""
+  lines = bad.stderr.strip().splitlines()
+  assert len(lines) == 1 and "expected layout" in lines[0] and "bounding_box_train" in lines[0]
+
+
+@pytest.mark.filterwarnings("ignore::clipreid_jax.data.errors.DataWarning")
+def test_split_is_cheap_and_picklable(tmp_path):
+  import pickle
+  make_market(tmp_path)
+  ds = data.get_dataset("market1501", tmp_path, check_counts=False)
+  clone = pickle.loads(pickle.dumps(ds.train))
+  assert clone.same_records(ds.train) and clone.pids.dtype == np.int32
+  both = data.Split.concat(ds.query, ds.gallery)
+  assert len(both) == len(ds.query) + len(ds.gallery) and both.path(len(ds.query)) == ds.gallery.path(0)
