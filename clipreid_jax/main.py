@@ -1,6 +1,14 @@
-"""Entry point: python -m clipreid_jax.main --config CONFIG [--workdir DIR] [--config.KEY=VALUE ...]."""
+"""Entry point.
+
+  python -m clipreid_jax.main --config CONFIG [--workdir DIR] [--config.KEY=VALUE ...]
+
+Modes (`--config.mode`): `train` (stage 1, stage 2, final evaluation), `eval` (a model directory given by
+`--config.checkpoint` on a dataset), `extract` (features of a folder or list of images). Bad input ends
+with one line on stderr naming the file or key, and exit code 2.
+"""
 from __future__ import annotations
 
+import logging
 import sys
 
 from absl import app, flags
@@ -8,20 +16,47 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs (default: config.workdir).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-host: address of process 0 (see docs); on TPU pods leave unset.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
 
 
 def run(config, workdir: str) -> int:
-  from clipreid_jax import demo
-  return demo.run(config, workdir)
+  import jax
+  from clipreid_jax import inference, train
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    kwargs = {"coordinator_address": _COORDINATOR.value} if _COORDINATOR.value else {}
+    jax.distributed.initialize(**kwargs)
+  mode = config.mode
+  if mode == "train":
+    train.train_and_evaluate(config, workdir)
+  elif mode == "eval":
+    inference.evaluate_checkpoint(config, workdir)
+  elif mode == "extract":
+    inference.extract_to_files(config)
+  else:
+    raise train.ConfigError(f"mode: expected 'train', 'eval' or 'extract', got {mode!r}")
+  return 0
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  logging.getLogger("absl").setLevel(logging.WARNING)
   config = _CONFIG.value
   if config is None:
     print("error: --config is required, e.g. --config configs/demo.py", file=sys.stderr)
     return 2
-  return run(config, _WORKDIR.value or config.get("workdir", "workdirs/run"))
+  from clipreid_jax.checkpoints import CheckpointError
+  from clipreid_jax.data.errors import DataError
+  from clipreid_jax.train import ConfigError
+  try:
+    return run(config, _WORKDIR.value or config.workdir)
+  except (ConfigError, DataError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

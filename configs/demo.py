@@ -2,37 +2,40 @@
 
   python -m clipreid_jax.main --config configs/demo.py
 
-Expected: it writes a synthetic dataset under data/synthetic_market, trains and evaluates, and prints a
-final line with mAP and R1. With random (not pretrained) CLIP weights the numbers show learning, not
-the paper's accuracy.
+It writes a synthetic dataset under data/synthetic_market (48 training identities, 24 test identities),
+learns the prompts (stage 1), fine-tunes the image encoder (stage 2) and evaluates, printing a final line
+`final: mAP .. R1 .. R5 .. R10 ..`. The CLIP is random (no pretrained weights offline), so the numbers
+show that it learns (mAP well above the ~20% of an untrained encoder on this data), not the paper's accuracy.
 """
-import ml_collections
+from clipreid_jax.config_defaults import recipe
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.mode = "train"
-  c.seed = 0
+def get_config():
+  c = recipe("synthetic", "ViT-B-16", root="data/synthetic_market")
   c.workdir = "workdirs/demo"
-
-  c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = "synthetic"
-  c.dataset.root = "data/synthetic_market"
-  c.dataset.num_train_ids = 16
-  c.dataset.num_test_ids = 8
-  c.dataset.imgs_per_id = 6
-
-  c.model = ml_collections.ConfigDict()
-  c.model.backbone = "ViT-B-16"
-  c.model.input_size = (64, 32)
-  c.model.stride = 16
-  c.model.sie_camera = False
-  c.model.sie_view = False
-  # A small random CLIP (no pretrained weights exist offline): width 128, 2 vision and 2 text blocks.
-  c.model.random_clip = ml_collections.ConfigDict(dict(
-      embed_dim=64, vision_layers=2, vision_width=128, text_width=128, text_layers=2))
-
-  c.init = ml_collections.ConfigDict()
-  c.init.clip = ""  # a converted CLIP directory; empty = the random CLIP above
-  c.checkpoint = ""
+  c.seed = 0
+  c.dataset.num_train_ids = 48
+  c.dataset.num_test_ids = 24
+  c.dataset.imgs_per_id = 10
+  c.dataset.num_cams = 4
+  c.dataset.seed = 0
+  c.model.input_size = (128, 64)
+  c.model.dtype = "float32"
+  c.model.random_clip.embed_dim = 64
+  c.model.random_clip.vision_layers = 2
+  c.model.random_clip.vision_width = 128
+  c.model.random_clip.text_width = 128
+  c.model.random_clip.text_layers = 2
+  c.stage1.max_epochs = 20
+  c.stage1.warmup_epochs = 2
+  c.stage1.batch_size = 32
+  c.stage1.log_every_epochs = 5
+  c.stage2.num_ids = 8
+  c.stage2.num_instances = 4
+  c.stage2.base_lr = 3.5e-4
+  c.stage2.max_epochs = 24
+  c.stage2.steps = (16,)
+  c.stage2.warmup_iters = 3
+  c.log_every_steps = 10
+  c.eval.batch_size = 32
   return c

@@ -1,0 +1,19 @@
+"""occ_duke with CLIP ViT-B/16 (the official person/vit yml).
+
+Convert OpenAI's weights once (python -m clipreid_jax.convert clip ViT-B-16.pt converted/vit), put the
+dataset under data/ (data/README.md gives the layout), then:
+
+  python -m clipreid_jax.main --config configs/occ_duke_vit.py --config.init.clip=converted/vit
+      paper: mAP 59.5 / R1 67.1
+  python -m clipreid_jax.main --config configs/occ_duke_vit.py:sie_olp --config.init.clip=converted/vit
+      paper: mAP 60.3 / R1 67.2
+  python -m clipreid_jax.main --config configs/occ_duke_vit.py:baseline --config.init.clip=converted/vit
+      paper: mAP 53.5 / R1 60.8
+
+The argument after ':' picks the variant (default: CLIP-ReID); see clipreid_jax/config_defaults.py.
+"""
+from clipreid_jax.config_defaults import VIT, official
+
+
+def get_config(arg=None):
+  return official("occ_duke", VIT, arg)

@@ -1,0 +1,131 @@
+"""The trainer end to end on synthetic data: stage 1, stage 2, evaluation, model directory, modes, resume."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from clipreid_jax import inference, train
+from clipreid_jax.models.clipreid import load_clipreid
+from train_helpers import tiny_config
+
+
+def _variables(path):
+  _, v = load_clipreid(path)
+  return jax.tree.map(np.asarray, v)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  root = tmp_path_factory.mktemp("run")
+  config = tiny_config(root / "data")
+  result = train.train_and_evaluate(config, str(root / "work"))
+  return config, root, result
+
+
+def test_end_to_end_outputs(finished):
+  config, root, result = finished
+  work = root / "work"
+  assert set(result) >= {"mAP", "R1", "R5", "R10", "mINP"} and 0 < result["mAP"] <= 1
+  records = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+  stage1 = [r["epoch"] for r in records if r.get("stage") == 1]
+  stage2 = [r["epoch"] for r in records if r.get("stage") == 2]
+  assert stage1 == list(range(1, config.stage1.max_epochs + 1))
+  assert stage2 == list(range(1, config.stage2.max_epochs + 1))
+  assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+  assert {"i2t", "t2i"} <= set(records[0]) and {"id_cls", "tri_proj", "i2t", "accuracy"} <= set(records[-2])
+  assert json.loads((work / "metrics.json").read_text()) == result
+  # Stage-1 learning moves only the prompt tokens.
+  s1, final = _variables(work / "stage1"), _variables(work / "model")
+  assert not np.array_equal(s1["params"]["prompt_learner"]["cls_ctx"], final["params"]["image_encoder"]["proj"][:0])
+  np.testing.assert_array_equal(s1["params"]["prompt_learner"]["cls_ctx"], final["params"]["prompt_learner"]["cls_ctx"])
+  np.testing.assert_array_equal(final["params"]["bottleneck"]["bias"], 0)
+  assert not np.array_equal(s1["params"]["image_encoder"]["proj"], final["params"]["image_encoder"]["proj"])
+
+
+def test_eval_mode_reproduces_final_metrics(finished, tmp_path):
+  config, root, result = finished
+  c = config.copy_and_resolve_references()
+  c.mode, c.checkpoint = "eval", str(root / "work" / "model")
+  again = inference.evaluate_checkpoint(c, str(tmp_path))
+  assert again == pytest.approx(result, abs=1e-6)
+  assert json.loads((tmp_path / "metrics.json").read_text()) == again
+
+
+def test_extract_mode_and_python_api(finished, tmp_path):
+  config, root, _ = finished
+  c = config.copy_and_resolve_references()
+  query = root / "data" / "query"
+  c.mode, c.checkpoint = "extract", str(root / "work" / "model")
+  c.extract.input, c.extract.output = str(query), str(tmp_path / "feats")
+  inference.extract_to_files(c)
+  feats = np.load(tmp_path / "feats" / "features.npy")
+  names = (tmp_path / "feats" / "features_index.txt").read_text().split()
+  assert feats.shape == (len(names), 64 + 32) and len(names) == len(list(query.glob("*.jpg")))
+  import clipreid_jax
+  direct = clipreid_jax.FeatureExtractor(c.checkpoint, batch_size=5)(names[:7])
+  np.testing.assert_allclose(direct, feats[:7], rtol=1e-5, atol=1e-5)
+
+
+def test_workdir_of_another_config_is_refused(finished):
+  config, root, _ = finished
+  c = config.copy_and_resolve_references()
+  c.stage2.base_lr = 1.0
+  with pytest.raises(train.ConfigError, match="another configuration"):
+    train.train_and_evaluate(c, str(root / "work"))
+
+
+class _Stop(Exception):
+  pass
+
+
+@pytest.mark.parametrize("stop_at", [(1, 1), (2, 1)], ids=["stage1", "stage2"])
+def test_resume_equals_uninterrupted(finished, tmp_path, monkeypatch, stop_at):
+  """A run stopped right after a checkpoint and restarted ends with bit-identical parameters (CPU)."""
+  config, root, _ = finished
+  original = train.Run.save
+
+  def save_then_stop(self, counter, state, meta, force=False):
+    original(self, counter, state, meta, force)
+    if (meta["stage"], meta["epoch"]) == stop_at:
+      raise _Stop()
+
+  monkeypatch.setattr(train.Run, "save", save_then_stop)
+  with pytest.raises(_Stop):
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+  monkeypatch.setattr(train.Run, "save", original)
+  train.train_and_evaluate(config, str(tmp_path / "work"))
+  a, b = _variables(root / "work" / "model"), _variables(tmp_path / "work" / "model")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch):
+  """SIGTERM sets a flag; the trainer saves mid-epoch (iterator position included) and exits 143."""
+  config, root, _ = finished
+  runs, calls = [], {"n": 0}
+  original_init, original_to_global = train.Run.__init__, train.to_global
+
+  def init(self, *a, **k):
+    original_init(self, *a, **k)
+    runs.append(self)
+
+  def to_global(mesh, local):
+    if "pid" in local:  # a stage-2 batch
+      calls["n"] += 1
+      if calls["n"] == 5:  # epoch 2 (3 steps an epoch here), first step
+        runs[-1]._on_sigterm()
+    return original_to_global(mesh, local)
+
+  monkeypatch.setattr(train.Run, "__init__", init)
+  monkeypatch.setattr(train, "to_global", to_global)
+  with pytest.raises(SystemExit) as stop:
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+  assert stop.value.code == 143
+  meta = runs[-1].latest_meta()
+  assert meta["stage"] == 2 and meta["iterator"]["next_index"] > 0
+  monkeypatch.setattr(train, "to_global", original_to_global)
+  train.train_and_evaluate(config, str(tmp_path / "work"))
+  a, b = _variables(root / "work" / "model"), _variables(tmp_path / "work" / "model")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)

@@ -1,0 +1,37 @@
+"""A tiny end-to-end configuration (synthetic data, small random CLIP) for the trainer tests."""
+import importlib.util
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_root, backbone: str = "ViT-B-16"):
+  spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.model.backbone = backbone
+  c.dataset.root = str(data_root)
+  c.dataset.num_train_ids = 8
+  c.dataset.num_test_ids = 4
+  c.dataset.imgs_per_id = 4
+  c.dataset.num_cams = 3
+  c.model.input_size = (64, 32)
+  rc = c.model.random_clip
+  if backbone == "RN50":
+    rc.vision_layers = (1, 1, 1, 1)
+    rc.vision_width = 8
+  else:
+    rc.vision_layers = 1
+    rc.vision_width = 64
+  rc.embed_dim, rc.text_width, rc.text_layers = 32, 64, 1
+  c.stage1.max_epochs = 2
+  c.stage1.batch_size = 16
+  c.stage2.num_ids = 4
+  c.stage2.num_instances = 2
+  c.stage2.max_epochs = 2
+  c.stage2.steps = (2,)
+  c.stage2.warmup_iters = 1
+  c.eval.batch_size = 16
+  c.log_every_steps = 2
+  return c
