@@ -59,5 +59,17 @@ def main(argv):
     return 2
 
 
+def parse_flags(argv):
+  """absl's parsing, but a bad flag, config file, key or value is one line on stderr and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError, SyntaxError) as e:
+    message = f"{type(e).__name__}: {e}"
+  print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

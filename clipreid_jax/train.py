@@ -80,8 +80,14 @@ def load_dataset(config):
                              imgs_per_id=ds.imgs_per_id, num_cams=ds.num_cams, seed=ds.seed)
     multihost_utils.sync_global_devices("synthetic data written")
     return get_dataset("market1501", ds.root, check_counts=False)
-  opts = dict(ds.get("options", {}) or {})
-  return get_dataset(ds.name, ds.root, **opts)
+  from clipreid_jax.data.registry import canonical_name
+  name = canonical_name(ds.name)
+  opts = {"check_counts": ds.check_counts}
+  if name == "vehicleid":
+    opts.update(test_size=ds.test_size, gallery_seed=ds.gallery_seed)
+  if name == "veri" and ds.keypoint_dir:
+    opts["keypoint_dir"] = ds.keypoint_dir
+  return get_dataset(name, ds.root, **opts)
 
 
 def check_batch(name: str, global_batch: int) -> None:
