@@ -19,17 +19,32 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and o
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-host: address of process 0 (see docs); on TPU pods leave unset.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host with --coordinator_address: hosts in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host with --coordinator_address: this host's index.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Check the config (keys, types, values), print it and exit.")
 
 
 def run(config, workdir: str) -> int:
   import jax
   from clipreid_jax import inference, train
+  if _DRY_RUN.value:
+    if hasattr(train, "validate_config"):
+      train.validate_config(config)
+    print(config.to_json_best_effort(indent=1, sort_keys=True))
+    print(f"config OK: mode {config.mode}, workdir {workdir}", flush=True)
+    return 0
+  train.validate_config(config)  # before anything is started, read or written
   if _DISTRIBUTED.value or _COORDINATOR.value:
-    kwargs = {"coordinator_address": _COORDINATOR.value} if _COORDINATOR.value else {}
+    kwargs = {}
+    if _COORDINATOR.value:  # explicit; otherwise JAX discovers Cloud TPU pods and SLURM jobs itself
+      kwargs = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                    process_id=_PROCESS_ID.value)
     jax.distributed.initialize(**kwargs)
   mode = config.mode
   if mode == "train":
     train.train_and_evaluate(config, workdir)
+    if config.visualize and jax.process_index() == 0:
+      render_pictures(config, workdir)
   elif mode == "eval":
     inference.evaluate_checkpoint(config, workdir)
   elif mode == "extract":
@@ -37,6 +52,17 @@ def run(config, workdir: str) -> int:
   else:
     raise train.ConfigError(f"mode: expected 'train', 'eval' or 'extract', got {mode!r}")
   return 0
+
+
+def render_pictures(config, workdir: str) -> None:
+  """Pictures of a finished run; a plotting failure must not fail a run that trained for hours."""
+  from clipreid_jax import train
+  from clipreid_jax.visualize import render_all
+  try:
+    render_all(workdir, train.load_dataset(config))
+    print(f"pictures: {workdir}/visualizations/", flush=True)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("could not render the pictures: %s: %s", type(e).__name__, e)
 
 
 def main(argv):
@@ -51,12 +77,15 @@ def main(argv):
     return 2
   from clipreid_jax.checkpoints import CheckpointError
   from clipreid_jax.data.errors import DataError
-  from clipreid_jax.train import ConfigError
+  from clipreid_jax.train import ConfigError, TrainingStopped
   try:
     return run(config, _WORKDIR.value or config.workdir)
   except (ConfigError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except TrainingStopped as e:  # non-finite loss, failed save: the last good checkpoint is kept
+    print(f"error: {e}", file=sys.stderr)
+    return 1
 
 
 def parse_flags(argv):

@@ -1,0 +1,211 @@
+"""Pictures of a run: t-SNE on known clusters, rank-list frames on a known ranking, every picture of a tiny trained
+run (size, not blank, frame colours), and the CLI's exit codes."""
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipreid_jax import train
+from clipreid_jax.visualize import __main__ as cli
+from clipreid_jax.visualize import ranks, tsne
+from train_helpers import tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _pixels(path) -> np.ndarray:
+  return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _assert_picture(path, min_size=(200, 150)):
+  """A PNG of at least `min_size` (width, height) with real content: varied pixels and many colours."""
+  img = Image.open(path)
+  assert img.format == "PNG" and img.size[0] >= min_size[0] and img.size[1] >= min_size[1], img.size
+  px = _pixels(path)
+  assert px.std() > 20
+  assert len(np.unique(px.reshape(-1, 3), axis=0)) > 50
+
+
+def _frame_color(px: np.ndarray, layout: ranks.RankLayout, k: int) -> tuple:
+  left, top, _, _ = layout.frame_box(k)
+  return tuple(int(v) for v in px[top + 1, left + 1])  # inside the frame strip, outside the image
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# t-SNE.
+
+
+def _clusters(num=5, per=24, dim=16, seed=0):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(0, 6, (num, dim))
+  x = np.concatenate([c + rng.normal(0, 1, (per, dim)) for c in centres])
+  return x, np.repeat(np.arange(num), per)
+
+
+def test_perplexity_search_hits_target_entropy():
+  x, _ = _clusters()
+  p = tsne.conditional_affinities(tsne.squared_distances(x), perplexity=12.0)
+  np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-12)
+  assert np.all(np.diag(p) == 0)
+  entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(1)
+  np.testing.assert_allclose(entropy, np.log(12.0), atol=1e-4)
+
+
+def test_tsne_keeps_separable_clusters_apart():
+  x, labels = _clusters()
+  y = tsne.tsne(x, tsne.TSNEOptions(num_iters=500, seed=1))
+  assert y.shape == (len(x), 2) and np.all(np.isfinite(y))
+  d = tsne.squared_distances(y)
+  np.fill_diagonal(d, np.inf)
+  neighbours = labels[np.argsort(d, axis=1)[:, :5]]
+  predicted = np.array([np.bincount(row).argmax() for row in neighbours])
+  assert (predicted == labels).mean() >= 0.98
+  # Deterministic for a seed; the optimisation lowered the cost below that of the initial layout.
+  np.testing.assert_array_equal(y, tsne.tsne(x, tsne.TSNEOptions(num_iters=500, seed=1)))
+  start = np.random.default_rng(0).normal(0, 1e-2, y.shape)
+  assert tsne.kl_divergence(x, y) < 0.5 * tsne.kl_divergence(x, start)
+
+
+def test_tsne_rejects_bad_input():
+  with pytest.raises(ValueError, match="num_points"):
+    tsne.tsne(np.zeros((3, 2)))
+  with pytest.raises(ValueError, match="finite"):
+    tsne.tsne(np.full((8, 2), np.nan))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rank lists on a known case.
+
+
+def test_rank_list_known_case_frames_and_protocol():
+  # Query: pid 7, camera 0. Gallery distances along one axis: g0 is the same person in the same camera (dropped by
+  # the protocol), then g1 (match, other camera), g2 (another person), g3 (match), g4 (another person).
+  qf = np.array([[1.0, 0.0]])
+  angles = np.array([0.0, 0.1, 0.2, 0.3, 0.4])
+  gf = np.stack([np.cos(angles), np.sin(angles)], 1)
+  g_pids, g_cams = np.array([7, 7, 3, 7, 5]), np.array([0, 1, 1, 2, 0])
+  (rank,) = ranks.rank_lists(qf, gf, [7], g_pids, [0], g_cams, queries=[0], topk=3)
+  np.testing.assert_array_equal(rank.gallery, [1, 2, 3])
+  np.testing.assert_array_equal(rank.matches, [True, False, True])
+  np.testing.assert_allclose(rank.distances, 2 - 2 * np.cos(angles[1:4]), atol=1e-6)
+  assert rank.ap == pytest.approx((1 / 1 + 2 / 3) / 2)
+
+  tile = (40, 20)
+  colours = [(200, 200, 0), (0, 200, 200), (200, 0, 200), (90, 90, 90)]
+  picture = ranks.draw_rank_list(rank, Image.new("RGB", (20, 40), colours[0]),
+                                 [Image.new("RGB", (30, 60), c) for c in colours[1:]], (7, 0),
+                                 [(int(g_pids[i]), int(g_cams[i])) for i in rank.gallery], tile=tile, topk=3)
+  layout = ranks.RankLayout(tile, 3)
+  assert picture.size == layout.size
+  px = np.asarray(picture)
+  assert _frame_color(px, layout, 0) == ranks.QUERY_COLOR
+  assert [_frame_color(px, layout, k) for k in (1, 2, 3)] == [ranks.MATCH_COLOR, ranks.MISMATCH_COLOR,
+                                                              ranks.MATCH_COLOR]
+  for k, colour in enumerate(colours):  # each image pasted inside its own frame
+    left, top, right, bottom = layout.image_box(k)
+    assert tuple(px[(top + bottom) // 2, (left + right) // 2]) == colour
+  # The distances are printed under the tiles: dark text pixels below each gallery frame.
+  for k in (1, 2, 3):
+    left, _, right, bottom = layout.frame_box(k)
+    assert (px[bottom + 2:bottom + 14, left:right] < 100).all(-1).any()
+
+
+def test_choose_queries_worst_skips_queries_without_match():
+  ap = np.array([0.5, np.nan, 0.1, 0.9, 0.1])
+  np.testing.assert_array_equal(ranks.choose_queries(ap, 2, worst=True), [2, 4])
+  picked = ranks.choose_queries(ap, 10, seed=3)
+  np.testing.assert_array_equal(picked, [0, 2, 3, 4])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny trained run.
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("vis")
+  config = tiny_config(root / "data")
+  train.train_and_evaluate(config, str(root / "work"))
+  return root, train.load_dataset(config)
+
+
+@pytest.fixture(scope="module")
+def rendered(run):
+  from clipreid_jax.visualize import render_all
+  root, dataset = run
+  return render_all(root / "work", dataset, num_queries=2, num_worst=2)
+
+
+def test_render_all_writes_every_picture(run, rendered):
+  root, _ = run
+  out = root / "work" / "visualizations"
+  assert sorted(rendered) == ["curves", "ranks", "tsne"]
+  assert rendered["tsne"] == [out / "tsne.png"] and rendered["curves"] == [out / "curves.png"]
+  assert len(rendered["ranks"]) == 4 and all(p.parent == out / "ranks" for p in rendered["ranks"])
+  assert sum(p.name.startswith("worst") for p in rendered["ranks"]) == 2
+  for path in rendered["tsne"] + rendered["curves"]:
+    _assert_picture(path, min_size=(600, 350))
+  for path in rendered["ranks"]:
+    _assert_picture(path)
+
+
+def test_rank_list_pictures_frame_the_true_matches(run, rendered):
+  from clipreid_jax.evaluation import evaluate
+  from clipreid_jax.inference import FeatureExtractor
+  from clipreid_jax.visualize import features
+  root, dataset = run
+  q, g = dataset.query, dataset.gallery
+  extractor = FeatureExtractor(root / "work" / "model")
+  qf, gf = features.eval_features(extractor, q), features.eval_features(extractor, g)
+  ap = evaluate(qf, gf, q.pids, g.pids, q.camids, g.camids).per_query_ap
+  worst = sorted(p for p in rendered["ranks"] if p.name.startswith("worst"))
+  # The worst-AP pictures show the lowest-AP queries, in that order.
+  shown = [int(re.search(r"_q(\d+)\.png$", p.name).group(1)) for p in worst]
+  assert np.all(np.diff(ap[shown]) >= 0) and ap[shown[0]] == np.nanmin(ap)
+  for path in rendered["ranks"]:
+    query = int(re.search(r"_q(\d+)\.png$", path.name).group(1))
+    (rank,) = ranks.rank_lists(qf, gf, q.pids, g.pids, q.camids, g.camids, [query], topk=10)
+    layout = ranks.RankLayout(ranks.tile_size(extractor.input_size), 10)
+    px = _pixels(path)
+    assert (px.shape[1], px.shape[0]) == layout.size
+    expected = [ranks.MATCH_COLOR if m else ranks.MISMATCH_COLOR for m in rank.matches]
+    assert [_frame_color(px, layout, k) for k in range(1, len(rank.gallery) + 1)] == expected
+    assert rank.ap == pytest.approx(ap[query])
+
+
+def test_cli_subcommands_on_the_run(run, tmp_path, capsys):
+  root, _ = run
+  work = root / "work"
+  # --dataset/--root come from the run's config.json (the workdir that holds --checkpoint).
+  assert cli.main(["ranks", "--checkpoint", str(work / "model"), "--out", str(tmp_path / "r"), "--num", "2",
+                   "--worst", "--topk", "5"]) == 0
+  assert cli.main(["curves", "--workdir", str(work), "--out", str(tmp_path / "c.png")]) == 0
+  printed = capsys.readouterr().out.split()
+  assert len(printed) == 3 and all(pathlib.Path(p).is_file() for p in printed)
+  assert len(list((tmp_path / "r").glob("worst*.png"))) == 2
+  _assert_picture(tmp_path / "c.png", min_size=(600, 350))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["curves", "--workdir", "{tmp}/missing", "--out", "{tmp}/c.png"], "--workdir: .*missing is not a directory"),
+    (["tsne", "--workdir", "{tmp}/missing", "--out", "{tmp}/t"], "--workdir: .*missing is not a directory"),
+    (["ranks", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/r"], "--checkpoint: .*missing is not a directory"),
+    (["ranks", "--checkpoint", "{tmp}", "--out", "{tmp}/r"], "is not a model directory"),
+    (["curves", "--workdir", "{tmp}", "--out", "{tmp}/c.png"], "metrics.jsonl not found"),
+], ids=["curves-workdir", "tsne-workdir", "ranks-checkpoint", "ranks-not-a-model", "curves-no-metrics"])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
+  argv = [a.format(tmp=tmp_path) for a in argv]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: ") and re.search(message, err), err
+
+
+def test_cli_process_exit_code():
+  proc = subprocess.run([sys.executable, "-m", "clipreid_jax.visualize", "ranks", "--checkpoint", "/nonexistent/m",
+                         "--out", "/tmp/unused"], capture_output=True, text=True, cwd=REPO, timeout=60)
+  assert proc.returncode == 2
+  assert proc.stderr == "error: --checkpoint: /nonexistent/m is not a directory\n"
