@@ -4,15 +4,14 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from clipreid_jax import steps
 from clipreid_jax.data import images as image_io
-from clipreid_jax.models.clipreid import CLIPReID, load_clipreid
+from clipreid_jax.models.clipreid import load_clipreid
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -119,7 +118,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     need = model.config.camera_num if model.config.sie_camera else 0
     have = dataset.num_train_cams
     if model.config.sie_camera and have != need:
-      raise train.ConfigError(f"checkpoint: its SIE table has {need} cameras, dataset {config.dataset.name} has {have}")
+      raise train.ConfigError(f"checkpoint: {config.checkpoint} has an SIE table for {need} cameras, but dataset "
+                              f"{config.dataset.name} at {config.dataset.root} has {have}; expected the same cameras")
   mesh = train.make_mesh()
   variables = train.replicate(mesh, variables)
   result = train.evaluate_model(config, mesh, model, variables, dataset)

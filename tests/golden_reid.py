@@ -48,3 +48,18 @@ def close(x, ref, rtol, atol) -> tuple[bool, float]:
   err = float(np.max(np.abs(x - ref))) if ref.size else 0.0
   bound = rtol * float(np.max(np.abs(ref))) + atol if ref.size else atol
   return err <= bound, err / max(bound, 1e-300)
+
+
+def converted_loader(tmp_path_factory):
+  """`get(variant) -> (model, variables)`: each variant converted once through `convert clipreid`, then cached."""
+  from clipreid_jax import convert
+  from clipreid_jax.models import clipreid
+  cache = {}
+
+  def get(variant):
+    if variant not in cache:
+      dst = tmp_path_factory.mktemp(variant.name) / "model"
+      assert convert.main(convert_args(variant, dst)) == 0
+      cache[variant] = clipreid.load_clipreid(dst)
+    return cache[variant]
+  return get

@@ -3,10 +3,7 @@
 Data-driven over every variant folder in $CLIPREID_GOLDEN (vit/*, rn50/*, and whatever else is there):
 no sizes, seeds or class counts are assumed beyond what meta.json and the arrays state.
 """
-import dataclasses
-import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +11,7 @@ import pytest
 from clipreid_jax import convert
 from clipreid_jax.checkpoints import CheckpointError
 from clipreid_jax.models import clipreid
-from golden_reid import close, convert_args, meta, sie_inputs, variants
+from golden_reid import close, converted_loader, meta, sie_inputs, variants
 
 VARIANTS = variants()
 FWD = dict(rtol=5e-5, atol=1e-6)  # golden README section 10: forward features, logits, text features
@@ -27,15 +24,7 @@ def test_golden_variants_present():
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-  cache = {}
-
-  def get(variant):
-    if variant not in cache:
-      dst = tmp_path_factory.mktemp(variant.name) / "model"
-      assert convert.main(convert_args(variant, dst)) == 0
-      cache[variant] = clipreid.load_clipreid(dst)
-    return cache[variant]
-  return get
+  return converted_loader(tmp_path_factory)
 
 
 def _assert_close(name, x, ref, tol):

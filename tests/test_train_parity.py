@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from clipreid_jax import convert, losses, optim, steps
-from clipreid_jax.models import clipreid
-from golden_reid import close, convert_args, meta, sie_inputs, variants
+from golden_reid import close, converted_loader, meta, sie_inputs, variants
 
 VARIANTS = [v for v in variants() if (v / "optim.npz").is_file()]
 LOSS = dict(rtol=5e-5, atol=1e-6)
@@ -19,15 +18,7 @@ GRAD = dict(rtol=1e-4, atol=1e-7)
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-  cache = {}
-
-  def get(variant):
-    if variant not in cache:
-      dst = tmp_path_factory.mktemp(variant.name) / "model"
-      assert convert.main(convert_args(variant, dst)) == 0
-      cache[variant] = clipreid.load_clipreid(dst)
-    return cache[variant]
-  return get
+  return converted_loader(tmp_path_factory)
 
 
 def _path(name: str, arr):
