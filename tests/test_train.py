@@ -129,3 +129,27 @@ def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch):
   a, b = _variables(root / "work" / "model"), _variables(tmp_path / "work" / "model")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_bfloat16_compute_step(tmp_path):
+  """bfloat16 compute (the GPU/TPU default) trains with float32 parameters and optimizer state."""
+  config = tiny_config(tmp_path / "data")
+  dataset = train.load_dataset(config)
+  losses_by_dtype = {}
+  for dtype in ("float32", "bfloat16"):
+    config.model.dtype = dtype
+    model, variables = train.build_model(config, dataset)
+    loader = train.pipelines.train_loader(dataset.train, image_size=model.config.input_size, num_ids=4,
+                                          num_instances=2, seed=0, epoch=1)
+    batch = next(iter(loader))
+    batch = {k: batch[k] for k in ("image", "pid", "camid", "viewid")}
+    tx = train.optim.stage2_optimizer(train.stage2_solver(config), steps_per_epoch=len(loader))
+    text = train.steps.text_features_all(model, variables["params"])
+    state = train.steps.create_state(variables["params"], variables["batch_stats"], tx, text)
+    state, metrics = jax.jit(train.steps.make_stage2_step(model, tx, train.loss_weights(config)))(
+        state, batch, jax.random.PRNGKey(0))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.opt_state) if hasattr(x, "dtype") and x.ndim)
+    losses_by_dtype[dtype] = float(metrics["loss"])
+  assert np.isfinite(losses_by_dtype["bfloat16"])
+  assert abs(losses_by_dtype["bfloat16"] - losses_by_dtype["float32"]) < 0.05 * abs(losses_by_dtype["float32"])
