@@ -2,10 +2,11 @@
 
   python -m clipreid_jax.main --config configs/demo.py
 
-It writes a synthetic dataset under data/synthetic_market (48 training identities, 24 test identities),
-learns the prompts (stage 1), fine-tunes the image encoder (stage 2) and evaluates, printing a final line
-`final: mAP .. R1 .. R5 .. R10 ..`. The CLIP is random (no pretrained weights offline), so the numbers
-show that it learns (mAP well above the ~20% of an untrained encoder on this data), not the paper's accuracy.
+It writes a synthetic dataset under data/synthetic_market (48 training identities, 24 test identities, 4
+cameras), learns the prompts (stage 1, 20 epochs), fine-tunes the image encoder (stage 2, 24 epochs) and
+evaluates, printing a final line `final: mAP .. R1 .. R5 .. R10 ..`; about 2 minutes on 2 CPU cores.
+Expected: mAP about 23% and R1 about 21%, against about 8% and 6% for the same model untrained. The CLIP is
+random (no pretrained weights offline), so this shows that the pipeline learns, not the paper's accuracy.
 """
 from clipreid_jax.config_defaults import recipe
 
