@@ -77,15 +77,12 @@ def main(argv):
     return 2
   from clipreid_jax.checkpoints import CheckpointError
   from clipreid_jax.data.errors import DataError
-  from clipreid_jax.train import ConfigError, TrainingStopped
+  from clipreid_jax.train import ConfigError
   try:
     return run(config, _WORKDIR.value or config.workdir)
   except (ConfigError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except TrainingStopped as e:  # non-finite loss, failed save: the last good checkpoint is kept
-    print(f"error: {e}", file=sys.stderr)
-    return 1
 
 
 def parse_flags(argv):
