@@ -33,7 +33,6 @@ def run(config, workdir: str) -> int:
     print(config.to_json_best_effort(indent=1, sort_keys=True))
     print(f"config OK: mode {config.mode}, workdir {workdir}", flush=True)
     return 0
-  train.validate_config(config)  # before anything is started, read or written
   if _DISTRIBUTED.value or _COORDINATOR.value:
     kwargs = {}
     if _COORDINATOR.value:  # explicit; otherwise JAX discovers Cloud TPU pods and SLURM jobs itself
