@@ -33,6 +33,7 @@ def run(config, workdir: str) -> int:
     print(config.to_json_best_effort(indent=1, sort_keys=True))
     print(f"config OK: mode {config.mode}, workdir {workdir}", flush=True)
     return 0
+  train.validate_config(config)  # before anything is started, read or written
   if _DISTRIBUTED.value or _COORDINATOR.value:
     kwargs = {}
     if _COORDINATOR.value:  # explicit; otherwise JAX discovers Cloud TPU pods and SLURM jobs itself
@@ -76,12 +77,15 @@ def main(argv):
     return 2
   from clipreid_jax.checkpoints import CheckpointError
   from clipreid_jax.data.errors import DataError
-  from clipreid_jax.train import ConfigError
+  from clipreid_jax.train import ConfigError, TrainingStopped
   try:
     return run(config, _WORKDIR.value or config.workdir)
   except (ConfigError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except TrainingStopped as e:  # non-finite loss, failed save: the last good checkpoint is kept
+    print(f"error: {e}", file=sys.stderr)
+    return 1
 
 
 def parse_flags(argv):
@@ -92,6 +96,12 @@ def parse_flags(argv):
     message = str(e)
   except (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError, SyntaxError) as e:
     message = f"{type(e).__name__}: {e}"
+    if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an override of a key the config lacks
+      key = str(e).strip("\"'")
+      flag = next((a.split("=")[0] for a in argv[1:]
+                   if a.startswith("--config.") and key in a.split("=")[0].split(".")), None)
+      if flag:
+        message = f"{flag}: unknown config key {key!r}; expected one of the keys in clipreid_jax/config_defaults.py"
   print(f"error: {' '.join(message.split())}", file=sys.stderr)
   sys.exit(2)
 

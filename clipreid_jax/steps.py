@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipreid_jax import losses
+from clipreid_jax import losses, optim
 from clipreid_jax.data.device_augment import augment, normalize
 from clipreid_jax.models.clipreid import CLIPReID
 
@@ -39,6 +39,17 @@ def _apply_grads(state: TrainState, tx, grads, batch_stats=None) -> TrainState:
                        batch_stats=state.batch_stats if batch_stats is None else batch_stats)
 
 
+def trainable_grad_norm(grads, stage: str) -> jax.Array:
+  """Global L2 norm of the gradients the optimizer uses ('stage1', 'stage2' or 'baseline' labels).
+
+  Frozen leaves are left out: their gradients are never needed, so XLA can still drop them (the whole text
+  encoder in stage 1). The trainer stops on a non-finite norm, so an inf/nan gradient is caught at its step.
+  """
+  labels = jax.tree.leaves(optim.param_labels(grads, stage))
+  used = [g for g, label in zip(jax.tree.leaves(grads), labels) if label != optim.FROZEN]
+  return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in used))
+
+
 # --------------------------------------------------------------------------------------------------
 # Stage 1: prompt tokens against the cached image-feature bank.
 
@@ -55,7 +66,8 @@ def make_stage1_step(model: CLIPReID, tx) -> Callable:
     del rng  # stage 1 is deterministic given the batch
     (loss, comps), grads = jax.value_and_grad(
         lambda p: stage1_loss_fn(model, p, batch["feature"], batch["label"]), has_aux=True)(state.params)
-    return _apply_grads(state, tx, grads), {"loss": loss, **comps}
+    metrics = {"loss": loss, **comps, "grad_norm": trainable_grad_norm(grads, "stage1")}
+    return _apply_grads(state, tx, grads), metrics
 
   return step
 
@@ -123,6 +135,8 @@ def make_stage2_step(model: CLIPReID, tx, weights: losses.LossWeights, *, augmen
     (_, (metrics, stats)), grads = jax.value_and_grad(
         lambda p: stage2_loss_fn(model, p, state.batch_stats, images, batch["pid"], cams, views,
                                  state.text_features, weights), has_aux=True)(state.params)
+    # stage 2 and the baseline freeze the same leaves (the text side and the BN-neck biases)
+    metrics = {**metrics, "grad_norm": trainable_grad_norm(grads, "stage2")}
     return _apply_grads(state, tx, grads, stats), metrics
 
   return step

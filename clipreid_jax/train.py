@@ -3,15 +3,22 @@
 One readable loop in the style of big_vision: the host feeds global batches to jitted pure steps over a
 `Mesh` of all devices (batch sharded on 'data', parameters replicated, state donated), metrics are
 fetched only every `log_every_steps`, and orbax checkpoints at epoch ends (and on SIGTERM) make a
-restarted run with the same --workdir continue where it stopped.
+restarted run with the same --workdir continue where it stopped, bit for bit (docs/reliability.md).
+
+Everything a user can get wrong (config values, data, checkpoints, the workdir) is checked before the
+workdir is written; a non-finite loss or gradient stops the run without saving the bad state.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import math
+import os
 import pathlib
+import shutil
 import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -25,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipreid_jax import checkpoints, losses, optim, steps
 from clipreid_jax.data import pipelines
+from clipreid_jax.data.errors import DataError
 from clipreid_jax.models import clipreid
 from clipreid_jax.models.clip import CLIP, CLIPConfig, load_clip
 
@@ -33,6 +41,93 @@ log = logging.getLogger("clipreid_jax")
 
 class ConfigError(ValueError):
   """A configuration value that cannot be used; the message names the key."""
+
+
+class TrainingStopped(RuntimeError):
+  """The run stopped on a condition met while training; the last good checkpoint is kept (CLI exit code 1)."""
+
+
+class NonFiniteError(TrainingStopped, FloatingPointError):
+  """A non-finite loss or gradient; the message names the step and every loss component."""
+
+
+class SaveError(TrainingStopped):
+  """A checkpoint could not be written (disk full, ...); the half-written one is removed."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration values, checked before anything is read or written.
+
+_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def _need(ok: bool, key: str, value, expected: str) -> None:
+  if not ok:
+    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_config(config) -> None:
+  """Raises ConfigError naming the first key whose value cannot work (types, signs, ranges).
+
+  ml_collections already refuses unknown keys and wrongly typed overrides; this catches the values that parse
+  but would fail (or silently misbehave) minutes later. Only the keys the mode uses are checked.
+  """
+  mode = config.get("mode", "train")
+  _need(mode in ("train", "eval", "extract"), "mode", mode, "'train', 'eval' or 'extract'")
+  _need(_is_int(config.eval.batch_size) and config.eval.batch_size > 0, "eval.batch_size", config.eval.batch_size,
+        "a positive integer")
+  if mode != "train":
+    return
+  m = config.model
+  _need(isinstance(m.backbone, str) and m.backbone.startswith(("ViT", "RN")), "model.backbone", m.backbone,
+        "a ViT-* or RN* CLIP name")
+  _need(m.dtype in _DTYPES, "model.dtype", m.dtype, " or ".join(map(repr, _DTYPES)))
+  size = tuple(m.input_size)
+  _need(len(size) == 2 and all(_is_int(v) and v > 0 for v in size), "model.input_size", size,
+        "two positive integers (height, width)")
+  _need(_is_int(m.stride) and m.stride > 0, "model.stride", m.stride, "a positive integer")
+  _need(_is_real(m.sie_coe), "model.sie_coe", m.sie_coe, "a finite number")
+  positive_ints = ["stage2.num_ids", "stage2.num_instances", "stage2.max_epochs", "checkpoint_every_epochs",
+                   "log_every_steps"]
+  if not m.baseline:  # the baseline has no stage 1
+    positive_ints += ["stage1.batch_size", "stage1.max_epochs", "stage1.log_every_epochs"]
+  for key in positive_ints:
+    v = _get(config, key)
+    _need(_is_int(v) and v > 0, key, v, "a positive integer")
+  for key in ("data_workers", "stage1.warmup_epochs", "stage2.warmup_iters", "eval.period"):
+    v = _get(config, key)
+    _need(_is_int(v) and v >= 0, key, v, "an integer >= 0")
+  for key in ("stage1.base_lr", "stage2.base_lr", "stage2.gamma", "stage2.bias_lr_factor"):
+    v = _get(config, key)
+    _need(_is_real(v) and v > 0, key, v, "a finite number > 0")
+  for key in ("stage1.weight_decay", "stage1.warmup_lr_init", "stage1.lr_min", "stage2.weight_decay",
+              "stage2.weight_decay_bias", "stage2.warmup_factor", "loss.triplet_weight", "loss.i2t_weight",
+              "loss.margin", "augment.padding"):
+    v = _get(config, key)
+    _need(_is_real(v) and v >= 0, key, v, "a finite number >= 0")
+  _need(config.loss.id_weight is None or (_is_real(config.loss.id_weight) and config.loss.id_weight >= 0),
+        "loss.id_weight", config.loss.id_weight, "None (the backbone's default) or a finite number >= 0")
+  for key in ("loss.label_smoothing", "augment.flip_prob", "augment.erase_prob"):
+    v = _get(config, key)
+    _need(_is_real(v) and 0 <= v <= 1, key, v, "a number in [0, 1]")
+  milestones = tuple(config.stage2.steps)
+  _need(all(_is_int(v) and v > 0 for v in milestones) and list(milestones) == sorted(milestones), "stage2.steps",
+        milestones, "increasing positive epoch numbers")
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +177,7 @@ def load_dataset(config):
     return get_dataset("market1501", ds.root, check_counts=False)
   from clipreid_jax.data.registry import canonical_name
   name = canonical_name(ds.name)
-  opts = {"check_counts": ds.check_counts}
+  opts = {} if name == "custom" else {"check_counts": ds.check_counts}  # custom data has no published counts
   if name == "vehicleid":
     opts.update(test_size=ds.test_size, gallery_seed=ds.gallery_seed)
   if name == "veri" and ds.keypoint_dir:
@@ -95,7 +190,21 @@ def check_batch(name: str, global_batch: int) -> None:
   if global_batch <= 0:
     raise ConfigError(f"{name}: expected a positive batch size, got {global_batch}")
   if global_batch % n:
-    raise ConfigError(f"{name}: batch {global_batch} is not divisible by the {n} devices")
+    raise ConfigError(f"{name}: batch {global_batch} is not divisible by the {n} devices; expected a multiple of {n}")
+
+
+def check_data(config, dataset) -> None:
+  """Batch sizes against the devices and the PK sampler against the identities, before anything is written."""
+  check_batch("eval.batch_size", config.eval.batch_size)
+  s = config.stage2
+  check_batch("stage2.num_ids * stage2.num_instances", s.num_ids * s.num_instances)
+  # Building epoch 1's plan raises NotEnoughIdentitiesError (fewer than P identities) or an uneven host split.
+  try:
+    pipelines.train_loader(dataset.train, image_size=tuple(config.model.input_size), num_ids=s.num_ids,
+                           num_instances=s.num_instances, seed=config.seed, epoch=1,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+  except DataError as e:
+    raise type(e)(f"stage2.num_ids={s.num_ids}, stage2.num_instances={s.num_instances}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,12 +216,20 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
   m = config.model
   dtype = compute_dtype(m.dtype)
   if config.init.clip:
+    # The architecture is in config.json: check it before restoring any weights.
+    try:
+      found = checkpoints.read_config(config.init.clip)
+    except checkpoints.CheckpointError as e:
+      raise ConfigError(f"init.clip: {e}") from None
+    if found.get("kind") != "clip":
+      raise ConfigError(f"init.clip: {config.init.clip} holds a model of kind {found.get('kind')!r}; expected a "
+                        "converted CLIP directory (kind 'clip', from python -m clipreid_jax.convert clip)")
+    is_vit = CLIPConfig.from_dict(found["clip"]).is_vit
+    if is_vit != m.backbone.startswith("ViT"):
+      raise ConfigError(f"init.clip: {config.init.clip} holds a {'ViT' if is_vit else 'ResNet'} CLIP, "
+                        f"but model.backbone is {m.backbone!r}")
     clip_model, clip_vars = load_clip(config.init.clip)
     clip_cfg = clip_model.config
-    expected = "ViT" if m.backbone.startswith("ViT") else "RN"
-    if clip_cfg.is_vit != (expected == "ViT"):
-      raise ConfigError(f"init.clip: {config.init.clip} holds a {'ViT' if clip_cfg.is_vit else 'ResNet'} CLIP, "
-                        f"but model.backbone is {m.backbone!r}")
   elif m.get("random_clip"):
     rc = m.random_clip
     vit = m.backbone.startswith("ViT")
@@ -137,16 +254,22 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
 
 
 class Run:
-  """The workdir: checkpoints/ (orbax), metrics.jsonl, config.json, stage1/ and model/ directories."""
+  """The workdir: checkpoints/ (orbax), metrics.jsonl, config.json, stage1/ and model/ directories.
+
+  Nothing is written until the first metrics record or checkpoint, so a run that fails on its inputs (even on
+  an image that only decoding finds broken, while stage 1 builds its feature bank) leaves no workdir behind.
+  """
+
+  # The sections of config.json a restarted run must match (they change the numbers).
+  _CONFIG_KEYS = ("dataset", "model", "stage1", "stage2", "loss", "augment", "seed")
 
   def __init__(self, workdir: str, config):
-    import orbax.checkpoint as ocp
     self.dir = pathlib.Path(workdir).resolve()
-    self.dir.mkdir(parents=True, exist_ok=True)
-    self._check_config(config)
-    self.manager = ocp.CheckpointManager(
-        self.dir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False))
+    self.config = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
+                   for k in self._CONFIG_KEYS if k in config}
+    self._check_config()
+    self.manager = None
+    self._resumed_from = None  # (stage, epoch) of the checkpoint resumed from, until metrics.jsonl is trimmed
     self.preempted = False
     try:
       signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -157,43 +280,158 @@ class Run:
     log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
     self.preempted = True
 
-  def _check_config(self, config) -> None:
+  def _check_config(self) -> None:
     """A workdir belongs to one training configuration; another one must not overwrite or resume it."""
-    mine = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
-            for k in ("dataset", "model", "stage1", "stage2", "loss", "seed")}
     f = self.dir / "config.json"
-    if f.is_file():
+    if not f.is_file():
+      return
+    try:
       theirs = json.loads(f.read_text())
-      diff = sorted(k for k in mine if json.dumps(mine[k], sort_keys=True, default=str)
-                    != json.dumps(theirs.get(k), sort_keys=True, default=str))
-      if diff:
-        raise ConfigError(f"{f}: the workdir holds a run of another configuration (differs in {', '.join(diff)}); "
-                          "use a new --workdir")
-    elif jax.process_index() == 0:
-      f.write_text(json.dumps(mine, indent=1, sort_keys=True, default=str) + "\n")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ConfigError(f"{f}: unreadable ({type(e).__name__}); expected the config.json this trainer writes") from None
+    # Keys a run of an older version did not record are not compared.
+    diff = sorted(k for k, v in self.config.items() if k in theirs
+                  and json.dumps(v, sort_keys=True, default=str) != json.dumps(theirs[k], sort_keys=True, default=str))
+    if diff:
+      raise ConfigError(f"{f}: the workdir holds a run of another configuration (differs in {', '.join(diff)}); "
+                        "use a new --workdir")
+
+  def _create(self) -> None:
+    """Creates the workdir on first use (collective: every host calls it at the same point)."""
+    if self._resumed_from is not None and jax.process_index() == 0:
+      self._trim_metrics(self._resumed_from)
+    self._resumed_from = None
+    if self.manager is not None:
+      return
+    if jax.process_index() == 0:
+      self.dir.mkdir(parents=True, exist_ok=True)
+      f = self.dir / "config.json"
+      if not f.is_file():
+        _write_atomic(f, json.dumps(self.config, indent=1, sort_keys=True, default=str) + "\n")
+    multihost_utils.sync_global_devices("workdir created")
+    self._open_manager()
+
+  def _open_manager(self) -> None:
+    import orbax.checkpoint as ocp
+    self.manager = ocp.CheckpointManager(
+        self.dir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False))
+
+  def resume(self) -> dict:
+    """Cleans up after a killed run and returns the latest checkpoint's metadata ({} to start afresh).
+
+    A kill can leave orbax temporary directories, `.NAME.partial-*` staging directories of stage1/ or model/,
+    and metrics.jsonl records (or half a line) newer than the checkpoint; all of them are dropped (the records at
+    the first write, so a restart that fails on its inputs changes nothing), and the restarted run writes
+    exactly what an uninterrupted one would.
+    """
+    if not self.dir.is_dir():
+      return {}
+    if jax.process_index() == 0:
+      self._remove_leftovers()
+    multihost_utils.sync_global_devices("leftovers removed")
+    if (self.dir / "checkpoints").is_dir():
+      self._open_manager()
+    meta = self.latest_meta() or {}
+    self._resumed_from = (meta.get("stage", 0), meta.get("epoch", 0))
+    return meta
+
+  def _remove_leftovers(self) -> None:
+    for p in [*self.dir.glob(".*.partial-*"), *self.dir.glob(".*.old-*"), *self.dir.glob(".*.tmp-*"),
+              *(self.dir / "checkpoints").glob("*.orbax-checkpoint-tmp*")]:
+      log.warning("removing %s, left by an interrupted run", p)
+      shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+  def _trim_metrics(self, done: tuple[int, int]) -> None:
+    """Keeps the complete records up to `done` (stage, epoch); the final record comes again at the end."""
+    f = self.dir / "metrics.jsonl"
+    if not f.is_file():
+      return
+    text = f.read_text()
+    keep = []
+    for line in text.splitlines():
+      try:
+        r = json.loads(line)
+      except json.JSONDecodeError:  # the half line of a kill
+        continue
+      if "stage" in r and (r["stage"], r.get("epoch", 0)) <= done:
+        keep.append(line)
+    trimmed = "".join(l + "\n" for l in keep)
+    if trimmed != text:
+      _write_atomic(f, trimmed)
 
   def log_metrics(self, record: dict) -> None:
+    self._create()
     if jax.process_index() == 0:
       with open(self.dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
   def save(self, counter: int, state, meta: dict, force: bool = False) -> None:
     import orbax.checkpoint as ocp
-    self.manager.save(counter, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta)), force=force)
-    self.manager.wait_until_finished()
+    self._create()
+    before = set(threading.enumerate())
+    try:
+      self.manager.save(counter, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=force)
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # orbax and tensorstore raise many types for I/O
+      # orbax raises at the first failed item while the others may still be writing: let the save's own
+      # threads finish (base join: their errors are already reported) before removing the half-written step.
+      deadline = time.time() + 60
+      for t in set(threading.enumerate()) - before:
+        threading.Thread.join(t, max(0.0, deadline - time.time()))
+      if jax.process_index() == 0:
+        for p in (self.dir / "checkpoints").glob(f"{counter}.orbax-checkpoint-tmp*"):
+          shutil.rmtree(p, ignore_errors=True)
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      raise SaveError(f"{self.dir / 'checkpoints' / str(counter)}: cannot save ({reason}); {self.last_good()}; "
+                      "rerun the same command to resume from it") from e
+
+  def last_good(self) -> str:
+    step = None if self.manager is None else self.manager.latest_step()
+    if step is None:
+      return "no checkpoint was saved yet"
+    return f"the last good checkpoint {self.dir / 'checkpoints' / str(step)} is kept"
 
   def latest_meta(self) -> Optional[dict]:
     import orbax.checkpoint as ocp
-    step = self.manager.latest_step()
+    step = None if self.manager is None else self.manager.latest_step()
     if step is None:
       return None
-    return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    try:
+      return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unusable(step, e) from None
 
   def restore_state(self, abstract_state):
     import orbax.checkpoint as ocp
     step = self.manager.latest_step()
-    return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unusable(step, e) from None
+
+  def _unusable(self, step: int, e: Exception) -> checkpoints.CheckpointError:
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return checkpoints.CheckpointError(f"{self.dir / 'checkpoints' / str(step)}: cannot restore ({reason}); move it "
+                                       "away to resume from the one before")
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  """A killed write leaves the old file (or none), never half of the new one."""
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def check_finite(where: str, metrics: dict, run: Run) -> None:
+  """Raises NonFiniteError naming `where` and every component unless all of `metrics` are finite."""
+  items = sorted(metrics.items(), key=lambda kv: kv[0] != "loss")  # the total first, then its components
+  bad = [k for k, v in items if not np.isfinite(v)]
+  if bad:
+    values = ", ".join(f"{k} {float(v):.6g}" for k, v in items)
+    raise NonFiniteError(f"{where}: non-finite {', '.join(bad)} ({values}); stopped without saving, "
+                         f"{run.last_good()}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,7 +485,6 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
   steps_per_epoch = -(-n // s.batch_size)
   tx = optim.stage1_optimizer(stage1_solver(config), steps_per_epoch)
   t0 = time.time()
-  check_batch("eval.batch_size", config.eval.batch_size)
   loader = pipelines.stage1_loader(dataset.train, image_size=model.config.input_size, batch_size=config.eval.batch_size,
                                    process_index=jax.process_index(), process_count=jax.process_count())
   feats, idx = extract_features(mesh, model, variables, loader, "stage1")
@@ -269,6 +506,9 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
     perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
     state, metrics = epoch_fn(state, bank["feature"], bank["label"], perm)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    # One compiled call per epoch: a bad step shows in the epoch means (nan and inf propagate).
+    check_finite(f"stage 1 epoch {epoch} (steps {(epoch - 1) * steps_per_epoch + 1}-{epoch * steps_per_epoch})",
+                 metrics, run)
     run.log_metrics({"stage": 1, "epoch": epoch, "lr": float(lr(epoch)), "time_s": time.time() - t, **metrics})
     if epoch % s.log_every_epochs == 0 or epoch == s.max_epochs:
       log.info("stage 1 epoch %d/%d: loss %.4f lr %.2e", epoch, s.max_epochs, metrics["loss"], lr(epoch))
@@ -283,8 +523,6 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
 def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, evaluate_fn) -> dict:
   """The image side with ID + triplet (+ i2t) losses on PK batches. Returns the final variables."""
   s = config.stage2
-  global_batch = s.num_ids * s.num_instances
-  check_batch("stage2.num_ids * stage2.num_instances", global_batch)
   probe = pipelines.train_loader(dataset.train, image_size=model.config.input_size, num_ids=s.num_ids,
                                  num_instances=s.num_instances, seed=config.seed, epoch=1)
   steps_per_epoch = len(probe)
@@ -308,6 +546,14 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
   key = jax.random.PRNGKey(config.seed + 2)
   lr = solver.schedule()
   counter = lambda: offset + 1 + int(jax.device_get(state.step))
+  done = int(jax.device_get(state.step))  # optimizer steps so far, counted on the host (no sync per step)
+  unchecked = []  # (epoch, step in epoch, optimizer step, metrics) not yet checked for non-finite values
+
+  def check_steps():
+    for e, c, g, m in jax.device_get(unchecked):
+      check_finite(f"stage 2 epoch {e} step {c} (optimizer step {g})", m, run)
+    unchecked.clear()
+
   for epoch in range(start, s.max_epochs + 1):
     t = time.time()
     loader = pipelines.train_loader(dataset.train, image_size=model.config.input_size, num_ids=s.num_ids,
@@ -323,23 +569,26 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
       resume_at = None
     for batch in it:
       g = to_global(mesh, {k: batch[k] for k in ("image", "pid", "camid", "viewid")})
-      # The step's randomness is a function of the global step only, so a resumed run draws the same.
-      state, metrics = step(state, g, jax.random.fold_in(key, int(count + (epoch - 1) * steps_per_epoch)))
+      # The step's randomness is a function of the optimizer step only, so a resumed run draws the same. (Not
+      # epoch * steps_per_epoch + count: PK epochs differ in length, and two steps would share their draws.)
+      state, metrics = step(state, g, jax.random.fold_in(key, done))
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       count += 1
+      done += 1
+      unchecked.append((epoch, count, done, metrics))
       if count % config.log_every_steps == 0:
+        check_steps()
         m = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-        if not all(np.isfinite(list(m.values()))):
-          raise FloatingPointError(f"stage 2 epoch {epoch} step {count}: non-finite loss {m}")
-        log.info("stage 2 epoch %d step %d/%d: loss %.4f", epoch, count, steps_per_epoch, m["loss"])
-      if run.preempted and count < steps_per_epoch:
+        log.info("stage 2 epoch %d step %d/%d: loss %.4f", epoch, count, len(loader), m["loss"])
+      # PK epochs differ in length: compare with this epoch's, not with epoch 1's `steps_per_epoch`.
+      if run.preempted and count < len(loader):
+        check_steps()  # never save a non-finite state
         run.save(counter(), state, {"stage": 2, "epoch": epoch - 1, "iterator": it.get_state(),
                                     "sums": {k: float(v) for k, v in jax.device_get(sums).items()}})
         log.warning("pre-empted: saved stage 2 epoch %d at step %d", epoch, count)
         raise SystemExit(143)
+    check_steps()
     m = {k: float(v) / max(count, 1) for k, v in jax.device_get(sums).items()}
-    if not all(np.isfinite(list(m.values()))):
-      raise FloatingPointError(f"stage 2 epoch {epoch}: non-finite loss {m}; the last good checkpoint is kept")
     record = {"stage": 2, "epoch": epoch, "lr": float(lr(epoch)), "time_s": time.time() - t, **m}
     log.info("stage 2 epoch %d/%d: loss %.4f acc %.3f lr %.2e (%.1fs)", epoch, s.max_epochs, m["loss"],
              m["accuracy"], lr(epoch), time.time() - t)
@@ -397,14 +646,17 @@ def format_metrics(m: dict) -> str:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  dataset = load_dataset(config)
-  mesh = make_mesh()
+  # Every input is checked before the workdir is touched: values, the workdir's owner, data, batches, the CLIP.
+  validate_config(config)
   run = Run(workdir, config)
+  dataset = load_dataset(config)
+  check_data(config, dataset)
+  mesh = make_mesh()
   model, variables = build_model(config, dataset)
   log.info("model %s, %d identities, input %s, grid %s, SIE %s/%s, %d devices", model.config.backbone,
            model.config.num_classes, model.config.input_size, model.config.clip.vision_grid, model.config.sie_camera,
            model.config.sie_view, jax.device_count())
-  meta = run.latest_meta() or {}
+  meta = run.resume()
   stage1_dir = run.dir / "stage1"
   if model.config.with_text and meta.get("stage", 1) == 1:
     if stage1_dir.is_dir():
@@ -423,7 +675,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                overwrite=True)
   result = evaluate_fn(variables)
   if jax.process_index() == 0:
-    (run.dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+    _write_atomic(run.dir / "metrics.json", json.dumps(result, indent=1) + "\n")
   run.log_metrics({"final": True, **result})
   print(f"final: {format_metrics(result)}", flush=True)
   return result

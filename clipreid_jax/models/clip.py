@@ -143,6 +143,20 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+# `implementation` of jax.nn.dot_product_attention for every attention here. None is JAX's default, which is
+# XLA's own attention on every backend (JAX does not pick cuDNN by itself). "cudnn" asks for cuDNN's fused flash
+# attention; it needs an NVIDIA GPU and bf16/fp16 inputs, so anything else keeps XLA's. Read at trace time: set
+# it before a function is jitted. benchmarks/step_benchmark.py measures both (docs/performance.md).
+ATTENTION_IMPLEMENTATION: Optional[str] = None
+
+
+def attention(q, k, v, *, causal: bool = False):
+  impl = ATTENTION_IMPLEMENTATION
+  if impl == "cudnn" and (jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16)):
+    impl = None
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+
+
 class MultiheadAttention(nn.Module):
   """Self-attention with a packed q/k/v projection (OpenAI's nn.MultiheadAttention layout)."""
   num_heads: int
@@ -154,8 +168,7 @@ class MultiheadAttention(nn.Module):
     qkv = nn.Dense(3 * w, dtype=self.dtype, name="in_proj")(x)
     qkv = qkv.reshape(b, l, 3, self.num_heads, w // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    # XLA's reference path on CPU; cuDNN flash attention on GPU is chosen by the caller's dtype.
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    out = attention(q, k, v, causal=causal)
     return nn.Dense(w, dtype=self.dtype, name="out_proj")(out.reshape(b, l, w))
 
 
@@ -287,7 +300,7 @@ class AttentionPool2d(nn.Module):
     q = dense(c, "q_proj")(x[:, :1]).reshape(b, 1, self.num_heads, hd)
     k = dense(c, "k_proj")(x).reshape(b, h * w + 1, self.num_heads, hd)
     v = dense(c, "v_proj")(x).reshape(b, h * w + 1, self.num_heads, hd)
-    out = jax.nn.dot_product_attention(q, k, v).reshape(b, c)
+    out = attention(q, k, v).reshape(b, c)
     return dense(self.output_dim, "c_proj")(out)
 
 

@@ -1,0 +1,259 @@
+"""Real processes of `python -m clipreid_jax.main` on the tiny config: killed (SIGKILL) at many points and restarted
+with the same command, pre-empted with a real SIGTERM, a disk that fills up during a save, a diverging run, and two
+runs of one seed; each must end with the variables and metrics of one uninterrupted run, bit for bit (CPU).
+
+The processes share a persistent JAX compilation cache, so only the first one compiles (~10 s saved per process).
+"""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from clipreid_jax.models.clipreid import load_clipreid
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = REPO / "tests" / "tiny_run_config.py"
+# P = K = 2: stage-2 epochs of ~8 steps (logged every step), so a signal sent at step 1 lands mid-epoch.
+OVERRIDES = ["--config.stage2.num_ids=2", "--config.stage2.num_instances=2", "--config.log_every_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+  root = tmp_path_factory.mktemp("resume")
+  return {"root": root, "data": root / "data",
+          "env": {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
+                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}}
+
+
+def _args(env, workdir, *extra) -> list[str]:
+  return ["--config", f"{CONFIG}:{env['data']}", "--workdir", str(workdir), *OVERRIDES, *extra]
+
+
+def _run(env, workdir, *extra, code: str | None = None) -> subprocess.CompletedProcess:
+  """The CLI to the end; `code` (Python run before main, e.g. a monkeypatch) replaces `-m clipreid_jax.main`."""
+  argv = _args(env, workdir, *extra)
+  if code is None:
+    cmd = [sys.executable, "-m", "clipreid_jax.main", *argv]
+  else:
+    cmd = [sys.executable, "-c", code + _MAIN, *argv]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env["env"])
+
+
+_MAIN = """
+import sys
+from absl import app
+from clipreid_jax import main
+app.run(lambda argv: sys.exit(main.main(argv)), flags_parser=main.parse_flags)
+"""
+
+
+def _variables(workdir) -> list[np.ndarray]:
+  _, v = load_clipreid(pathlib.Path(workdir) / "model")
+  return [np.asarray(x) for x in jax.tree.leaves(v)]
+
+
+def _records(workdir) -> list[dict]:
+  """metrics.jsonl without the wall-clock times."""
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [{k: v for k, v in json.loads(l).items() if k != "time_s"} for l in lines]
+
+
+def _assert_same_run(workdir, reference) -> None:
+  a, b = _variables(workdir), _variables(reference)
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert _records(workdir) == _records(reference)
+  assert (workdir / "metrics.json").read_text() == (reference / "metrics.json").read_text()
+
+
+def _leftovers(workdir) -> list[pathlib.Path]:
+  return [*workdir.glob(".*.partial-*"), *workdir.glob(".*.tmp-*"),
+          *(workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*")]
+
+
+def _steps(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _meta(workdir, step: int) -> dict:
+  return json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(env) -> pathlib.Path:
+  work = env["root"] / "reference"
+  out = _run(env, work)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().splitlines()[-1].startswith("final: mAP")
+  return work
+
+
+def test_same_seed_same_metrics(env, reference):
+  """Determinism: a second run of the same seed writes the same metrics and variables, bit for bit (CPU).
+
+  (The second run also loads its executables from the persistent cache the first one filled.)
+  """
+  work = env["root"] / "again"
+  out = _run(env, work)
+  assert out.returncode == 0, out.stderr[-3000:]
+  _assert_same_run(work, reference)
+  records = _records(reference)
+  assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in records if "stage" in r)
+
+
+class _Process:
+  """A CLI process whose output lines are collected as they come, to signal it at a chosen point."""
+
+  def __init__(self, env, workdir):
+    self.p = subprocess.Popen([sys.executable, "-m", "clipreid_jax.main", *_args(env, workdir)], cwd=REPO,
+                              env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.lines: list[str] = []
+    self._reader = threading.Thread(target=lambda: self.lines.extend(self.p.stdout), daemon=True)
+    self._reader.start()
+
+  def saw(self, text: str) -> bool:
+    return any(text in line for line in list(self.lines))
+
+  def signal_when(self, condition, sig, timeout: float = 300) -> bool:
+    """Polls `condition` every 2 ms; sends `sig` once it holds. False if the process ended first."""
+    end = time.time() + timeout
+    while time.time() < end:
+      if condition():
+        self.p.send_signal(sig)
+        return True
+      if self.p.poll() is not None:
+        return False
+      time.sleep(0.002)
+    raise TimeoutError("the condition never held")
+
+  def wait(self) -> int:
+    code = self.p.wait(timeout=300)
+    self._reader.join(timeout=10)
+    return code
+
+
+def _orbax_tmp(workdir) -> bool:
+  return any((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+
+
+def test_killed_anywhere_resumes_bit_exactly(env, reference):
+  """SIGKILL in stage 1, during checkpoint writes, mid-epoch in stage 2, while stage1/ and model/ are written, and a
+  real SIGTERM mid-epoch; each time the same command restarts the run; the end is the uninterrupted run's."""
+  work = env["root"] / "killed"
+  points = [
+      ("stage 1, writing checkpoint 1", lambda p: _orbax_tmp(work) or (work / "checkpoints" / "1").is_dir(),
+       signal.SIGKILL),
+      ("stage 1 -> 2, writing stage1/", lambda p: any(work.glob(".stage1.partial-*")) or (work / "stage1").is_dir(),
+       signal.SIGKILL),
+      ("stage 2 epoch 1, mid-epoch", lambda p: p.saw("stage 2 epoch 1 step 1/"), signal.SIGKILL),
+      ("stage 2 epoch 2, pre-empted", lambda p: p.saw("stage 2 epoch 2 step 1/"), signal.SIGTERM),
+      ("stage 2, writing the last checkpoint", lambda p: p.saw("stage 2 epoch 2/2") and (
+          _orbax_tmp(work) or _meta(work, _steps(work)[-1]).get("epoch") == 2), signal.SIGKILL),
+      ("after training, writing model/ or evaluating",
+       lambda p: any(work.glob(".model.partial-*")) or (work / "model").is_dir(), signal.SIGKILL),
+  ]
+  hit = []
+  for name, condition, sig in points:
+    proc = _Process(env, work)
+    if not proc.signal_when(lambda c=condition, p=proc: c(p), sig):
+      pytest.fail(f"{name}: the run ended before the point\n{''.join(proc.lines[-30:])}")
+    code = proc.wait()
+    leftovers = [p.name for p in _leftovers(work)]
+    hit.append((name, code, leftovers))
+    if sig == signal.SIGKILL:
+      assert code == -signal.SIGKILL, (name, code, "".join(proc.lines[-30:]))
+    else:  # pre-emption: a checkpoint of the current position, then exit code 143
+      assert code == 143, (name, code, "".join(proc.lines[-30:]))
+      meta = _meta(work, _steps(work)[-1])
+      assert meta["stage"] == 2, meta
+      assert meta["epoch"] == 2 or meta["iterator"]["next_index"] > 0, meta  # saved mid-epoch 2 (or at its end)
+      assert proc.saw("pre-empted: saved stage 2 epoch 2") or meta["epoch"] == 2
+      hit[-1] += (f"saved at step {meta['iterator']['next_index']} of epoch 2" if "iterator" in meta
+                  else "saved at the end of epoch 2",)
+  print("\n".join(f"{n}: exit {c}, left {l} {' '.join(rest)}" for n, c, l, *rest in hit))
+  # Whatever the kills left must not matter: add the worst leftovers by hand before the last restart.
+  (work / "checkpoints" / "99.orbax-checkpoint-tmp").mkdir(exist_ok=True)
+  (work / "checkpoints" / "99.orbax-checkpoint-tmp" / "junk").write_bytes(b"\0" * 100)
+  (work / ".model.partial-deadbeef").mkdir(exist_ok=True)
+  with open(work / "metrics.jsonl", "a") as f:
+    f.write('{"stage": 2, "epoch": 2, "lo')  # half a record
+  out = _run(env, work)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert not _leftovers(work), _leftovers(work)
+  _assert_same_run(work, reference)
+
+
+_DISK_FULL = """
+import errno, os
+from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+_save = handler.JsonCheckpointHandler._save_fn
+
+async def _full_at_stage_2(self, x, directory):
+  # The checkpoint's metadata is written after its arrays: the disk fills up with the step half written.
+  if isinstance(x, dict) and x.get("stage") == 2:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  return await _save(self, x, directory)
+
+handler.JsonCheckpointHandler._save_fn = _full_at_stage_2
+"""
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(env, reference):
+  work = env["root"] / "disk_full"
+  out = _run(env, work, code=_DISK_FULL)
+  assert out.returncode == 1, out.stderr[-3000:]
+  line = out.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: ") and "No space left on device" in line, line
+  assert f"the last good checkpoint {work / 'checkpoints' / '2'} is kept" in line, line
+  assert _steps(work) == [1, 2] and not _leftovers(work)  # the half-written step is gone
+  assert not (work / "model").exists()
+  out = _run(env, work)  # space freed: the same command resumes from checkpoint 2
+  assert out.returncode == 0, out.stderr[-3000:]
+  _assert_same_run(work, reference)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, reference):
+  work = env["root"] / "diverged"
+  out = _run(env, work, "--config.stage2.base_lr=1e30")
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr
+  line = out.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: stage 2 epoch 1 step "), line
+  for piece in ("non-finite", "loss", "id_cls", "tri_proj", "i2t", "grad_norm",
+                f"the last good checkpoint {work / 'checkpoints' / '2'} is kept"):
+    assert piece in line, (piece, line)
+  assert _steps(work) == [1, 2]  # stage 1 only: nothing non-finite was saved
+  assert not (work / "model").exists() and (work / "stage1").is_dir()
+
+
+def test_workdir_of_another_configuration(env, reference):
+  before = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in reference.rglob("*"))
+  out = _run(env, reference, "--config.seed=7")
+  assert out.returncode == 2, out.stderr[-3000:]
+  line = out.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: ") and str(reference / "config.json") in line and "differs in seed" in line, line
+  assert sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in reference.rglob("*")) == before
+
+
+def test_unreadable_checkpoint_is_named_and_nothing_changes(env, reference):
+  work = shutil.copytree(reference, env["root"] / "corrupt")
+  last = _steps(work)[-1]
+  for f in (work / "checkpoints" / str(last) / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 64:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  before = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in work.rglob("*"))
+  out = _run(env, work)
+  assert out.returncode == 2, out.stderr[-3000:]
+  line = out.stderr.strip().splitlines()[-1]
+  assert line.startswith(f"error: {work / 'checkpoints' / str(last)}: cannot restore") and "move it away" in line, line
+  assert sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in work.rglob("*")) == before

@@ -1,0 +1,161 @@
+"""Safe loading (nothing read from disk is executed), config validation and the non-finite guard, without a run."""
+import ast
+import math
+import pathlib
+import zipfile
+
+import pytest
+
+from clipreid_jax import config_defaults, train
+from clipreid_jax.checkpoints import CheckpointError
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "clipreid_jax"
+
+# Calls that run code or unpickle objects. Config files are the user's own Python, run by ml_collections in main.py.
+_FORBIDDEN_NAMES = {"eval", "exec", "compile", "__import__"}
+_FORBIDDEN_ATTRS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("marshal", "load"),
+                    ("marshal", "loads"), ("dill", "load"), ("dill", "loads"), ("cloudpickle", "load"),
+                    ("cloudpickle", "loads"), ("shelve", "open"), ("yaml", "load"), ("yaml", "unsafe_load"),
+                    ("yaml", "full_load")}
+
+
+def _calls():
+  for f in sorted(PACKAGE.rglob("*.py")):
+    for node in ast.walk(ast.parse(f.read_text(), str(f))):
+      if isinstance(node, ast.Call):
+        yield f.relative_to(PACKAGE.parent), node
+
+
+def _dotted(func) -> str:
+  parts = []
+  while isinstance(func, ast.Attribute):
+    parts.append(func.attr)
+    func = func.value
+  if isinstance(func, ast.Name):
+    parts.append(func.id)
+  return ".".join(reversed(parts))
+
+
+def _kw(call, name):
+  return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+def test_nothing_read_from_disk_is_executed():
+  bad, jit_loads = [], []
+  for where, call in _calls():
+    name = _dotted(call.func)
+    last2 = tuple(name.split(".")[-2:])
+    if name in _FORBIDDEN_NAMES or last2 in _FORBIDDEN_ATTRS:
+      bad.append(f"{where}:{call.lineno} {name}")
+    if name == "torch.load":  # plain pickles: tensors and containers only
+      w = _kw(call, "weights_only")
+      if not (isinstance(w, ast.Constant) and w.value is True):
+        bad.append(f"{where}:{call.lineno} torch.load without weights_only=True")
+    if name in ("np.load", "numpy.load"):
+      p = _kw(call, "allow_pickle")
+      if p is not None and not (isinstance(p, ast.Constant) and p.value is False):
+        bad.append(f"{where}:{call.lineno} np.load with allow_pickle")
+    if name == "torch.jit.load":
+      jit_loads.append(str(where))
+  assert not bad, bad
+  # TorchScript holds code: one place loads it, behind the SHA-256 / --trust gate tested below.
+  assert jit_loads == ["clipreid_jax/state_dicts.py"], jit_loads
+
+
+def _fake_torchscript(path: pathlib.Path) -> pathlib.Path:
+  # What `_is_torchscript` looks for: a zip whose root folder holds code/. It is not loadable; a gate that lets it
+  # through shows as "cannot load TorchScript archive".
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr(f"{path.stem}/code/__torch__/model.py", "print('this must never run')\n")
+    z.writestr(f"{path.stem}/data.pkl", b"not a pickle")
+  return path
+
+
+def test_torchscript_needs_a_known_hash_or_trust(tmp_path):
+  pytest.importorskip("torch")
+  from clipreid_jax.state_dicts import read_state_dict
+  with pytest.raises(CheckpointError, match="SHA-256 .* does not match OpenAI's published"):
+    read_state_dict(_fake_torchscript(tmp_path / "ViT-B-16.pt"))
+  with pytest.raises(CheckpointError, match="unknown name; pass --trust"):
+    read_state_dict(_fake_torchscript(tmp_path / "mine.pt"))
+  with pytest.raises(CheckpointError, match="cannot load TorchScript archive"):  # --trust opens the gate
+    read_state_dict(tmp_path / "mine.pt", trust=True)
+
+
+class _Payload:
+  """A pickle that would run a command when loaded without weights_only."""
+
+  def __init__(self, marker: pathlib.Path):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (pathlib.Path.touch, (self.marker,))
+
+
+def test_a_pickle_with_code_is_refused_and_never_run(tmp_path):
+  torch = pytest.importorskip("torch")
+  from clipreid_jax.state_dicts import read_state_dict
+  marker = tmp_path / "ran"
+  src = tmp_path / "evil.pth"
+  torch.save({"weight": torch.zeros(2), "payload": _Payload(marker)}, src)
+  with pytest.raises(CheckpointError, match="not a plain state dict"):
+    read_state_dict(src)
+  assert not marker.exists()
+
+
+# --- config validation ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", sorted(config_defaults.PAPER), ids=lambda k: "-".join(k))
+def test_every_recipe_is_valid(key):
+  train.validate_config(config_defaults.official(*key))
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("stage1.batch_size", 0, "a positive integer"),
+    ("stage2.num_ids", -4, "a positive integer"),
+    ("stage2.max_epochs", 0, "a positive integer"),
+    ("stage1.base_lr", -1e-4, "a finite number > 0"),
+    ("stage2.base_lr", math.inf, "a finite number > 0"),
+    ("eval.batch_size", 0, "a positive integer"),
+    ("loss.label_smoothing", 1.5, "a number in [0, 1]"),
+    ("augment.erase_prob", -0.1, "a number in [0, 1]"),
+    ("stage2.steps", (50, 30), "increasing positive epoch numbers"),
+    ("model.dtype", "float16", "'auto' or 'float32' or 'bfloat16'"),
+    ("mode", "serve", "'train', 'eval' or 'extract'"),
+])
+def test_bad_value_names_key_value_and_expectation(key, value, expected):
+  c = config_defaults.official("market1501", config_defaults.VIT)
+  section, _, leaf = key.rpartition(".")
+  (c[section] if section else c)[leaf] = value
+  with pytest.raises(train.ConfigError) as e:
+    train.validate_config(c)
+  msg = str(e.value)
+  assert msg.startswith(f"{key}: expected {expected}") and repr(value) in msg and "\n" not in msg, msg
+
+
+def test_eval_mode_checks_only_what_it_uses():
+  c = config_defaults.official("market1501", config_defaults.VIT)
+  c.mode, c.stage2.base_lr = "eval", -1.0  # stage 2 is not run in eval mode
+  train.validate_config(c)
+  c.eval.batch_size = 0
+  with pytest.raises(train.ConfigError, match="eval.batch_size"):
+    train.validate_config(c)
+
+
+# --- non-finite guard -------------------------------------------------------------------------------------------
+
+
+class _NoCheckpoint:
+  def last_good(self):
+    return "no checkpoint was saved yet"
+
+
+def test_an_inf_gradient_with_a_finite_loss_stops_the_run():
+  where = "stage 2 epoch 3 step 7 (optimizer step 19)"
+  train.check_finite(where, {"loss": 1.5, "grad_norm": 3.0}, _NoCheckpoint())
+  with pytest.raises(train.NonFiniteError) as e:
+    train.check_finite(where, {"loss": 1.5, "id_cls": 1.2, "grad_norm": math.inf}, _NoCheckpoint())
+  msg = str(e.value)
+  assert msg.startswith(f"{where}: non-finite grad_norm (loss 1.5, id_cls 1.2, grad_norm inf)"), msg
+  assert isinstance(e.value, FloatingPointError) and isinstance(e.value, train.TrainingStopped)
