@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -166,29 +166,39 @@ def epoch_table(schedule: EpochSchedule, num_epochs: int) -> np.ndarray:
   return np.array([schedule(e) for e in range(1, num_epochs + 1)], dtype=np.float64)
 
 
-def to_optax(schedule: EpochSchedule, steps_per_epoch: int, num_epochs: int | None = None) -> optax.Schedule:
+def to_optax(schedule: EpochSchedule, steps_per_epoch: int | Sequence[int], num_epochs: int | None = None) -> optax.Schedule:
   """Per-epoch schedule -> optax schedule over the global (0-based) optimizer step.
 
-  Step `count` belongs to epoch count // steps_per_epoch + 1 and gets exactly that epoch's lr (rounded once to
-  float32). Past the table the last value is held.
+  Every step gets exactly its epoch's lr (rounded once to float32). Past the table the last value is held.
 
   Args:
     schedule: lr(epoch), epoch 1-based (e.g. `CosineLRSchedule` or `WarmupMultiStepSchedule`).
-    steps_per_epoch: optimizer steps per epoch (> 0).
+    steps_per_epoch: optimizer steps per epoch (> 0), or the length of every epoch when they differ (PK epochs
+      do): step `count` then belongs to the epoch whose cumulative range holds it.
     num_epochs: table length. Defaults to the schedule's `constant_from()`, which makes the held value exact for
       every later epoch too.
   """
-  if steps_per_epoch <= 0:
+  lengths = None if np.ndim(steps_per_epoch) == 0 else np.asarray(steps_per_epoch, np.int64)
+  if lengths is None and steps_per_epoch <= 0 or lengths is not None and (lengths.size == 0 or lengths.min() <= 0):
     raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
   if num_epochs is None:
     num_epochs = getattr(schedule, "constant_from", lambda: None)()
     if num_epochs is None:
       raise ValueError("num_epochs is required for a schedule that never becomes constant")
+  if lengths is not None:
+    num_epochs = max(int(num_epochs), lengths.size)
   table = jnp.asarray(epoch_table(schedule, max(int(num_epochs), 1)), dtype=jnp.float32)
 
-  def fn(count):
-    idx = jnp.clip(jnp.asarray(count) // steps_per_epoch, 0, table.shape[0] - 1)
-    return table[idx]
+  if lengths is None:
+    def fn(count):
+      idx = jnp.clip(jnp.asarray(count) // steps_per_epoch, 0, table.shape[0] - 1)
+      return table[idx]
+    return fn
 
-  return fn
+  ends = jnp.asarray(np.cumsum(lengths), jnp.int32)  # first step of epoch e+1 is ends[e-1]
 
+  def fn_uneven(count):
+    idx = jnp.searchsorted(ends, jnp.asarray(count, jnp.int32), side="right")
+    return table[jnp.clip(idx, 0, lengths.size - 1)]  # past the last epoch: hold its lr
+
+  return fn_uneven

@@ -10,7 +10,6 @@ workdir is written; a non-finite loss or gradient stops the run without saving t
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -20,18 +19,16 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipreid_jax import checkpoints, losses, optim, steps
-from clipreid_jax.data import pipelines
+from clipreid_jax.data import pipelines, sampler
 from clipreid_jax.data.errors import DataError
 from clipreid_jax.models import clipreid
 from clipreid_jax.models.clip import CLIP, CLIPConfig, load_clip
@@ -523,12 +520,14 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
 def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, evaluate_fn) -> dict:
   """The image side with ID + triplet (+ i2t) losses on PK batches. Returns the final variables."""
   s = config.stage2
-  probe = pipelines.train_loader(dataset.train, image_size=model.config.input_size, num_ids=s.num_ids,
-                                 num_instances=s.num_instances, seed=config.seed, epoch=1)
-  steps_per_epoch = len(probe)
+  # PK epochs differ in length; the plan of every epoch is known in advance, so the lr schedule changes
+  # exactly at each epoch's first step, as the official per-epoch scheduler does.
+  epoch_lengths = [sampler.pk_epoch_plan(dataset.train.pids, num_ids=s.num_ids,
+                                         num_instances=s.num_instances, seed=config.seed,
+                                         epoch=e).shape[0] for e in range(1, s.max_epochs + 1)]
   baseline = not model.config.with_text
   solver = stage2_solver(config)
-  tx = (optim.baseline_optimizer if baseline else optim.stage2_optimizer)(solver, steps_per_epoch)
+  tx = (optim.baseline_optimizer if baseline else optim.stage2_optimizer)(solver, epoch_lengths)
   text = None if baseline else steps.text_features_all(model, variables["params"])
   state = steps.create_state(variables["params"], variables["batch_stats"], tx, text)
   # Checkpoint counters grow through both stages: stage-1 epochs first, then stage-2 steps.

@@ -89,3 +89,17 @@ def test_multistep_constant_warmup():
   assert [s(e) for e in range(7)] == [0.5, 0.5, 2.0, 1.0, 1.0, 0.5, 0.5]
   with pytest.raises(ValueError):
     schedules.WarmupMultiStepSchedule(base_lr=1.0, milestones=(5, 3))
+
+
+def test_uneven_epochs_change_lr_at_each_epoch_start():
+  """PK epochs differ in length: the lr must change exactly at each epoch's first step."""
+  sched = schedules.WarmupMultiStepSchedule(base_lr=1.0, milestones=(2, 3), gamma=0.1, warmup_factor=0.5,
+                                            warmup_iters=2, warmup_method="linear")
+  lengths = [3, 5, 2, 4]
+  fn = schedules.to_optax(sched, lengths)
+  expected = np.concatenate([np.full(n, np.float32(sched(e))) for e, n in enumerate(lengths, start=1)])
+  got = np.asarray([fn(c) for c in range(sum(lengths))])
+  np.testing.assert_array_equal(got, expected)
+  assert float(fn(sum(lengths) + 10)) == np.float32(sched(len(lengths)))
+  with pytest.raises(ValueError):
+    schedules.to_optax(sched, [3, 0])
