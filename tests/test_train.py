@@ -153,3 +153,19 @@ def test_bfloat16_compute_step(tmp_path):
     losses_by_dtype[dtype] = float(metrics["loss"])
   assert np.isfinite(losses_by_dtype["bfloat16"])
   assert abs(losses_by_dtype["bfloat16"] - losses_by_dtype["float32"]) < 0.05 * abs(losses_by_dtype["float32"])
+
+
+def test_baseline_mode_trains_the_image_side_only(tmp_path):
+  """model.baseline: the paper's baseline rows: no prompts, no text encoder, no stage 1, no i2t loss."""
+  config = tiny_config(tmp_path / "data")
+  config.model.baseline = True
+  result = train.train_and_evaluate(config, str(tmp_path / "work"))
+  assert 0 < result["mAP"] <= 1
+  assert not (tmp_path / "work" / "stage1").exists()
+  model, variables = load_clipreid(tmp_path / "work" / "model")
+  assert not model.config.with_text
+  assert "prompt_learner" not in variables["params"] and "text_encoder" not in variables["params"]
+  records = [json.loads(l) for l in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+  assert not [r for r in records if r.get("stage") == 1]
+  stage2 = [r for r in records if r.get("stage") == 2]
+  assert len(stage2) == config.stage2.max_epochs and all("i2t" not in r and "id_cls" in r for r in stage2)
