@@ -124,9 +124,15 @@ def test_inference_from_tensors_official_names(tmp_path):
   assert cfg.prompt_noun == "person"
   fake["image_encoder.positional_embedding"] = np.zeros((442, 768), np.float32)
   fake["cv_embed"] = np.zeros((160, 768), np.float32)
+  fake["classifier.weight"] = np.zeros((576, 768), np.float32)
   cfg = clipreid.infer_reid_config(fake, "VeRi_clipreid_12x12sie_ViT-B-16_60.pth")
   assert tuple(cfg.clip.vision_grid) == (21, 21) and cfg.prompt_noun == "vehicle"
   assert (cfg.sie_camera, cfg.sie_view, cfg.camera_num, cfg.view_num) == (True, True, 20, 8)
+  # A file named after a dataset whose identity count it contradicts: one line naming both numbers.
+  fake["classifier.weight"] = np.zeros((751, 768), np.float32)
+  with pytest.raises(CheckpointError, match="751 identities.*veri.*576"):
+    clipreid.infer_reid_config(fake, "VeRi_clipreid_12x12sie_ViT-B-16_60.pth")
+  assert clipreid.infer_reid_config(fake, "VeRi_clipreid_12x12sie_ViT-B-16_60.pth", dataset="veri").num_classes == 751
 
 
 def test_convert_bad_inputs(tmp_path, capsys):

@@ -288,6 +288,17 @@ _SIE_TABLES = {"veri": (20, 8)}
 OFFICIAL_RENAMES: dict[str, str] = {}  # official keys already use our module names
 
 
+def _check_identities(sd: dict, path: str, dataset: str) -> None:
+  """A released checkpoint named after a dataset must have that dataset's number of training identities."""
+  from clipreid_jax.checkpoints import CheckpointError
+  from clipreid_jax.data.published import PUBLISHED
+  counts = PUBLISHED.get(dataset) or PUBLISHED.get(f"{dataset}_800") or {}
+  expected, got = counts.get("num_train_pids"), int(sd["classifier.weight"].shape[0])
+  if expected is not None and got != expected:
+    raise CheckpointError(f"{path}: classifier has {got} identities, but {dataset} (from the file name) trains on "
+                          f"{expected}; pass --dataset to name the dataset it was trained on")
+
+
 def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, dataset: Optional[str] = None,
                       sie: Optional[str] = None, camera_num: Optional[int] = None, view_num: Optional[int] = None,
                       sie_coe: float = 1.0) -> ReIDConfig:
@@ -315,6 +326,7 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
     for cand in ("msmt17", "market1501", "occ_duke", "duke", "veri", "vehicleid"):
       if name.startswith(cand.replace("_", "")) or name.startswith(cand):
         dataset = {"duke": "dukemtmc"}.get(cand, cand)
+        _check_identities(sd, path, dataset)
         break
   if input_size is None:
     geometries = [(s, st) for s, st in _KNOWN_GEOMETRIES if clip_cfg.is_vit or st == 16]
