@@ -22,9 +22,9 @@ from clipreid_jax.data.synthetic import write_synthetic_market
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def readme_commands() -> list[str]:
+def readme_commands(path: str = "README.md") -> list[str]:
   """Shell commands of the ```bash blocks: continuation lines joined, comments dropped."""
-  text = (REPO / "README.md").read_text()
+  text = (REPO / path).read_text()
   commands = []
   for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
     for cmd in block.replace("\\\n", " ").splitlines():
@@ -32,6 +32,17 @@ def readme_commands() -> list[str]:
       if cmd and not cmd.startswith("#"):
         commands.append(" ".join(cmd.split()))
   return commands
+
+
+def indented_commands(path: str) -> list[str]:
+  """`python -m ...` lines of indented code blocks (data/README.md), trailing comments dropped."""
+  lines = (REPO / path).read_text().splitlines()
+  return [" ".join(l.split("#")[0].split()) for l in lines if l.startswith("    python -m")]
+
+
+def without_optional(cmd: str) -> str:
+  """Usage lines show optional arguments in [brackets]; run the command without them."""
+  return " ".join(re.sub(r"\[[^\]]*\]", " ", cmd).split())
 
 
 def _official_checkpoint(clip_sd: dict, grid, num_classes: int, sie_rows: int = 0) -> dict:
@@ -108,12 +119,15 @@ def _kind(cmd: str) -> str:
 ORDERED = sorted(COMMANDS, key=lambda c: ("clipreid_jax.main" in c, c))  # conversions before evaluation
 
 
-@pytest.mark.parametrize("cmd", [c for c in ORDERED if _kind(c) == "quick"])
-def test_quick_command_runs(sandbox, cmd):
-  out = _run(_as_argv(cmd), sandbox)
-  assert out.returncode == 0, f"{cmd}\n{out.stderr[-3000:]}"
-  if "mode=eval" in cmd:
-    assert out.stdout.strip().splitlines()[-1].startswith("final: mAP")
+def test_quick_commands_run(sandbox):
+  """In README order within kind: conversions before the evaluation that uses their output."""
+  quick = [c for c in ORDERED if _kind(c) == "quick"]
+  assert any("convert clipreid" in c for c in quick) and any("mode=eval" in c for c in quick)
+  for cmd in quick:
+    out = _run(_as_argv(cmd), sandbox)
+    assert out.returncode == 0, f"{cmd}\n{out.stderr[-3000:]}"
+    if "mode=eval" in cmd:
+      assert out.stdout.strip().splitlines()[-1].startswith("final: mAP")
 
 
 @pytest.mark.parametrize("cmd", [c for c in COMMANDS if _kind(c) in ("train", "pod")])
@@ -137,3 +151,15 @@ def test_demo_command(tmp_path):
   assert float(final[0].split()[2]) > 15
   assert (tmp_path / "workdirs" / "demo" / "model" / "config.json").is_file()
   assert (tmp_path / "workdirs" / "demo" / "visualizations" / "tsne.png").is_file()
+  # docs/visualize.md's commands, on the demo's outputs.
+  for cmd in readme_commands("docs/visualize.md"):
+    out = _run(_as_argv(without_optional(cmd)), tmp_path)
+    assert out.returncode == 0, f"{cmd}\n{out.stderr[-2000:]}"
+  assert (tmp_path / "vis" / "curves.png").is_file() and (tmp_path / "vis" / "tsne.png").is_file()
+
+
+@pytest.mark.parametrize("cmd", indented_commands("data/README.md"))
+def test_data_readme_commands(sandbox, cmd):
+  cmd = cmd.replace("python -m clipreid_jax.data NAME data", "python -m clipreid_jax.data market1501 data")
+  out = _run(_as_argv(cmd), sandbox)
+  assert out.returncode == 0, f"{cmd}\n{out.stderr[-2000:]}"
