@@ -17,7 +17,7 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   c.seed = 1234  # the official SOLVER.SEED
   c.workdir = f"workdirs/{dataset}_{'vit' if vit else 'rn50'}"
   c.log_every_steps = 50
-  c.checkpoint_every_epochs = 1
+  c.checkpoint_every_epochs = 1  # stage 2 (and the last epoch of each stage, and on SIGTERM)
   c.data_workers = 0  # grain worker processes (0: threads in the main process)
   c.visualize = True  # after training: rank lists, t-SNE and curves in WORKDIR/visualizations/
 
@@ -58,6 +58,9 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   c.stage1.lr_min = 1e-6
   c.stage1.warmup_epochs = 5
   c.stage1.log_every_epochs = 10
+  # Stage-1 epochs take seconds on an accelerator, a checkpoint of the whole state about as long; a restart
+  # redoes at most this many epochs.
+  c.stage1.checkpoint_every_epochs = 10
 
   c.stage2 = ml_collections.ConfigDict()
   c.stage2.num_ids = 16  # P

@@ -93,6 +93,7 @@ def validate_config(config) -> None:
   _need(_is_int(m.stride) and m.stride > 0, "model.stride", m.stride, "a positive integer")
   _need(_is_real(m.sie_coe), "model.sie_coe", m.sie_coe, "a finite number")
   positive_ints = ["stage2.num_ids", "stage2.num_instances", "stage2.max_epochs", "checkpoint_every_epochs",
+                   "stage1.checkpoint_every_epochs",
                    "log_every_steps"]
   if not m.baseline:  # the baseline has no stage 1
     positive_ints += ["stage1.batch_size", "stage1.max_epochs", "stage1.log_every_epochs"]
@@ -509,7 +510,7 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
     run.log_metrics({"stage": 1, "epoch": epoch, "lr": float(lr(epoch)), "time_s": time.time() - t, **metrics})
     if epoch % s.log_every_epochs == 0 or epoch == s.max_epochs:
       log.info("stage 1 epoch %d/%d: loss %.4f lr %.2e", epoch, s.max_epochs, metrics["loss"], lr(epoch))
-    if epoch % config.checkpoint_every_epochs == 0 or epoch == s.max_epochs or run.preempted:
+    if epoch % s.checkpoint_every_epochs == 0 or epoch == s.max_epochs or run.preempted:
       run.save(epoch, state, {"stage": 1, "epoch": epoch})
     if run.preempted:
       raise SystemExit(143)

@@ -27,6 +27,7 @@ def tiny_config(data_root, backbone: str = "ViT-B-16"):
   rc.embed_dim, rc.text_width, rc.text_layers = 32, 64, 1
   c.stage1.max_epochs = 2
   c.stage1.batch_size = 16
+  c.stage1.checkpoint_every_epochs = 1  # exercise resuming inside stage 1
   c.stage2.num_ids = 4
   c.stage2.num_instances = 2
   c.stage2.max_epochs = 2
