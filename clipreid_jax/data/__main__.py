@@ -13,15 +13,6 @@ import warnings
 from clipreid_jax.data import errors, registry
 
 
-def _value(text: str):
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m clipreid_jax.data", description=__doc__.splitlines()[0])
   parser.add_argument("name", help=f"one of {', '.join(registry.DATASET_NAMES)}")
@@ -29,12 +20,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="reader option, repeatable")
   args = parser.parse_args(argv)
   try:
-    opts = {}
-    for item in args.opt:
-      key, sep, value = item.partition("=")
-      if not sep:
-        raise errors.DataError(f"--opt {item!r}: expected KEY=VALUE")
-      opts[key] = _value(value)
+    opts = registry.parse_options(args.opt)
     with warnings.catch_warnings():
       # Warnings (e.g. counts that differ from the published ones) go to stderr as one line each.
       warnings.simplefilter("always", errors.DataWarning)

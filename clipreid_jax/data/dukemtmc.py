@@ -19,11 +19,7 @@ OCC_DUKE_LAYOUT = ("ROOT/dukemtmcreid/Occluded_Duke/{bounding_box_train,query,bo
 def _load(root, name: str, folder: str, layout: str, check_counts: bool) -> ReidDataset:
   d, _ = layouts.find_dataset_dir(root, name, (f"dukemtmcreid/{folder}", folder), [SPLIT_DIRS], layout)
   train, query, gallery = (layouts.parse_folder(d, sub, name=name, num_cams=8, skip_junk=False) for sub in SPLIT_DIRS)
-  dataset = ReidDataset(
-      name,
-      train=layouts.make_split(name, "train", d, layouts.relabel(train), os.path.join(d, SPLIT_DIRS[0])),
-      query=layouts.make_split(name, "query", d, query, os.path.join(d, SPLIT_DIRS[1])),
-      gallery=layouts.make_split(name, "gallery", d, gallery, os.path.join(d, SPLIT_DIRS[2])))
+  dataset = layouts.folder_dataset(name, d, SPLIT_DIRS, train, query, gallery)
   if check_counts:
     published.check_counts(dataset, name, d)
   return dataset

@@ -90,6 +90,16 @@ def relabel(records: Iterable[tuple[str, int, int, int]]) -> list[tuple[str, int
   return [(p, label[pid], cam, view) for p, pid, cam, view in records]
 
 
+def folder_dataset(name: str, d: str, split_dirs: Sequence[str], train, query, gallery):
+  """The ReidDataset of three folder splits (train relabelled to 0..K-1; query and gallery keep their pids)."""
+  from clipreid_jax.data.records import ReidDataset  # pylint: disable=g-import-not-at-top
+  return ReidDataset(
+      name,
+      train=make_split(name, "train", d, relabel(train), os.path.join(d, split_dirs[0])),
+      query=make_split(name, "query", d, query, os.path.join(d, split_dirs[1])),
+      gallery=make_split(name, "gallery", d, gallery, os.path.join(d, split_dirs[2])))
+
+
 def make_split(name: str, split: str, root: str, records: Sequence[tuple[str, int, int, int]], where: str) -> Split:
   """A Split of `records`; raises EmptySplitError when there are none."""
   if not records:

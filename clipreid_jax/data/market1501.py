@@ -20,11 +20,7 @@ def load(root: str | os.PathLike, *, check_counts: bool = True) -> ReidDataset:
   d, _ = layouts.find_dataset_dir(root, NAME, ("Market-1501-v15.09.15", "Market-1501", "market1501"),
                                   [SPLIT_DIRS], LAYOUT)
   train, query, gallery = (layouts.parse_folder(d, sub, name=NAME, num_cams=6, skip_junk=True) for sub in SPLIT_DIRS)
-  dataset = ReidDataset(
-      NAME,
-      train=layouts.make_split(NAME, "train", d, layouts.relabel(train), os.path.join(d, SPLIT_DIRS[0])),
-      query=layouts.make_split(NAME, "query", d, query, os.path.join(d, SPLIT_DIRS[1])),
-      gallery=layouts.make_split(NAME, "gallery", d, gallery, os.path.join(d, SPLIT_DIRS[2])))
+  dataset = layouts.folder_dataset(NAME, d, SPLIT_DIRS, train, query, gallery)
   if check_counts:
     published.check_counts(dataset, NAME, d)
   return dataset

@@ -10,8 +10,7 @@ import argparse
 import json
 import sys
 
-from clipreid_jax.data import errors
-from clipreid_jax.data.__main__ import _value
+from clipreid_jax.data import errors, registry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +22,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   from clipreid_jax.data import packed  # pylint: disable=g-import-not-at-top
   try:
-    opts = {}
-    for item in args.opt:
-      key, sep, value = item.partition("=")
-      if not sep:
-        raise errors.DataError(f"--opt {item!r}: expected KEY=VALUE")
-      opts[key] = _value(value)
+    opts = registry.parse_options(args.opt)
     tfds_name = packed.prepare(args.name, args.manual_dir, args.data_dir, **opts)
     dataset = packed.load_packed(tfds_name.split("/", 1)[1], args.data_dir)
   except errors.DataError as e:

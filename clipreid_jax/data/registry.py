@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 from clipreid_jax.data import custom, dukemtmc, errors, market1501, msmt17, synthetic, vehicleid, veri
 from clipreid_jax.data.records import ReidDataset
@@ -65,3 +65,23 @@ def get_dataset(name: str, root: str | os.PathLike, **opts) -> ReidDataset:
     if "unexpected keyword" in str(e):
       raise errors.DataError(f"{name}: {e}") from None
     raise
+
+
+def parse_options(items: Sequence[str]) -> dict:
+  """`--opt KEY=VALUE` strings -> reader options (ints, floats and true/false converted)."""
+  opts = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise errors.DataError(f"--opt {item!r}: expected KEY=VALUE")
+    opts[key] = _option_value(value)
+  return opts
+
+
+def _option_value(text: str):
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(text.lower(), text)

@@ -61,11 +61,7 @@ def load(root: str | os.PathLike, *, keypoint_dir: str | None = None, check_coun
 
   train, query, gallery = (layouts.parse_folder(d, sub, name=NAME, num_cams=20, skip_junk=True, view_of=view_of)
                            for sub in SPLIT_DIRS)
-  dataset = ReidDataset(
-      NAME,
-      train=layouts.make_split(NAME, "train", d, layouts.relabel(train), os.path.join(d, SPLIT_DIRS[0])),
-      query=layouts.make_split(NAME, "query", d, query, os.path.join(d, SPLIT_DIRS[1])),
-      gallery=layouts.make_split(NAME, "gallery", d, gallery, os.path.join(d, SPLIT_DIRS[2])))
+  dataset = layouts.folder_dataset(NAME, d, SPLIT_DIRS, train, query, gallery)
   if check_counts:
     published.check_counts(dataset, NAME if maps is not None else "veri_no_keypoints", d)
   return dataset
