@@ -15,7 +15,7 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   c = ml_collections.ConfigDict()
   c.mode = "train"  # train | eval | extract
   c.seed = 1234  # the official SOLVER.SEED
-  c.workdir = f"workdirs/{dataset}_{'vit' if vit else 'rn50'}"
+  c.workdir = f"workdirs/{dataset}_{'vit' if vit else 'cnn'}"
   c.log_every_steps = 50
   c.checkpoint_every_epochs = 1  # stage 2 (and the last epoch of each stage, and on SIGTERM)
   c.data_workers = 0  # grain worker processes (0: threads in the main process)
@@ -155,5 +155,5 @@ def official(dataset: str, backbone: str, variant: str | None = None) -> ml_coll
     c.model.baseline = True
     if dataset == "vehicleid":
       c.loss.label_smoothing = 0.0
-  c.workdir = f"workdirs/{dataset}_{'vit' if vit else 'rn50'}_{variant}"
+  c.workdir = f"workdirs/{dataset}_{'vit' if vit else 'cnn'}_{variant}"
   return c

@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
 
 def test_eval_mode_matches_reference(setup):
   root, model_dir, data = setup
-  out = _cli("--config", "configs/market_vit.py", "--workdir", str(root / "work"), "--config.mode=eval",
+  out = _cli("--config", "configs/market1501_vit.py", "--workdir", str(root / "work"), "--config.mode=eval",
              f"--config.checkpoint={model_dir}", f"--config.dataset.root={data}",
              "--config.dataset.check_counts=False", "--config.eval.batch_size=8")
   assert out.returncode == 0, out.stderr[-2000:]
@@ -57,7 +57,7 @@ def test_eval_mode_matches_reference(setup):
 
 def test_extract_mode_cli(setup):
   root, model_dir, data = setup
-  out = _cli("--config", "configs/market_vit.py", "--config.mode=extract", f"--config.checkpoint={model_dir}",
+  out = _cli("--config", "configs/market1501_vit.py", "--config.mode=extract", f"--config.checkpoint={model_dir}",
              f"--config.extract.input={data}/query", f"--config.extract.output={root / 'feats'}")
   assert out.returncode == 0, out.stderr[-2000:]
   feats = np.load(root / "feats" / "features.npy")
@@ -75,7 +75,7 @@ def test_extract_mode_cli(setup):
 ])
 def test_eval_bad_input(setup, tmp_path, args, expected):
   root, model_dir, data = setup
-  base = ["--config", "configs/market_vit.py", "--workdir", str(tmp_path / "w"), "--config.mode=eval",
+  base = ["--config", "configs/market1501_vit.py", "--workdir", str(tmp_path / "w"), "--config.mode=eval",
           f"--config.checkpoint={model_dir}", f"--config.dataset.root={data}",
           "--config.dataset.check_counts=False"]
   out = _cli(*base, *args)

@@ -3,9 +3,9 @@
 Convert OpenAI's weights once (python -m clipreid_jax.convert clip RN50.pt converted/rn50), put the
 dataset under data/ (data/README.md gives the layout), then:
 
-  python -m clipreid_jax.main --config configs/duke_rn50.py --config.init.clip=converted/rn50
+  python -m clipreid_jax.main --config configs/dukemtmc_cnn.py --config.init.clip=converted/rn50
       paper: mAP 80.7 / R1 90.0
-  python -m clipreid_jax.main --config configs/duke_rn50.py:baseline --config.init.clip=converted/rn50
+  python -m clipreid_jax.main --config configs/dukemtmc_cnn.py:baseline --config.init.clip=converted/rn50
       paper: mAP 79.3 / R1 88.6
 
 The argument after ':' picks the variant (default: CLIP-ReID); see clipreid_jax/config_defaults.py.

@@ -1,10 +1,12 @@
-"""vehicleid with CLIP RN50 (the official VehicleID/cnn yml).
+"""veri with CLIP RN50 (the official veri/cnn yml).
 
 Convert OpenAI's weights once (python -m clipreid_jax.convert clip RN50.pt converted/rn50), put the
 dataset under data/ (data/README.md gives the layout), then:
 
-  python -m clipreid_jax.main --config configs/vehicleid_rn50.py --config.init.clip=converted/rn50
-      paper: R1 85.2 / R5 97.1
+  python -m clipreid_jax.main --config configs/veri_cnn.py --config.init.clip=converted/rn50
+      paper: mAP 80.3 / R1 96.8
+  python -m clipreid_jax.main --config configs/veri_cnn.py:baseline --config.init.clip=converted/rn50
+      paper: mAP 79.3 / R1 95.7
 
 The argument after ':' picks the variant (default: CLIP-ReID); see clipreid_jax/config_defaults.py.
 """
@@ -12,4 +14,4 @@ from clipreid_jax.config_defaults import RN50, official
 
 
 def get_config(arg=None):
-  return official("vehicleid", RN50, arg)
+  return official("veri", RN50, arg)
