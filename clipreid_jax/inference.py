@@ -125,6 +125,6 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   result = train.evaluate_model(config, mesh, model, variables, dataset)
   out = pathlib.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+  (out / "metrics.json").write_text(json.dumps({"final": train.percent(result)}, indent=1) + "\n")
   print(f"final: {train.format_metrics(result)}", flush=True)
   return result

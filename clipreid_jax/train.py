@@ -635,6 +635,12 @@ def evaluate_model(config, mesh, model, variables, dataset) -> dict:
           "num_valid_queries": int(res.num_valid_queries)}
 
 
+def percent(m: dict) -> dict:
+  """metrics.json's form of a result: rates in percent (mAP, mINP, R1, R5, R10 and their spreads), counts as they are."""
+  rates = {"mAP", "mINP", "R1", "R5", "R10"}
+  return {k: (100 * v if k in rates or k[:-4] in rates and k.endswith("_std") else v) for k, v in m.items()}
+
+
 def format_metrics(m: dict) -> str:
   parts = [f"{k} {100 * m[k]:.1f}" + (f" ± {100 * m[k + '_std']:.1f}" if k + "_std" in m else "")
            for k in ("mAP", "R1", "R5", "R10") if np.isfinite(m.get(k, float("nan")))]
@@ -653,6 +659,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   check_data(config, dataset)
   mesh = make_mesh()
   model, variables = build_model(config, dataset)
+  initial_variables = variables
   log.info("model %s, %d identities, input %s, grid %s, SIE %s/%s, %d devices", model.config.backbone,
            model.config.num_classes, model.config.input_size, model.config.clip.vision_grid, model.config.sie_camera,
            model.config.sie_view, jax.device_count())
@@ -674,8 +681,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpoints.save_model_dir(run.dir / "model", variables, {"kind": "clipreid", "reid": model.config.to_dict()},
                                overwrite=True)
   result = evaluate_fn(variables)
+  summary = {"final": percent(result)}
+  if config.eval.untrained:  # the model as built, before stage 1 (deterministic: rebuilt from the seed)
+    untrained = evaluate_fn(initial_variables)
+    summary["untrained"] = percent(untrained)
+    print(f"untrained: {format_metrics(untrained)}", flush=True)
   if jax.process_index() == 0:
-    _write_atomic(run.dir / "metrics.json", json.dumps(result, indent=1) + "\n")
+    _write_atomic(run.dir / "metrics.json", json.dumps(summary, indent=1) + "\n")
   run.log_metrics({"final": True, **result})
   print(f"final: {format_metrics(result)}", flush=True)
   return result

@@ -6,7 +6,7 @@ dataset under data/ (data/README.md gives the layout), then:
   python -m clipreid_jax.main --config configs/vehicleid_cnn.py --config.init.clip=converted/rn50
       paper: R1 85.2 / R5 97.1
   python -m clipreid_jax.main --config configs/vehicleid_cnn.py:baseline --config.init.clip=converted/rn50
-      paper: mAP 84.4 (Table 2; R1 not reported)
+      paper: R1 84.4 (R5 not reported)
 
 The argument after ':' picks the variant (default: CLIP-ReID); see clipreid_jax/config_defaults.py.
 """
