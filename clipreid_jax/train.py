@@ -17,6 +17,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 import threading
 import time
 from typing import Optional
@@ -24,6 +25,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -363,6 +365,25 @@ class Run:
     if jax.process_index() == 0:
       with open(self.dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+      self._tensorboard(record)
+
+  def _tensorboard(self, record: dict) -> None:
+    """The same numbers as TensorBoard scalars (WORKDIR/tensorboard), tagged stage1/, stage2/ or final/."""
+    if getattr(self, "_tb", None) is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+    prefix = "final" if record.get("final") else f"stage{record.get('stage', 0)}"
+    step = record.get("epoch", 0)
+    for key, value in record.items():
+      if key not in ("stage", "epoch", "final") and isinstance(value, (int, float)) and np.isfinite(value):
+        self._tb.add_scalar(f"{prefix}/{key}", value, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    """Finishes the TensorBoard file (its writer thread flushes only on close)."""
+    if getattr(self, "_tb", None) is not None:
+      self._tb.close()
+      self._tb = None
 
   def save(self, counter: int, state, meta: dict, force: bool = False) -> None:
     import orbax.checkpoint as ocp
@@ -567,7 +588,10 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
       count = int(resume_at["next_index"])
       sums = None if resume_sums is None else {k: jnp.asarray(v, jnp.float32) for k, v in resume_sums.items()}
       resume_at = None
-    for batch in it:
+    first = count
+    bar = tqdm.tqdm(it, total=len(loader), initial=count, desc=f"stage 2 epoch {epoch}", unit="step", leave=False,
+                    disable=jax.process_index() != 0 or not sys.stderr.isatty())
+    for batch in bar:
       g = to_global(mesh, {k: batch[k] for k in ("image", "pid", "camid", "viewid")})
       # The step's randomness is a function of the optimizer step only, so a resumed run draws the same. (Not
       # epoch * steps_per_epoch + count: PK epochs differ in length, and two steps would share their draws.)
@@ -589,9 +613,12 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
         raise SystemExit(143)
     check_steps()
     m = {k: float(v) / max(count, 1) for k, v in jax.device_get(sums).items()}
-    record = {"stage": 2, "epoch": epoch, "lr": float(lr(epoch)), "time_s": time.time() - t, **m}
-    log.info("stage 2 epoch %d/%d: loss %.4f acc %.3f lr %.2e (%.1fs)", epoch, s.max_epochs, m["loss"],
-             m["accuracy"], lr(epoch), time.time() - t)
+    elapsed = time.time() - t
+    record = {"stage": 2, "epoch": epoch, "lr": float(lr(epoch)), "time_s": elapsed,
+              "images_per_s": (count - first) * s.num_ids * s.num_instances / max(elapsed, 1e-9), **m}
+    log.info("stage 2 epoch %d/%d: loss %.4f (id %.3f+%.3f tri %.3f+%.3f+%.3f%s) acc %.3f lr %.2e, %.0f img/s",
+             epoch, s.max_epochs, m["loss"], m["id_cls"], m["id_proj"], m["tri_last"], m["tri_feat"], m["tri_proj"],
+             f" i2t {m['i2t']:.3f}" if "i2t" in m else "", m["accuracy"], lr(epoch), record["images_per_s"])
     if config.eval.period and epoch % config.eval.period == 0 and epoch != s.max_epochs:
       res = evaluate_fn({"params": state.params, "batch_stats": state.batch_stats})
       record.update({f"eval_{k}": v for k, v in res.items()})
@@ -689,5 +716,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     _write_atomic(run.dir / "metrics.json", json.dumps(summary, indent=1) + "\n")
   run.log_metrics({"final": True, **result})
+  run.close()
   print(f"final: {format_metrics(result)}", flush=True)
   return result

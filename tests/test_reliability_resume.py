@@ -64,7 +64,7 @@ def _variables(workdir) -> list[np.ndarray]:
 def _records(workdir) -> list[dict]:
   """metrics.jsonl without the wall-clock times."""
   lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return [{k: v for k, v in json.loads(l).items() if k != "time_s"} for l in lines]
+  return [{k: v for k, v in json.loads(l).items() if k not in ("time_s", "images_per_s")} for l in lines]
 
 
 def _assert_same_run(workdir, reference) -> None:

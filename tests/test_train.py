@@ -37,6 +37,10 @@ def test_end_to_end_outputs(finished):
   summary = json.loads((work / "metrics.json").read_text())
   assert summary["final"] == train.percent(result)
   assert config.eval.untrained and summary["untrained"]["mAP"] > 0  # the demo's settings evaluate both
+  assert all("images_per_s" in r and r["images_per_s"] > 0 for r in records if r.get("stage") == 2)
+  events = b"".join(p.read_bytes() for p in (work / "tensorboard").glob("events.out.tfevents.*"))
+  for tag in (b"stage1/loss", b"stage2/loss", b"stage2/tri_proj", b"stage2/lr", b"final/mAP"):
+    assert tag in events, tag
   # Stage-1 learning moves only the prompt tokens.
   s1, final = _variables(work / "stage1"), _variables(work / "model")
   assert not np.array_equal(s1["params"]["prompt_learner"]["cls_ctx"], final["params"]["image_encoder"]["proj"][:0])

@@ -13,7 +13,7 @@ import warnings
 from typing import Optional
 
 # Per-epoch fields that are not loss values.
-_NOT_LOSSES = frozenset({"stage", "epoch", "lr", "time_s", "accuracy"})
+_NOT_LOSSES = frozenset({"stage", "epoch", "lr", "time_s", "images_per_s", "grad_norm", "accuracy"})
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
