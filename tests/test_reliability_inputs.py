@@ -238,3 +238,10 @@ def test_truncated_model_directory(tmp_path, models):
 # truncated and unknown files) run through `python -m clipreid_jax.convert` in
 # tests/test_clip.py::test_bad_inputs_exit_2_and_write_nothing; a workdir holding another configuration's run in
 # tests/test_reliability_resume.py::test_workdir_of_another_configuration.
+
+
+def test_missing_init_clip_directory(tmp_path):
+  missing = tmp_path / "no_such_clip"
+  out, work = _train(tmp_path, f"--config.init.clip={missing}")
+  _error(out, missing, "not found")
+  assert not work.exists()
