@@ -457,15 +457,16 @@ def check_finite(where: str, metrics: dict, run: Run) -> None:
 # Feature extraction over a loader (stage-1 bank, evaluation).
 
 
-def extract_features(mesh, model, variables, loader, kind: str) -> tuple[np.ndarray, np.ndarray]:
-  """Features of every valid plan entry, in plan order: (features, record indices)."""
-  fn = jax.jit(steps.make_feature_fn(model, kind))
-  feats, index, mask = [], [], []
+def extract_features(mesh, feature_fn, variables, loader) -> tuple[np.ndarray, np.ndarray]:
+  """Features of every valid plan entry, in plan order: (features, record indices).
+
+  `feature_fn` is a jitted `steps.make_feature_fn`; callers keep one per model so repeated evaluations
+  (periodic, final, untrained) compile it once.
+  """
+  feats = []
   for batch in iter(loader):
     g = to_global(mesh, {k: batch[k] for k in ("image", "camid", "viewid")})
-    feats.append(fn(variables, g))
-    index.append(batch["index"])
-    mask.append(batch["mask"])
+    feats.append(feature_fn(variables, g))
   feats = np.concatenate([to_host(f) for f in feats])
   idx = np.asarray(loader.plan).reshape(-1)
   valid = np.asarray(loader.mask).reshape(-1)
@@ -506,7 +507,7 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
   t0 = time.time()
   loader = pipelines.stage1_loader(dataset.train, image_size=model.config.input_size, batch_size=config.eval.batch_size,
                                    process_index=jax.process_index(), process_count=jax.process_count())
-  feats, idx = extract_features(mesh, model, variables, loader, "stage1")
+  feats, idx = extract_features(mesh, jax.jit(steps.make_feature_fn(model, "stage1")), variables, loader)
   labels = np.asarray(dataset.train.pids)[idx].astype(np.int32)
   bank = replicate(mesh, {"feature": jnp.asarray(feats), "label": jnp.asarray(labels)})
   log.info("stage 1: feature bank of %d images in %.1fs", n, time.time() - t0)
@@ -634,14 +635,18 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
 # Evaluation.
 
 
-def evaluate_model(config, mesh, model, variables, dataset) -> dict:
-  """mAP / CMC (and mINP) of `variables` on the dataset's query and gallery, official protocol."""
+def evaluate_model(config, mesh, model, variables, dataset, feature_fn=None) -> dict:
+  """mAP / CMC (and mINP) of `variables` on the dataset's query and gallery, official protocol.
+
+  `feature_fn`: a jitted `steps.make_feature_fn(model, "eval")` to reuse across calls (default: a new one).
+  """
   from clipreid_jax import evaluation
   check_batch("eval.batch_size", config.eval.batch_size)
   loader = pipelines.eval_loader(dataset.query, dataset.gallery, image_size=model.config.input_size,
                                  batch_size=config.eval.batch_size, process_index=jax.process_index(),
                                  process_count=jax.process_count(), worker_count=config.data_workers)
-  feats, idx = extract_features(mesh, model, variables, loader, "eval")
+  feature_fn = feature_fn or jax.jit(steps.make_feature_fn(model, "eval"))
+  feats, idx = extract_features(mesh, feature_fn, variables, loader)
   order = np.argsort(idx, kind="stable")
   feats = feats[order]
   nq = len(dataset.query)
@@ -702,7 +707,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       meta = {}
   elif model.config.with_text and stage1_dir.is_dir():
     _, variables = clipreid.load_clipreid(stage1_dir)  # stage 2 resumes from its own checkpoint below
-  evaluate_fn = lambda v: evaluate_model(config, mesh, model, v, dataset)
+  eval_features = jax.jit(steps.make_feature_fn(model, "eval"))  # compiled once for every evaluation below
+  evaluate_fn = lambda v: evaluate_model(config, mesh, model, v, dataset, eval_features)
   variables = run_stage2(config, run, mesh, model, variables, dataset, meta, evaluate_fn)
   if jax.process_index() == 0:
     checkpoints.save_model_dir(run.dir / "model", variables, {"kind": "clipreid", "reid": model.config.to_dict()},

@@ -44,12 +44,16 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     ImageReadError: the file is missing, empty, not an image, or cannot be decoded; the message names it.
   """
   path = os.fspath(path)
+  return decode_image(read_bytes(path), path)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+  """The file's bytes; ImageReadError naming it when it cannot be read."""
   try:
     with open(path, "rb") as f:
-      data = f.read()
+      return f.read()
   except OSError as e:
-    raise errors.ImageReadError(f"cannot read image {path}: {e.strerror or e}") from None
-  return decode_image(data, path)
+    raise errors.ImageReadError(f"cannot read image {os.fspath(path)}: {e.strerror or e}") from None
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:

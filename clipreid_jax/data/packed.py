@@ -81,11 +81,7 @@ class ReidPacked(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: Split):
     for i in range(len(split)):
       path = split.path(i)
-      try:
-        with open(path, "rb") as f:
-          data = f.read()
-      except OSError as e:
-        raise errors.ImageReadError(f"cannot read image {path}: {e.strerror or e}") from None
+      data = images.read_bytes(path)
       images.decode_image(data, path)  # fail at packing time, naming the file, rather than in training
       yield i, {"image_bytes": data, "relpath": str(split.relpaths[i]), "pid": int(split.pids[i]),
                 "camid": int(split.camids[i]), "viewid": int(split.viewids[i]), "index": i}
