@@ -253,3 +253,40 @@ def test_existing_destination_is_kept(small, tmp_path):
   assert (dst / "precious.txt").read_text() == "keep me"
   assert convert.main(["clip", str(src), str(dst), "--overwrite"]) == 0
   assert not (dst / "precious.txt").exists() and (dst / "config.json").is_file()
+
+
+def test_scanned_blocks_equal_unrolled(monkeypatch):
+  """clip.SCAN_BLOCKS runs all blocks but the last in a lax.scan over parameters stacked on the fly; the
+  parameter tree, the outputs and the gradients are those of the unrolled stack (3 blocks: a scan over 2)."""
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  sd = state_dict_numpy(random_clip(5, embed_dim=32, image_resolution=64, vision_layers=3, vision_width=128,
+                                    vision_patch_size=16, transformer_layers=3))
+  cfg, variables = convert.clip_variables(sd, convert.infer_clip_config(sd))
+  model, x, toks = CLIP(cfg), images(2, 64).transpose(0, 2, 3, 1), tokenize(TEXTS[:2])
+
+  def loss(params):
+    v = {**variables, "params": params}
+    img = model.apply(v, x, method=model.encode_image)
+    return (img ** 2).sum() + (model.apply(v, toks, method=model.encode_text) ** 2).sum()
+
+  def run(flag):
+    monkeypatch.setattr(clip_lib, "SCAN_BLOCKS", flag)
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+  ref_loss, ref_grads = run(False)
+  got_loss, got_grads = run(True)
+  assert jax.tree.structure(got_grads) == jax.tree.structure(variables["params"])
+  assert abs(float(got_loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(np.abs(b).max()) + 1e-9)
+
+
+def test_cudnn_attention_falls_back_off_gpu(monkeypatch):
+  """cuDNN attention is asked for only where it can run: an init on the host CPU of a GPU machine keeps XLA's."""
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(clip_lib, "ATTENTION_IMPLEMENTATION", "cudnn")
+  q = jax.numpy.ones((1, 5, 2, 8), jax.numpy.bfloat16)
+  with jax.default_device(jax.devices("cpu")[0]):
+    assert clip_lib._target_platform() == "cpu"  # pylint: disable=protected-access
+    out = clip_lib.attention(q, q, q)
+  assert out.shape == q.shape

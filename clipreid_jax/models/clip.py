@@ -150,26 +150,40 @@ def quick_gelu(x):
 ATTENTION_IMPLEMENTATION: Optional[str] = None
 
 
+def _target_platform() -> str:
+  """The platform new computations go to: `jax.default_device` when set (e.g. an init on the host CPU)."""
+  dev = jax.config.jax_default_device
+  if dev is None:
+    return jax.default_backend()
+  return dev if isinstance(dev, str) else dev.platform
+
+
 def attention(q, k, v, *, causal: bool = False):
   impl = ATTENTION_IMPLEMENTATION
-  if impl == "cudnn" and (jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16)):
+  # cuDNN's kernels: NVIDIA GPUs, half precision, and self-attention over equal lengths (the class-token-only
+  # last block of the ViT, one query, stays with XLA: it is tiny).
+  if impl == "cudnn" and (_target_platform() not in ("gpu", "cuda") or q.dtype not in (jnp.bfloat16, jnp.float16)
+                          or q.shape[1] != k.shape[1]):
     impl = None
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
 
 
 class MultiheadAttention(nn.Module):
-  """Self-attention with a packed q/k/v projection (OpenAI's nn.MultiheadAttention layout)."""
+  """Self-attention with a packed q/k/v projection (OpenAI's nn.MultiheadAttention layout).
+
+  `num_queries`: compute the outputs of the first n positions only (keys and values still cover all).
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, causal: bool = False):
+  def __call__(self, x, *, causal: bool = False, num_queries: Optional[int] = None):
     b, l, w = x.shape
     qkv = nn.Dense(3 * w, dtype=self.dtype, name="in_proj")(x)
     qkv = qkv.reshape(b, l, 3, self.num_heads, w // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = qkv[:, :num_queries, 0], qkv[:, :, 1], qkv[:, :, 2]
     out = attention(q, k, v, causal=causal)
-    return nn.Dense(w, dtype=self.dtype, name="out_proj")(out.reshape(b, l, w))
+    return nn.Dense(w, dtype=self.dtype, name="out_proj")(out.reshape(b, q.shape[1], w))
 
 
 class MLP(nn.Module):
@@ -183,31 +197,56 @@ class MLP(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-  """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+  """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+  `num_queries`: only the first n positions of the output (exact: attention still sees every position).
+  """
   width: int
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, causal: bool = False):
-    x = x + MultiheadAttention(self.num_heads, self.dtype, name="attn")(LayerNorm(name="ln_1")(x), causal=causal)
+  def __call__(self, x, *, causal: bool = False, num_queries: Optional[int] = None):
+    a = MultiheadAttention(self.num_heads, self.dtype, name="attn")(LayerNorm(name="ln_1")(x), causal=causal,
+                                                                    num_queries=num_queries)
+    x = x[:, :num_queries] + a
     return x + MLP(self.width, self.dtype, name="mlp")(LayerNorm(name="ln_2")(x))
 
 
+# Run all blocks but the last in one `jax.lax.scan` (parameters stacked on the fly; the stored tree keeps one
+# `resblocks_i` per block, as OpenAI's state dict). None: scan on the CPU backend only. On XLA:CPU the unrolled
+# backward re-computes the residual-gradient chain inside every block's weight-gradient copy (quadratic in depth,
+# docs/performance.md); a loop iteration is a fusion boundary, so each block's gradient is written once. Read at
+# trace time: set it before a function is jitted.
+SCAN_BLOCKS: Optional[bool] = None
+
+
+def _scan_blocks() -> bool:
+  return jax.default_backend() == "cpu" if SCAN_BLOCKS is None else bool(SCAN_BLOCKS)
+
+
 class Transformer(nn.Module):
-  """A stack of blocks. Returns the stream after every block but the last, and after the last."""
+  """A stack of blocks. Returns the stream after every block but the last, and after the last.
+
+  `last_queries`: the last block computes only the first n positions (the rest of its output is never used).
+  """
   width: int
   layers: int
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, causal: bool = False):
-    penultimate = x
-    for i in range(self.layers):
-      penultimate = x
-      x = ResidualAttentionBlock(self.width, self.num_heads, self.dtype, name=f"resblocks_{i}")(x, causal=causal)
-    return penultimate, x
+  def __call__(self, x, *, causal: bool = False, last_queries: Optional[int] = None):
+    block = lambda i: ResidualAttentionBlock(self.width, self.num_heads, self.dtype, name=f"resblocks_{i}")
+    if self.layers > 1 and _scan_blocks() and not self.is_initializing():
+      params = self.variables["params"]
+      stacked = jax.tree.map(lambda *p: jnp.stack(p), *[params[f"resblocks_{i}"] for i in range(self.layers - 1)])
+      unbound = ResidualAttentionBlock(self.width, self.num_heads, self.dtype, parent=None)
+      x, _ = jax.lax.scan(lambda h, p: (unbound.apply({"params": p}, h, causal=causal), None), x, stacked)
+    else:
+      for i in range(self.layers - 1):
+        x = block(i)(x, causal=causal)
+    return x, block(self.layers - 1)(x, causal=causal, num_queries=last_queries)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,8 +283,10 @@ class VisionTransformer(nn.Module):
       cls = cls + cls_offset[:, None, :].astype(self.dtype)
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
     x = LayerNorm(name="ln_pre")(x)
-    x_last, x = Transformer(self.width, self.layers, self.num_heads, self.dtype, name="transformer")(x)
-    # Only the class token is used downstream; ln_post and proj act per token, so this is exact.
+    # Only the class token is used downstream, so the last block computes it alone (exact); ln_post and proj act
+    # per token.
+    x_last, x = Transformer(self.width, self.layers, self.num_heads, self.dtype, name="transformer")(
+        x, last_queries=1)
     feat = LayerNorm(name="ln_post")(x[:, 0])
     proj = self.param("proj", nn.initializers.normal(scale), (self.width, self.output_dim))
     return x_last[:, 0], feat, feat @ proj.astype(self.dtype)
