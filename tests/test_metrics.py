@@ -7,7 +7,7 @@ import pytest
 from conftest import golden_root
 from clipreid_jax.evaluation import metrics
 
-RANKINGS = ("host", "device")
+RANKINGS = ("host", "device", "sort")
 
 
 def _metric_cases() -> list[str]:
@@ -218,3 +218,25 @@ def test_bad_inputs():
   _one_line_value_error(metrics.eval_func, np.ones((3, 0)), ids, [], cams, [], match="distmat")
   _one_line_value_error(metrics.eval_func, np.ones((3, 3)), ids, ids[:1], cams, cams, match="g_pids")
   _one_line_value_error(metrics.euclidean_distance, f, np.ones((2, 5)), match="widths differ")
+
+
+def test_accelerator_path_untuned_and_in_pieces(monkeypatch):
+  """What a GPU runs: the untuned executables (compiler options on the top-level jit only; a nested one is an
+  error) and host features sent over in pieces. Forced here on the CPU: same numbers as the plain path."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  qf, gf, *labels = _random_case(rng, 29, 301, 8, 10, 3)
+  ref = metrics.evaluate(qf, gf, *labels, ranking="device")
+  q, g = metrics.l2_normalize(qf), metrics.l2_normalize(gf)
+  g_sq = metrics._sq_norms(g)  # pylint: disable=protected-access
+  idx = jax.numpy.arange(4)
+  for fn, args in ((metrics._sqdist_rows, (q[:4], g, g_sq)),  # pylint: disable=protected-access
+                   (metrics._sqdist_gather, (q, idx, g, g_sq))):  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.asarray(fn.untuned(*args)), np.asarray(fn(*args)))
+  monkeypatch.setattr(metrics, "_TRANSFER_BYTES", 8 * 4 * 7)  # 7 rows per piece
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  pieces = metrics._to_device(gf)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(pieces), gf)
+  res = metrics.evaluate(qf, gf, *labels)  # "auto" picks the device ranking here
+  np.testing.assert_array_equal(res.cmc, ref.cmc)
+  assert res.mAP == ref.mAP and res.num_valid_queries == ref.num_valid_queries

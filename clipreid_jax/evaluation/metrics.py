@@ -14,15 +14,17 @@ come before it, i.e. with a smaller distance, or an equal distance and a smaller
 broken by gallery index, exactly as a stable argsort orders them. The official code uses numpy's default
 (unstable) argsort, so with exact ties between a true match and another entry its order is unspecified (it depends
 on numpy's sort kernel and the CPU); without such ties the two agree exactly, and `eval_func(..., stable=False)`
-reproduces the official ordering bit for bit. Two ways to count, chosen by `ranking=`:
+reproduces the official ordering bit for bit. Three ways to count, chosen by `ranking=`:
 
 - "device": one fused compare-and-count on the device per block of matches, O(chunk x matches x gallery) simple
   operations; fast on GPU/TPU;
+- "sort": one stable (distance, gallery index) sort per row on the device, the match's rank its position; work
+  independent of the number of matches (the compare-and-count grows with it), O(chunk x gallery x log gallery);
 - "host": numpy sorts each distance row (AVX-512 sort on x86) and binary-searches the match distances, falling
   back to an explicit count only for rows with exact ties; fast on CPU, where XLA's sort and large reductions are
   10-100x slower than numpy's vectorised sort. "auto" (default) picks "host" on the CPU backend, else "device".
 
-Both give identical integers. AP, CMC and INP are then computed on the host in float64 from the ranks.
+All give identical integers. AP, CMC and INP are then computed on the host in float64 from the ranks.
 
 Deliberate differences from the official code (none changes a value the official code can produce):
 - with fewer gallery entries than `max_rank` the official code crashes (ragged CMC rows) as soon as a query loses
@@ -133,6 +135,42 @@ def _check_distmat_labels(distmat_shape, q_pids, g_pids, q_camids, g_camids):
 # Distances.
 
 
+def jit_untuned(fn=None, **jit_kwargs):
+  """`jax.jit`, with XLA's GEMM autotuning off for this executable when it runs on a GPU.
+
+  Evaluation compiles one distance GEMM per problem size and calls it a few dozen times: on an H100, autotuning
+  that one GEMM took 8.5 s of a 10 s first evaluation at MSMT17 size, more than the whole evaluation costs with
+  cuBLAS's heuristic choice (docs/evaluation.md). Per executable, so the training steps keep autotuning.
+  """
+  if fn is None:
+    return functools.partial(jit_untuned, **jit_kwargs)
+  plain = jax.jit(fn, **jit_kwargs)
+  untuned = jax.jit(fn, compiler_options={"xla_gpu_autotune_level": 0}, **jit_kwargs)
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    return (untuned if jax.default_backend() == "gpu" else plain)(*args, **kwargs)
+
+  call.untuned = untuned  # tests compile it on any backend
+  return call
+
+
+_TRANSFER_BYTES = 64 * 2**20
+
+
+def _to_device(x) -> Array:
+  """Features as float32 on the default device. On an accelerator a host array goes over in pieces of ~64 MiB:
+  one large transfer stages a whole pinned host copy (0.6 GB more peak RSS for MSMT17's features on an H100,
+  docs/evaluation.md). The CPU backend takes the array as it is."""
+  if isinstance(x, jax.Array) or jax.default_backend() == "cpu":
+    return jnp.asarray(x, jnp.float32)
+  x = np.asarray(x)
+  rows = max(_TRANSFER_BYTES // max(4 * x.shape[1], 1), 1)
+  if x.shape[0] <= rows:
+    return jnp.asarray(x, jnp.float32)
+  return jnp.concatenate([jnp.asarray(x[i:i + rows], jnp.float32) for i in range(0, x.shape[0], rows)])
+
+
 @jax.jit
 def _l2_normalize(x: Array) -> Array:
   norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
@@ -144,16 +182,18 @@ def l2_normalize(x) -> Array:
   return _l2_normalize(jnp.asarray(x, jnp.float32))
 
 
-@jax.jit
-def _sqdist_rows(q: Array, g: Array, g_sq: Array) -> Array:
+def _sqdist(q: Array, g: Array, g_sq: Array) -> Array:
   # Official order: (|q|^2 + |g|^2) + (-2 q.g); the scaling by -2 is exact.
   q_sq = jnp.sum(q * q, axis=1)
   return (q_sq[:, None] + g_sq[None, :]) - 2.0 * jnp.dot(q, g.T, precision=_HIGHEST)
 
 
-@jax.jit
+_sqdist_rows = jit_untuned(_sqdist)
+
+
+@jit_untuned
 def _sqdist_gather(q: Array, idx: Array, g: Array, g_sq: Array) -> Array:
-  return _sqdist_rows(q[idx], g, g_sq)
+  return _sqdist(q[idx], g, g_sq)
 
 
 @jax.jit
@@ -293,7 +333,7 @@ def _codes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return inv[:len(a)], inv[len(a):]
 
 
-@functools.partial(jax.jit, static_argnames=("block",))
+@jit_untuned(static_argnames=("block",))  # a compare-and-count; nothing for the autotuner to choose
 def _device_ranks(d: Array, q_pid: Array, q_cam: Array, g_pid: Array, g_cam: Array, midx: Array, mcount: Array,
                   num_blocks: Array, block: int = _MATCH_BLOCK) -> Array:
   """1-based rank of each true match among the kept gallery entries, ties broken by gallery index.
@@ -313,6 +353,21 @@ def _device_ranks(d: Array, q_pid: Array, q_cam: Array, g_pid: Array, g_cam: Arr
     return jax.lax.dynamic_update_slice_in_dim(ranks, r, b * block, axis=1)
 
   ranks = jax.lax.fori_loop(0, num_blocks, body, jnp.zeros(midx.shape, jnp.int32))
+  used = jnp.arange(midx.shape[1])[None, :] < mcount[:, None]
+  return jnp.where(used, ranks, _NO_RANK)
+
+
+@jit_untuned
+def _device_sorted_ranks(d: Array, q_pid: Array, q_cam: Array, g_pid: Array, g_cam: Array, midx: Array,
+                         mcount: Array) -> Array:
+  """`_device_ranks` by one stable sort per row: the rank of a match is its position in the row's (distance,
+  gallery index) order. Work independent of the number of matches (O(chunk x gallery x log gallery))."""
+  excluded = (q_pid[:, None] == g_pid[None, :]) & (q_cam[:, None] == g_cam[None, :])
+  dv = jnp.where(excluded, jnp.inf, d) + 0.0  # -0.0 -> +0.0: the sort orders -0.0 before +0.0, `<` does not
+  col = jnp.broadcast_to(jnp.arange(d.shape[1], dtype=jnp.int32), d.shape)
+  _, order = jax.lax.sort((dv, col), dimension=1, num_keys=1, is_stable=True)
+  pos = jnp.zeros_like(col).at[jnp.arange(d.shape[0])[:, None], order].set(col, unique_indices=True)
+  ranks = jnp.take_along_axis(pos, midx, axis=1) + 1
   used = jnp.arange(midx.shape[1])[None, :] < mcount[:, None]
   return jnp.where(used, ranks, _NO_RANK)
 
@@ -344,8 +399,8 @@ def _ap_inp(ranks: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def _pick_ranking(ranking: str) -> str:
   if ranking == "auto":
     return "host" if jax.default_backend() == "cpu" else "device"
-  if ranking not in ("host", "device"):
-    raise ValueError(f"ranking: expected 'auto', 'host' or 'device', got {ranking!r}")
+  if ranking not in ("host", "device", "sort"):
+    raise ValueError(f"ranking: expected 'auto', 'host', 'device' or 'sort', got {ranking!r}")
   return ranking
 
 
@@ -366,7 +421,7 @@ def evaluate_rows(dist_rows: DistRows, num_gallery: int, q_pids, g_pids, q_camid
     q_pids, g_pids, q_camids, g_camids: integer labels.
     max_rank: CMC length before truncation to the gallery size (official 50).
     chunk: queries per call of dist_rows; default from `default_chunk`.
-    ranking: "auto", "host" or "device" (see the module docstring).
+    ranking: "auto", "host", "device" or "sort" (see the module docstring).
   """
   q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
   nq = q_pids.shape[0]
@@ -389,7 +444,7 @@ def evaluate_rows(dist_rows: DistRows, num_gallery: int, q_pids, g_pids, q_camid
   c = chunk or default_chunk(num_gallery)
   c = min(c, valid_q.size)
   width = int(np.ceil(counts.max() / _MATCH_BLOCK)) * _MATCH_BLOCK
-  if ranking == "device":
+  if ranking != "host":
     qp_code, gp_code = _codes(q_pids, g_pids)
     qc_code, gc_code = _codes(q_camids, g_camids)
     gp_dev, gc_dev = jnp.asarray(gp_code), jnp.asarray(gc_code)
@@ -414,6 +469,9 @@ def evaluate_rows(dist_rows: DistRows, num_gallery: int, q_pids, g_pids, q_camid
     qp[:rows.size], qc[:rows.size] = qp_code[rows], qc_code[rows]
     mc = np.zeros(c, np.int32)
     mc[:rows.size] = n
+    if ranking == "sort":
+      return rows, n, _device_sorted_ranks(jnp.asarray(d), jnp.asarray(qp), jnp.asarray(qc), gp_dev, gc_dev,
+                                           jnp.asarray(midx), jnp.asarray(mc))
     num_blocks = int(np.ceil(n.max() / _MATCH_BLOCK))
     r = _device_ranks(jnp.asarray(d), jnp.asarray(qp), jnp.asarray(qc), gp_dev, gc_dev, jnp.asarray(midx),
                       jnp.asarray(mc), jnp.int32(num_blocks))
@@ -466,7 +524,7 @@ def evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank: int = MAX_RAN
     max_rank: CMC length before truncation to the gallery size.
     chunk: queries per device call (default: about 512 MiB of distance rows).
     normalize: L2-normalise the features first (official behaviour); False uses them as given.
-    ranking: "auto", "host" or "device".
+    ranking: "auto", "host", "device" or "sort".
 
   Returns:
     EvalResult.
@@ -475,7 +533,7 @@ def evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank: int = MAX_RAN
     ValueError: empty inputs, mismatched widths or lengths, non-finite features, or no valid query.
   """
   qf, gf, q_pids, g_pids, q_camids, g_camids = check_inputs(qf, gf, q_pids, g_pids, q_camids, g_camids)
-  q, g, g_sq, finite = _prepare(jnp.asarray(qf, jnp.float32), jnp.asarray(gf, jnp.float32), normalize)
+  q, g, g_sq, finite = _prepare(_to_device(qf), _to_device(gf), normalize)
   if not bool(finite):
     raise ValueError("features: expected finite values, got NaN or inf")
   dist_rows = lambda idx: _sqdist_gather(q, jnp.asarray(idx, jnp.int32), g, g_sq)

@@ -53,7 +53,7 @@ _PAIR_CHUNK = 8192
 _THREADS = os.cpu_count() or 1
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
+@metrics.jit_untuned(static_argnames=("k",))
 def _knn_block(xr: Array, x: Array, sq_r: Array, sq: Array, k: int) -> tuple[Array, Array]:
   d = (sq_r[:, None] + sq[None, :]) - 2.0 * jnp.dot(xr, x.T, precision=_HIGHEST)
   m = jnp.max(d, axis=1)
@@ -67,7 +67,7 @@ def _pair_scaled_dist(x: Array, sq: Array, m: Array, ii: Array, jj: Array) -> Ar
   return ((sq[ii] + sq[jj]) - 2.0 * dot) / m[ii]
 
 
-@jax.jit
+@metrics.jit_untuned
 def _final_rows(xq: Array, xg: Array, sq_q: Array, sq_g: Array, m_q: Array, part: Array, lam: Array) -> Array:
   d = (sq_q[:, None] + sq_g[None, :]) - 2.0 * jnp.dot(xq, xg.T, precision=_HIGHEST)
   return part.astype(jnp.float32) + (d / m_q[:, None]) * lam
