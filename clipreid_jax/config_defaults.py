@@ -19,6 +19,7 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   c.log_every_steps = 50
   c.checkpoint_every_epochs = 1  # stage 2 (and the last epoch of each stage, and on SIGTERM)
   c.data_workers = 0  # grain worker processes (0: threads in the main process)
+  c.prefetch_batches = 2  # stage-2 batches sent to the devices ahead of their step (overlaps the copy)
   c.visualize = True  # after training: rank lists, t-SNE and curves in WORKDIR/visualizations/
 
   c.dataset = ml_collections.ConfigDict()

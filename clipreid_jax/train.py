@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipreid_jax import checkpoints, losses, optim, steps
-from clipreid_jax.data import pipelines, sampler
+from clipreid_jax.data import pipelines, prefetch, sampler
 from clipreid_jax.data.errors import DataError
 from clipreid_jax.models import clipreid
 from clipreid_jax.models.clip import CLIP, CLIPConfig, load_clip
@@ -95,8 +95,7 @@ def validate_config(config) -> None:
   _need(_is_int(m.stride) and m.stride > 0, "model.stride", m.stride, "a positive integer")
   _need(_is_real(m.sie_coe), "model.sie_coe", m.sie_coe, "a finite number")
   positive_ints = ["stage2.num_ids", "stage2.num_instances", "stage2.max_epochs", "checkpoint_every_epochs",
-                   "stage1.checkpoint_every_epochs",
-                   "log_every_steps"]
+                   "stage1.checkpoint_every_epochs", "log_every_steps", "prefetch_batches"]
   if not m.baseline:  # the baseline has no stage 1
     positive_ints += ["stage1.batch_size", "stage1.max_epochs", "stage1.log_every_epochs"]
   for key in positive_ints:
@@ -590,10 +589,12 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
       sums = None if resume_sums is None else {k: jnp.asarray(v, jnp.float32) for k, v in resume_sums.items()}
       resume_at = None
     first = count
-    bar = tqdm.tqdm(it, total=len(loader), initial=count, desc=f"stage 2 epoch {epoch}", unit="step", leave=False,
-                    disable=jax.process_index() != 0 or not sys.stderr.isatty())
-    for batch in bar:
-      g = to_global(mesh, {k: batch[k] for k in ("image", "pid", "camid", "viewid")})
+    fields = ("image", "pid", "camid", "viewid")
+    batches = prefetch.prefetch(it, lambda b: to_global(mesh, {k: b[k] for k in fields}),
+                                depth=config.prefetch_batches, get_state=it.get_state)
+    bar = tqdm.tqdm(batches, total=len(loader), initial=count, desc=f"stage 2 epoch {epoch}", unit="step",
+                    leave=False, disable=jax.process_index() != 0 or not sys.stderr.isatty())
+    for g, position in bar:
       # The step's randomness is a function of the optimizer step only, so a resumed run draws the same. (Not
       # epoch * steps_per_epoch + count: PK epochs differ in length, and two steps would share their draws.)
       state, metrics = step(state, g, jax.random.fold_in(key, done))
@@ -608,7 +609,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
       # PK epochs differ in length: compare with this epoch's, not with epoch 1's `steps_per_epoch`.
       if run.preempted and count < len(loader):
         check_steps()  # never save a non-finite state
-        run.save(counter(), state, {"stage": 2, "epoch": epoch - 1, "iterator": it.get_state(),
+        run.save(counter(), state, {"stage": 2, "epoch": epoch - 1, "iterator": position,  # not it's: ahead
                                     "sums": {k: float(v) for k, v in jax.device_get(sums).items()}})
         log.warning("pre-empted: saved stage 2 epoch %d at step %d", epoch, count)
         raise SystemExit(143)
