@@ -109,8 +109,19 @@ def _numpy_clip_variables(cfg, seed: int) -> dict:
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+_WEIGHTS = {}
+
+
 def clip_weights(backbone: str, seed: int = 0):
-  """(CLIPConfig, Flax variables) of a random full-size CLIP: OpenAI's init when openai-clip is there."""
+  """(CLIPConfig, Flax variables) of a random full-size CLIP: OpenAI's init when openai-clip is there.
+
+  Cached per process (numpy arrays, never donated): profile_step.py builds several variants from one draw."""
+  if (backbone, seed) not in _WEIGHTS:
+    _WEIGHTS[backbone, seed] = _draw_clip_weights(backbone, seed)
+  return _WEIGHTS[backbone, seed]
+
+
+def _draw_clip_weights(backbone: str, seed: int):
   from clipreid_jax import convert  # pylint: disable=g-import-not-at-top
   cfg = clip_config(backbone)
   if has_openai_clip():

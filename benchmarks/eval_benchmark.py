@@ -74,6 +74,21 @@ def make_synthetic(scale: float, dim: int = DIM, seed: int = 0, noise: float = 2
   return dict(qf=qf, gf=gf, q_pids=q_pids, g_pids=g_pids, q_camids=q_camids, g_camids=g_camids)
 
 
+def make_gaussian(scale: float, dim: int = DIM, seed: int = 0):
+  """Isotropic Gaussian features; labels from one heavy-tailed pool split into query and gallery, 15 random
+  cameras (recipe_benchmark.py's evaluation data)."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from recipe_benchmark import msmt17_pids  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  nq, ng = max(int(round(NUM_QUERY * scale)), 64), max(int(round(NUM_GALLERY * scale)), 256)
+  n_ids = NUM_IDS if nq + ng > 4 * NUM_IDS else (nq + ng) // 4
+  pids = msmt17_pids(nq + ng, n_ids, seed=3)[rng.permutation(nq + ng)]
+  cams = rng.integers(0, NUM_CAMS, nq + ng)
+  feats = rng.standard_normal((nq + ng, dim), dtype=np.float32)
+  return dict(qf=feats[:nq], gf=feats[nq:], q_pids=pids[:nq], g_pids=pids[nq:], q_camids=cams[:nq],
+              g_camids=cams[nq:])
+
+
 def _peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
@@ -110,18 +125,74 @@ def _summary(res) -> dict:
   return dict(mAP=res.mAP, mINP=res.mINP, cmc=[float(c) for c in res.cmc], num_valid=res.num_valid_queries)
 
 
+def _rss_gb() -> dict:
+  """Current RSS, its anonymous / file-backed parts and the high-water mark, in GB (Linux /proc)."""
+  out = {}
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+          out[key] = int(value.split()[0]) * 1024 / 1e9
+  except OSError:
+    pass
+  return out
+
+
+def _top_mappings(n: int = 8) -> list:
+  """The n largest resident mappings, by file (or [anon]), in GB: what the runtime's RSS floor is made of."""
+  sizes, name = {}, None
+  try:
+    with open("/proc/self/smaps") as f:
+      for line in f:
+        parts = line.split()
+        if parts and "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+          name = parts[5] if len(parts) > 5 else "[anon]"
+        elif parts and parts[0] == "Rss:":
+          sizes[name] = sizes.get(name, 0) + int(parts[1]) * 1024
+  except OSError:
+    return []
+  return [(os.path.basename(k), v / 1e9) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def _load_to_device(data_dir: str) -> dict:
+  """Features straight into device memory in 8,192-row pieces (as a model's features are produced there), labels
+  on the host: the host never holds a whole feature matrix."""
+  import jax
+  import jax.numpy as jnp
+  d = {}
+  for k in ("qf", "gf"):
+    with open(os.path.join(data_dir, f"{k}.npy"), "rb") as f:
+      major, _ = np.lib.format.read_magic(f)
+      read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+      shape, _, dtype = read_header(f)
+      parts = []
+      for lo in range(0, shape[0], 8192):
+        rows = min(8192, shape[0] - lo)
+        parts.append(jax.device_put(np.fromfile(f, dtype, rows * shape[1]).reshape(rows, shape[1])))
+      d[k] = jnp.concatenate(parts)
+      d[k].block_until_ready()
+  d.update({k: np.load(os.path.join(data_dir, f"{k}.npy")) for k in ("q_pids", "g_pids", "q_camids", "g_camids")})
+  return d
+
+
 def worker_ours(data_dir: str, args) -> dict:
+  rss = {"start": _rss_gb()}
   from clipreid_jax.evaluation import evaluate
   device = _jax_device()
-  d = _load(data_dir)
+  rss["runtime"] = _rss_gb()  # JAX + the backend started
+  d = _load_to_device(data_dir) if args.device_features else _load(data_dir)
+  rss["loaded"] = _rss_gb()
   floor = _peak_rss_gb()  # JAX runtime + the loaded features, before evaluating
   t0 = time.perf_counter()
-  res = evaluate(d["qf"], d["gf"], *_labels(d), chunk=args.chunk)
+  res = evaluate(d["qf"], d["gf"], *_labels(d), chunk=args.chunk, ranking=args.ranking)
   wall = time.perf_counter() - t0
-  out = dict(wall_s=wall, device=device, rss_before_gb=floor, **_summary(res))
+  rss["evaluated"] = _rss_gb()
+  out = dict(wall_s=wall, device=device, rss_before_gb=floor, rss=rss, top_mappings=_top_mappings(),
+             **_summary(res))
   if args.warm:
     t0 = time.perf_counter()
-    evaluate(d["qf"], d["gf"], *_labels(d), chunk=args.chunk)
+    evaluate(d["qf"], d["gf"], *_labels(d), chunk=args.chunk, ranking=args.ranking)
     out["warm_wall_s"] = time.perf_counter() - t0
   return out
 
@@ -169,15 +240,18 @@ def worker_rerank(data_dir: str, args) -> dict:
 WORKERS = {"ours": worker_ours, "reference": worker_reference, "rerank": worker_rerank}
 
 
-def _run_worker(name: str, data_dir: str, args, xla_flags: str = "") -> dict:
+def _run_worker(name: str, data_dir: str, args, xla_flags: str = "", device_features: bool = False,
+                ranking: str = "auto") -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data", data_dir, "--k1", str(args.k1),
-         "--k2", str(args.k2), "--lam", str(args.lam)]
+         "--k2", str(args.k2), "--lam", str(args.lam), "--ranking", ranking]
   if args.same_dist_check:
     cmd += ["--same-dist-check"]
   if args.chunk:
     cmd += ["--chunk", str(args.chunk)]
   if args.warm:
     cmd += ["--warm"]
+  if device_features:
+    cmd += ["--device-features"]
   env = dict(os.environ)
   if name == "reference":
     env["JAX_PLATFORMS"] = "cpu"  # numpy only; never touch the accelerator
@@ -191,6 +265,10 @@ def _run_worker(name: str, data_dir: str, args, xla_flags: str = "") -> dict:
     return {"error": f"{name} failed with exit code {proc.returncode}"}
   out = json.loads(lines[-1][len("RESULT "):])
   print(f"  {name}: {out['wall_s']:.2f} s, peak RSS {out['peak_rss_gb']:.2f} GB, mAP {out['mAP']:.6f}", flush=True)
+  if "rss" in out:  # where the resident memory is: after start-up, loading and evaluating (GB)
+    print("    RSS GB: " + "; ".join(f"{k}: " + ", ".join(f"{n} {v:.2f}" for n, v in r.items())
+                                     for k, r in out["rss"].items()), flush=True)
+    print("    largest mappings GB: " + ", ".join(f"{n} {v:.2f}" for n, v in out["top_mappings"]), flush=True)
   return out
 
 
@@ -209,6 +287,15 @@ def main(argv=None) -> int:
   p.add_argument("--warm", action="store_true", help="also time a second, compiled call of ours")
   p.add_argument("--autotune-off-too", action="store_true",
                  help="also run ours with XLA_FLAGS=--xla_gpu_autotune_level=0 (GPU: less compile time)")
+  p.add_argument("--device-features-too", action="store_true",
+                 help="also run ours with the features loaded straight into device memory (as a model produces them)")
+  p.add_argument("--device-features", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--ranking", default="auto", help=argparse.SUPPRESS)
+  p.add_argument("--rankings-too", default="", help="also run ours with these ranking methods (e.g. 'sort,host')")
+  p.add_argument("--case", choices=["msmt17", "gaussian"], default="msmt17",
+                 help="msmt17: the structured features above; gaussian: isotropic random features and labels drawn "
+                      "as recipe_benchmark.py draws them (many matches per query, a case where the GPU's "
+                      "compare-and-count ranking was slow, docs/evaluation.md)")
   p.add_argument("--same-dist-check", action="store_true",
                  help="reference worker also runs our ranking on its own distance matrix (untimed)")
   p.add_argument("--k1", type=int, default=50)
@@ -227,7 +314,8 @@ def main(argv=None) -> int:
 
   with tempfile.TemporaryDirectory(prefix="eval_bench_") as tmp:
     t0 = time.perf_counter()
-    data = make_synthetic(args.scale, args.dim, args.seed)
+    data = make_synthetic(args.scale, args.dim, args.seed) if args.case == "msmt17" else make_gaussian(
+        args.scale, args.dim, args.seed)
     for k, v in data.items():
       np.save(os.path.join(tmp, f"{k}.npy"), v)
     shape = (f"{data['qf'].shape[0]:,} queries x {data['gf'].shape[0]:,} gallery x {args.dim}-d, "
@@ -237,6 +325,10 @@ def main(argv=None) -> int:
     results = {"ours": _run_worker("ours", tmp, args)}
     if args.autotune_off_too:
       results["ours_noautotune"] = _run_worker("ours", tmp, args, "--xla_gpu_autotune_level=0")
+    if args.device_features_too:
+      results["ours_device_features"] = _run_worker("ours", tmp, args, device_features=True)
+    for r in filter(None, args.rankings_too.split(",")):
+      results[f"ours_ranking_{r}"] = _run_worker("ours", tmp, args, ranking=r)
     if not args.skip_reference:
       results["reference"] = _run_worker("reference", tmp, args)
     if not args.skip_rerank:
@@ -245,7 +337,9 @@ def main(argv=None) -> int:
   print()
   print(f"scale {args.scale}: {shape}")
   rows = [("ours: evaluate", "ours"), ("ours: evaluate, XLA_FLAGS=--xla_gpu_autotune_level=0", "ours_noautotune"),
+          ("ours: evaluate, features already in device memory", "ours_device_features"),
           ("reference: numpy eval_func", "reference"),
+          *[(f"ours: evaluate, ranking={r}", f"ours_ranking_{r}") for r in filter(None, args.rankings_too.split(","))],
           (f"ours: re-ranking k1={args.k1} k2={args.k2} lambda={args.lam} + evaluate", "rerank")]
   dw = max([len(r.get("device", "")) for r in results.values()] + [6])
   print(f"| {'run':<58} | {'device':<{dw}} | {'wall s':>8} | {'peak RSS GB':>11} | {'mAP':>8} | {'R1':>7} |"
@@ -262,7 +356,7 @@ def main(argv=None) -> int:
     print(f"| {label:<58} | {r['device']:<{dw}} | {r['wall_s']:>8.2f} | {r['peak_rss_gb']:>11.2f} |"
           f" {r['mAP']:>8.5f} | {cmc[0]:>7.4f} | {cmc[min(4, len(cmc) - 1)]:>7.4f} | {r['mINP']:>8.5f} |")
   ours, ref, rr = results["ours"], results.get("reference"), results.get("rerank")
-  for key in ("ours", "ours_noautotune"):
+  for key in [k for k in results if k.startswith("ours")]:
     r = results.get(key, {})
     if "warm_wall_s" in r:
       print(f"{key}: second (compiled) call {r['warm_wall_s']:.2f} s; RSS before evaluating (runtime + loaded "

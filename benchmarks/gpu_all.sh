@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every performance benchmark on one H100/H200 machine in one go, in about 6.5 minutes, printing all tables.
+# Every performance benchmark on one H100/H200 machine in one go, in about 8 minutes, printing all tables.
 #
 # The GPU machines have no network: this script installs nothing. The repository is used in place
 # (PYTHONPATH=., no `pip install -e .`). Their Python lacks openai-clip (the PyTorch reference's CLIP) and ftfy
@@ -8,7 +8,7 @@
 #
 #   bash benchmarks/gpu_all.sh --prepare          # here, with /work/venv (or PYTHON=...) holding the packages
 #
-# then, through the device tool:  run(command="bash benchmarks/gpu_all.sh", carry=[".devdeps"], timeout_s=420)
+# then, through the device tool:  run(command="bash benchmarks/gpu_all.sh", carry=[".devdeps"], timeout_s=540)
 # Without .devdeps the PyTorch rows report an error, our rows use numpy-drawn weights and a stand-in ftfy.
 #
 # Tables go to stdout and, with the workers' logs and JSON, to $OUT (the device tool's folder) or /tmp/gpu_all.
@@ -49,13 +49,28 @@ import jax
 print("  jax devices:", jax.devices())
 EOF
 
-# 1. Steps: ours vs PyTorch fp16, ViT-B/16 (+ cuDNN attention variant, + OLP), RN50, stage 1. Rows are run by
-#    priority and skipped once the budget is spent; the table and goals are printed either way.
-"$PY" benchmarks/step_benchmark.py --budget_s "${STEP_BUDGET_S:-240}" --json "$OUT/step.json" --log "$OUT/step.log" \
+# 1. Steps: ours vs PyTorch fp16 (ViT-B/16 + OLP), then RN50, stage 1 and variants while the budget lasts. Rows
+#    are run by priority and skipped once the budget is spent; the table and goals are printed either way.
+"$PY" benchmarks/step_benchmark.py --budget_s "${STEP_BUDGET_S:-170}" --json "$OUT/step.json" --log "$OUT/step.log" \
   2>&1 | tee "$OUT/step.txt"
 
-# 2. The MSMT17 recipe: 1% of every phase measured, the rest extrapolated; the metric at full size.
-left=$(( ${TOTAL_BUDGET_S:-400} - ($(date +%s) - start) ))
+# 2. Optional (PROFILE=1, ~1 min): where our stage-2 step's time goes, kernel by kernel, with the HLO behind each.
+if [[ "${PROFILE:-0}" == "1" ]]; then
+  timeout 150 "$PY" benchmarks/profile_step.py --variants "${PROFILE_VARIANTS:-default}" --explain 16 \
+    --json "$OUT/profile.json" 2>&1 | grep -v "^PROFILE" | tee "$OUT/profile.txt"
+fi
+
+# 3. Evaluation at MSMT17 size: ours (host and device-resident features) against the NumPy reference (~2 min).
+timeout "${EVAL_BUDGET_S:-170}" "$PY" benchmarks/eval_benchmark.py --scale 1 --warm --device-features-too \
+  --rankings-too sort --skip-rerank --json "$OUT/eval.json" 2>&1 | tee "$OUT/eval.txt"
+# Optional (EVAL_GAUSSIAN=1, ~2.5 min): the many-matches case where the compare-and-count ranking was slow.
+if [[ "${EVAL_GAUSSIAN:-0}" == "1" ]]; then
+  timeout 200 "$PY" benchmarks/eval_benchmark.py --scale 1 --case gaussian --skip-reference --skip-rerank \
+    --rankings-too sort,host --json "$OUT/eval_gaussian.json" 2>&1 | tee "$OUT/eval_gaussian.txt"
+fi
+
+# 4. The MSMT17 recipe: 1% of every phase measured, the rest extrapolated; the metric at full size.
+left=$(( ${TOTAL_BUDGET_S:-470} - ($(date +%s) - start) ))
 echo "recipe benchmark: ${left}s left"
 timeout "$(( left > 60 ? left : 60 ))" "$PY" benchmarks/recipe_benchmark.py --scale "${RECIPE_SCALE:-0.01}" \
   2>&1 | tee "$OUT/recipe.txt"

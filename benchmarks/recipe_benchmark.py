@@ -8,7 +8,8 @@
 MSMT17 (train = list_train + list_val): 32,621 training images of 1,041 identities, 11,659 query and 82,161
 gallery images. The recipe (configs/msmt17_vit.py): stage-1 feature bank (one pass over the training images),
 stage 1 (120 epochs of 510 batches of 64 over the cached bank, as one compiled loop per epoch), text features of every
-identity, stage 2 (60 epochs of 16x4 PK batches with on-device augmentation), evaluation (features of query +
+identity, stage 2 (60 epochs of 16x4 PK batches with on-device augmentation, each batch sent to the device two steps
+ahead, as the trainer does), evaluation (features of query +
 gallery, then mAP / CMC). No JPEG is written: random uint8 batches of the real shape go from host memory to the
 device every step, as the trainer's loader hands them over, and random features feed the metric. Each phase runs
 `--scale` of its steps (at least a few); the full-recipe figure is the measured per-step time times the full step
@@ -38,6 +39,7 @@ import _common as C  # pylint: disable=g-import-not-at-top,wrong-import-position
 GOAL_MINUTES = 20.0
 STAGE1_EPOCHS, STAGE2_EPOCHS, STAGE1_BATCH, EVAL_BATCH, P, K = 120, 60, 64, 64, 16, 4
 LOG_EVERY = 50  # the trainer fetches stage-2 metrics to the host every 50 steps
+STAGE1_CHECKPOINT_EVERY, STAGE2_CHECKPOINT_EVERY = 10, 1  # epochs, the trainer's defaults
 # Per-core decode + resize to 256x128 measured by benchmarks/data_benchmark.py on the H100 machine (docs/data.md).
 H100_HOST_PER_CORE = dict(bicubic=1507.0, bilinear=2034.0)
 
@@ -135,6 +137,7 @@ def main(argv=None) -> int:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from clipreid_jax import evaluation, losses, optim, steps  # pylint: disable=g-import-not-at-top
   from clipreid_jax.data import sampler  # pylint: disable=g-import-not-at-top
+  from clipreid_jax.data.prefetch import prefetch  # pylint: disable=g-import-not-at-top
   from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   from clipreid_jax.models import clipreid  # pylint: disable=g-import-not-at-top
 
@@ -240,8 +243,10 @@ def main(argv=None) -> int:
   def stage2():
     nonlocal state
     sums = None
-    for i in range(run):
-      state, metrics = compiled(state, jax.device_put(host2[i % len(host2)]), jax.random.fold_in(key2, i))
+    # As the trainer feeds stage 2: each batch sent to the device two steps ahead of its step.
+    batches = prefetch(iter(host2[i % len(host2)] for i in range(run)), jax.device_put, depth=2)
+    for i, (batch, _) in enumerate(batches):
+      state, metrics = compiled(state, batch, jax.random.fold_in(key2, i))
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       if (i + 1) % LOG_EVERY == 0:
         float(sums["loss"])
@@ -294,15 +299,19 @@ def main(argv=None) -> int:
   for name, rate, kind in (("stage 2", stage2_rate, "bicubic"), ("eval", eval_rate, "bilinear")):
     print(f"  {name} consumes {rate:,.0f} img/s: {math.ceil(rate / rates[kind])} host cores at this machine's rate, "
           f"{math.ceil(rate / H100_HOST_PER_CORE[kind])} at the H100 machine's")
+  ckpt_min = 0.0
   if ckpt1 is not None:
-    n_saves = STAGE1_EPOCHS + STAGE2_EPOCHS
+    # The trainer's defaults (config_defaults.recipe): stage 1 every 10 epochs, stage 2 every epoch.
+    n1, n2 = STAGE1_EPOCHS // STAGE1_CHECKPOINT_EVERY, STAGE2_EPOCHS // STAGE2_CHECKPOINT_EVERY
+    ckpt_min = (n1 * ckpt1 + n2 * ckpt2) / 60
     print(f"checkpoints (not in the total): one save takes {ckpt1:.1f}s (stage-1 state) / {ckpt2:.1f}s (stage-2 state) "
-          f"here; checkpoint_every_epochs=1 saves {n_saves} times: about "
-          f"{(STAGE1_EPOCHS * ckpt1 + STAGE2_EPOCHS * ckpt2) / 60:.1f} min")
+          f"here; the trainer's defaults save {n1} + {n2} times: about {ckpt_min:.1f} min, "
+          f"{total_min + ckpt_min:.1f} min in all")
   on_gpu = jax.default_backend() == "gpu"
   if on_gpu and not args.tiny:
-    print(C.goal_line("gpu_recipe_minutes", total_min, GOAL_MINUTES, at_most=True)
-          + ("" if args.scale >= 1 else f" (extrapolated from --scale {args.scale})"))
+    print(C.goal_line("gpu_recipe_minutes", total_min + ckpt_min, GOAL_MINUTES, at_most=True)
+          + ("" if args.scale >= 1 else f" (extrapolated from --scale {args.scale})")
+          + (" (checkpoints included)" if ckpt1 is not None else " (checkpoints not measured)"))
   else:
     print(f"goal gpu_recipe_minutes: not measured (needs a GPU; this {'tiny-model ' if args.tiny else ''}run on "
           f"{jax.default_backend()} estimates {total_min:.1f} min)")

@@ -100,7 +100,9 @@ def _full_context_stage1(model, tx):
   return step
 
 
-def run_jax_job(job) -> dict:
+def build_jax_job(job):
+  """(step, state, batch, keys, dtype, weight source) of our row, built as the trainer builds it (also used by
+  profile_step.py)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -133,6 +135,14 @@ def run_jax_job(job) -> dict:
     batch = {"image": x["image"], "pid": x["pid"], "camid": np.zeros(n, np.int32), "viewid": np.zeros(n, np.int32)}
   state, batch = jax.device_put((state, batch))
   keys = list(jax.random.split(jax.random.PRNGKey(0), job["warmup"] + 2 * job["iters"]))
+  return step, state, batch, keys, dtype, source
+
+
+def run_jax_job(job) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  step, state, batch, keys, dtype, source = build_jax_job(job)
+  variant = job["variant"]
   jitted = jax.jit(step, donate_argnums=() if variant == "nodonate" else 0)
   t = time.perf_counter()
   compiled = jitted.lower(state, batch, keys[0]).compile()
@@ -215,6 +225,8 @@ def make_jobs(args, gpu: bool) -> list[dict]:
   jobs = []
 
   def add(framework, stage, backbone, batch, stride=16, variant="default", **kw):
+    if framework not in args.frameworks:
+      return
     jobs.append(dict(common, framework=framework, stage=stage, backbone=backbone, batch=batch, stride=stride,
                      variant=variant, **kw))
 
@@ -284,6 +296,12 @@ def label(job) -> str:
   return name
 
 
+def step_time(r: dict) -> float:
+  """Seconds per step for throughput: pipelined (steps dispatched back to back, as the trainer runs them) where
+  measured, else the median of synced steps (CPU rows)."""
+  return r.get("pipelined_s") or r["median_s"]
+
+
 def report(jobs, results, gpu: bool) -> list[str]:
   lines = []
   devices = sorted({r["device"] for r in results if "device" in r})
@@ -296,7 +314,7 @@ def report(jobs, results, gpu: bool) -> list[str]:
   refs = {}
   for job, r in zip(jobs, results):
     if job["framework"] == "torch" and job["variant"] == "default" and "median_s" in r:
-      refs[(job["stage"], job["backbone"], job["stride"])] = r["median_s"]
+      refs[(job["stage"], job["backbone"], job["stride"])] = step_time(r)
   for job, r in zip(jobs, results):
     who = ("ours" if job["framework"] == "jax" else "torch") + f" {r.get('dtype', '')}"
     if job["variant"] != "default":
@@ -305,13 +323,14 @@ def report(jobs, results, gpu: bool) -> list[str]:
       lines.append(f"{job['stage']:<6}{label(job):<14}{job['batch']:>6}  {who:<26}  ERROR {r['error']}")
       continue
     ref = refs.get((job["stage"], job["backbone"], job["stride"]))
-    ratio = f"{ref / r['median_s']:.2f}x" if ref else "-"
+    ratio = f"{ref / step_time(r):.2f}x" if ref else "-"
     compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
     lines.append(f"{job['stage']:<6}{label(job):<14}{job['batch']:>6}  {who:<26}{C.fmt_ms(r['median_s']):>11}"
-                 f"{C.fmt_ms(r['pipelined_s']):>11}{_rate(job['batch'] / r['median_s']):>9}{ratio:>10}{compile_s:>11}"
+                 f"{C.fmt_ms(r['pipelined_s']):>11}{_rate(job['batch'] / step_time(r)):>9}{ratio:>10}{compile_s:>11}"
                  f"{C.fmt_gib(r['peak_bytes']):>10}{C.fmt_gib(r['xla_bytes']):>9}{r['first_loss']:>10.4f}"
                  f"{'/'.join(f'{x:.1f}' for x in r.get('load', [])):>10}")
-  lines.append("ref/ours: the PyTorch reference's median time over ours (above 1: ours is faster). loss: the first "
+  lines.append("img/s and ref/ours use the pipelined time where it was measured (GPU: how the trainer runs), else "
+               "the median; ref/ours: the PyTorch reference's time over ours (above 1: ours is faster). loss: the first "
                "step's; stage-1 losses match when both run float32 (same weights and inputs). load: the host's 1-minute "
                "load average at the row's start/end.")
 
@@ -338,10 +357,10 @@ def report(jobs, results, gpu: bool) -> list[str]:
   else:
     for g in ("cpu_stage1_time_ratio", "cpu_stage2_vit_time_ratio"):
       goals.append(f"goal {g}: not measured (a CPU goal; this run is on a GPU)")
-    goals.append(C.goal_line("gpu_stage2_images_per_s", j2["batch"] / ours2["median_s"],
+    goals.append(C.goal_line("gpu_stage2_images_per_s", j2["batch"] / step_time(ours2),
                              GOALS["gpu_stage2_images_per_s"], at_most=False) if ours2
                  else "goal gpu_stage2_images_per_s: not measured")
-    goals.append(C.goal_line("gpu_stage2_speedup", ref2["median_s"] / ours2["median_s"], GOALS["gpu_stage2_speedup"],
+    goals.append(C.goal_line("gpu_stage2_speedup", step_time(ref2) / step_time(ours2), GOALS["gpu_stage2_speedup"],
                              at_most=False, unit="x") if ours2 and ref2 else "goal gpu_stage2_speedup: not measured")
     peak = ours2.get("peak_bytes") if ours2 else None
     goals.append(f"report gpu_stage2_peak_memory: ViT-B/16 batch {j2['batch'] if j2 else '?'}: "
@@ -375,6 +394,8 @@ def main(argv=None) -> int:
   parser.add_argument("--torch_per_tensor", action="store_true", default=None,
                       help="also the official one-group-per-tensor Adam (default on GPU)")
   parser.add_argument("--no_torch", action="store_true")
+  parser.add_argument("--frameworks", default="jax,torch", help="whose rows to run (e.g. 'torch' for the reference "
+                      "only, when profile_step.py times ours)")
   parser.add_argument("--no_stage1", action="store_true")
   parser.add_argument("--timeout", type=float, default=900, help="seconds per row")
   parser.add_argument("--list", action="store_true", help="print the rows and exit")
@@ -395,6 +416,7 @@ def main(argv=None) -> int:
   args.variants = (args.variants or ("default,cudnn,fp32" if gpu else "default")).split(",")
   args.stage1_variants = args.stage1_variants.split(",")
   args.backbones = args.backbones.split(",")
+  args.frameworks = args.frameworks.split(",")
   jobs = make_jobs(args, gpu)
   if args.list:
     for job in jobs:

@@ -31,3 +31,29 @@ def test_benchmark_runs(name):
   else:
     goals = [l for l in lines if l.startswith("goal ")]
     assert goals and all((" met" in l) or ("not measured" in l) for l in goals), goals
+
+
+def test_profile_step_reads_a_real_trace(tmp_path):
+  """profile_step.py's trace reader on a jax.profiler trace taken here (CPU: XLA's thunks on host threads) and
+  its HLO lookup, which names what a kernel computes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import profile_step  # pylint: disable=g-import-not-at-top
+
+  f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0) * 2.0 + x.sum(0))
+  x = jnp.ones((256, 256))
+  f(x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    for _ in range(2):
+      f(x).block_until_ready()
+  summary = profile_step.summarize(profile_step.load_trace(str(tmp_path)), steps=2)
+  assert summary["threads"] and summary["top_ops"]
+  assert all(r["ms_per_step"] >= 0 for r in summary["top_ops"])
+  hlo = f.lower(x).compile().as_text()
+  fused = [r["name"] for r in summary["top_ops"] if "fusion" in r["name"]]
+  assert fused, summary["top_ops"]
+  explained = profile_step.explain(hlo, fused)
+  assert explained and all("op_name=" in v for v in explained.values()), explained
+  assert profile_step.category("nvjet_sm90_tst_128x128") == "matmul"
+  assert profile_step.category("input_transpose_fusion_22") == "copy"
