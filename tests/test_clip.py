@@ -290,3 +290,18 @@ def test_cudnn_attention_falls_back_off_gpu(monkeypatch):
     assert clip_lib._target_platform() == "cpu"  # pylint: disable=protected-access
     out = clip_lib.attention(q, q, q)
   assert out.shape == q.shape
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_even_length_attention_is_exact(causal):
+  """The odd-length padding used for cuDNN (whose backward takes even lengths), run here with XLA's kernel:
+  outputs and input gradients equal plain attention over the odd length."""
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  q, k, v = (jax.numpy.asarray(rng.standard_normal((2, 129, 3, 16)), jax.numpy.float32) for _ in range(3))
+  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  padded = lambda q, k, v: clip_lib.even_length_attention(q, k, v, causal=causal)
+  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+  loss = lambda f: lambda *a: (f(*a) * jax.numpy.arange(16.0)).sum()
+  for g_pad, g_plain in zip(jax.grad(loss(padded), (0, 1, 2))(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g_pad, g_plain, rtol=1e-4, atol=1e-5)

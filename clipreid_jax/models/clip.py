@@ -165,7 +165,21 @@ def attention(q, k, v, *, causal: bool = False):
   if impl == "cudnn" and (_target_platform() not in ("gpu", "cuda") or q.dtype not in (jnp.bfloat16, jnp.float16)
                           or q.shape[1] != k.shape[1]):
     impl = None
+  if impl == "cudnn" and q.shape[1] % 2:
+    return even_length_attention(q, k, v, causal=causal, implementation=impl)
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+
+
+def even_length_attention(q, k, v, *, causal: bool = False, implementation: Optional[str] = None):
+  """Self-attention over an odd length L computed at length L + 1: cuDNN's backward pass takes even lengths only
+  (a ViT has 129 tokens, 211 with OLP). The extra query row is sliced off and the extra key is hidden by the
+  kernel's own length mask, so every real query attends to exactly its keys: exact."""
+  b, length = q.shape[:2]
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
+  lengths = jnp.full((b,), length, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), is_causal=causal, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths, implementation=implementation)
+  return out[:, :length]
 
 
 class MultiheadAttention(nn.Module):
