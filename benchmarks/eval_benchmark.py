@@ -189,7 +189,7 @@ def worker_ours(data_dir: str, args) -> dict:
   wall = time.perf_counter() - t0
   rss["evaluated"] = _rss_gb()
   out = dict(wall_s=wall, device=device, rss_before_gb=floor, rss=rss, top_mappings=_top_mappings(),
-             **_summary(res))
+             cuda_module_loading=os.environ.get("CUDA_MODULE_LOADING"), **_summary(res))
   if args.warm:
     t0 = time.perf_counter()
     evaluate(d["qf"], d["gf"], *_labels(d), chunk=args.chunk, ranking=args.ranking)
@@ -241,7 +241,7 @@ WORKERS = {"ours": worker_ours, "reference": worker_reference, "rerank": worker_
 
 
 def _run_worker(name: str, data_dir: str, args, xla_flags: str = "", device_features: bool = False,
-                ranking: str = "auto") -> dict:
+                ranking: str = "auto", extra_env: dict | None = None) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data", data_dir, "--k1", str(args.k1),
          "--k2", str(args.k2), "--lam", str(args.lam), "--ranking", ranking]
   if args.same_dist_check:
@@ -257,6 +257,7 @@ def _run_worker(name: str, data_dir: str, args, xla_flags: str = "", device_feat
     env["JAX_PLATFORMS"] = "cpu"  # numpy only; never touch the accelerator
   if xla_flags:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+  env.update(extra_env or {})
   print(f"[{time.strftime('%H:%M:%S')}] running {name} ...", flush=True)
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -268,7 +269,8 @@ def _run_worker(name: str, data_dir: str, args, xla_flags: str = "", device_feat
   if "rss" in out:  # where the resident memory is: after start-up, loading and evaluating (GB)
     print("    RSS GB: " + "; ".join(f"{k}: " + ", ".join(f"{n} {v:.2f}" for n, v in r.items())
                                      for k, r in out["rss"].items()), flush=True)
-    print("    largest mappings GB: " + ", ".join(f"{n} {v:.2f}" for n, v in out["top_mappings"]), flush=True)
+    print("    largest mappings GB: " + ", ".join(f"{n} {v:.2f}" for n, v in out["top_mappings"])
+          + f"; CUDA_MODULE_LOADING={out.get('cuda_module_loading')}", flush=True)
   return out
 
 
@@ -291,6 +293,9 @@ def main(argv=None) -> int:
                  help="also run ours with the features loaded straight into device memory (as a model produces them)")
   p.add_argument("--device-features", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--ranking", default="auto", help=argparse.SUPPRESS)
+  p.add_argument("--lazy-cuda-too", action="store_true",
+                 help="also run ours with CUDA_MODULE_LOADING=LAZY (kernels loaded on first use: less host memory "
+                      "if the environment loads them eagerly)")
   p.add_argument("--rankings-too", default="", help="also run ours with these ranking methods (e.g. 'sort,host')")
   p.add_argument("--case", choices=["msmt17", "gaussian"], default="msmt17",
                  help="msmt17: the structured features above; gaussian: isotropic random features and labels drawn "
@@ -327,6 +332,8 @@ def main(argv=None) -> int:
       results["ours_noautotune"] = _run_worker("ours", tmp, args, "--xla_gpu_autotune_level=0")
     if args.device_features_too:
       results["ours_device_features"] = _run_worker("ours", tmp, args, device_features=True)
+    if args.lazy_cuda_too:
+      results["ours_lazy_cuda"] = _run_worker("ours", tmp, args, extra_env={"CUDA_MODULE_LOADING": "LAZY"})
     for r in filter(None, args.rankings_too.split(",")):
       results[f"ours_ranking_{r}"] = _run_worker("ours", tmp, args, ranking=r)
     if not args.skip_reference:
@@ -338,6 +345,7 @@ def main(argv=None) -> int:
   print(f"scale {args.scale}: {shape}")
   rows = [("ours: evaluate", "ours"), ("ours: evaluate, XLA_FLAGS=--xla_gpu_autotune_level=0", "ours_noautotune"),
           ("ours: evaluate, features already in device memory", "ours_device_features"),
+          ("ours: evaluate, CUDA_MODULE_LOADING=LAZY", "ours_lazy_cuda"),
           ("reference: numpy eval_func", "reference"),
           *[(f"ours: evaluate, ranking={r}", f"ours_ranking_{r}") for r in filter(None, args.rankings_too.split(","))],
           (f"ours: re-ranking k1={args.k1} k2={args.k2} lambda={args.lam} + evaluate", "rerank")]
