@@ -143,6 +143,17 @@ def compute_dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def to_global(mesh: Mesh, local: dict) -> dict:
   """This host's slice of a batch -> one global array per field, sharded over 'data'."""
   sharding = NamedSharding(mesh, P("data"))
@@ -259,8 +270,10 @@ class Run:
   an image that only decoding finds broken, while stage 1 builds its feature bank) leaves no workdir behind.
   """
 
-  # The sections of config.json a restarted run must match (they change the numbers).
+  # The sections of config.json a restarted run must match (they change the numbers), less the keys inside them
+  # that do not: where the data lives, count warnings, how often stage 1 logs and saves.
   _CONFIG_KEYS = ("dataset", "model", "stage1", "stage2", "loss", "augment", "seed")
+  _FREE_KEYS = ("dataset.root", "dataset.check_counts", "stage1.log_every_epochs", "stage1.checkpoint_every_epochs")
 
   def __init__(self, workdir: str, config):
     self.dir = pathlib.Path(workdir).resolve()
@@ -288,8 +301,9 @@ class Run:
       theirs = json.loads(f.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ConfigError(f"{f}: unreadable ({type(e).__name__}); expected the config.json this trainer writes") from None
+    ours, theirs = _flatten(self.config), _flatten(theirs)
     # Keys a run of an older version did not record are not compared.
-    diff = sorted(k for k, v in self.config.items() if k in theirs
+    diff = sorted(k for k, v in ours.items() if k in theirs and k not in self._FREE_KEYS
                   and json.dumps(v, sort_keys=True, default=str) != json.dumps(theirs[k], sort_keys=True, default=str))
     if diff:
       raise ConfigError(f"{f}: the workdir holds a run of another configuration (differs in {', '.join(diff)}); "

@@ -77,8 +77,23 @@ def test_workdir_of_another_config_is_refused(finished):
   config, root, _ = finished
   c = config.copy_and_resolve_references()
   c.stage2.base_lr = 1.0
-  with pytest.raises(train.ConfigError, match="another configuration"):
+  with pytest.raises(train.ConfigError, match=r"another configuration \(differs in stage2.base_lr\)"):
     train.train_and_evaluate(c, str(root / "work"))
+
+
+def test_workdir_accepts_keys_that_do_not_change_the_numbers(finished, tmp_path):
+  """The dataset moved, stage 1 logs or saves at another period: the same run, so the workdir is accepted."""
+  config, root, _ = finished
+  c = config.copy_and_resolve_references()
+  moved = tmp_path / "moved_data"
+  moved.symlink_to(root / "data")
+  c.dataset.root, c.dataset.check_counts = str(moved), not c.dataset.check_counts
+  c.stage1.log_every_epochs += 1
+  c.stage1.checkpoint_every_epochs += 1
+  train.Run(str(root / "work"), c)  # no ConfigError
+  c.model.stride = 7
+  with pytest.raises(train.ConfigError, match=r"differs in model.stride"):
+    train.Run(str(root / "work"), c)
 
 
 class _Stop(Exception):
