@@ -79,19 +79,27 @@ def _count(sd: dict, pattern: str) -> int:
   return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
 
 
-def infer_clip_config(sd: dict, prefix: str = "", *, vision_prefix: str = "visual.", text_prefix: str = "",
+def infer_clip_config(sd: dict, prefix: str = "", *, vision_prefix: str = "visual.", text_prefix: Optional[str] = "",
                       token_embedding_key: str = "token_embedding.weight") -> CLIPConfig:
-  """Sizes of a CLIP model from its state dict (OpenAI's `build_model` rules)."""
+  """Sizes of a CLIP model from its state dict (OpenAI's `build_model` rules).
+
+  `text_prefix=None`: a vision-only state dict (CLIP-ReID's baseline): the embedding width comes from the image
+  projection and the text sizes keep CLIPConfig's defaults (no text tower is built from them).
+  """
   v = prefix + vision_prefix
-  t = prefix + text_prefix
   try:
-    text_width = sd[t + "ln_final.weight"].shape[0]
-    common = dict(
-        embed_dim=sd[t + "text_projection"].shape[1],
-        context_length=sd[t + "positional_embedding"].shape[0],
-        vocab_size=sd[token_embedding_key].shape[0] if token_embedding_key in sd else 49408,
-        text_width=text_width, text_heads=text_width // 64,
-        text_layers=_count(sd, re.escape(t) + r"transformer\.resblocks\.(\d+)\."))
+    if text_prefix is None:
+      common = dict(embed_dim=sd[v + "proj"].shape[1] if v + "proj" in sd else
+                    sd[v + "attnpool.c_proj.weight"].shape[0])
+    else:
+      t = prefix + text_prefix
+      text_width = sd[t + "ln_final.weight"].shape[0]
+      common = dict(
+          embed_dim=sd[t + "text_projection"].shape[1],
+          context_length=sd[t + "positional_embedding"].shape[0],
+          vocab_size=sd[token_embedding_key].shape[0] if token_embedding_key in sd else 49408,
+          text_width=text_width, text_heads=text_width // 64,
+          text_layers=_count(sd, re.escape(t) + r"transformer\.resblocks\.(\d+)\."))
     if v + "proj" in sd:
       conv = sd[v + "conv1.weight"]
       n = sd[v + "positional_embedding"].shape[0] - 1

@@ -308,16 +308,8 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
   with_text = "text_encoder.ln_final.weight" in sd
   if "classifier.weight" not in sd or not any(k.startswith("image_encoder.") for k in sd):
     raise CheckpointError(f"{path}: no 'classifier.weight' / 'image_encoder.*' tensors; not a CLIP-ReID or baseline checkpoint")
-  if with_text:
-    clip_cfg = infer_clip_config(sd, vision_prefix="image_encoder.", text_prefix="text_encoder.",
-                                 token_embedding_key="")
-  else:  # baseline: no text side; take the embedding width from the projection
-    vit = "image_encoder.proj" in sd
-    e = sd["image_encoder.proj"].shape[1] if vit else sd["image_encoder.attnpool.c_proj.weight"].shape[0]
-    fake = dict(sd)
-    fake.update({"ln_final.weight": np.zeros(512), "text_projection": np.zeros((512, e)),
-                 "positional_embedding": np.zeros((77, 512))})
-    clip_cfg = infer_clip_config(fake, vision_prefix="image_encoder.", token_embedding_key="")
+  clip_cfg = infer_clip_config(sd, vision_prefix="image_encoder.", text_prefix="text_encoder." if with_text else None,
+                               token_embedding_key="")  # baseline: no text side
   clip_cfg = dataclasses.replace(clip_cfg, vision_stride=clip_cfg.vision_patch_size, resnet_last_stride=1)
   pos_key = "image_encoder.positional_embedding" if clip_cfg.is_vit else "image_encoder.attnpool.positional_embedding"
   rows = sd[pos_key].shape[0]
