@@ -5,9 +5,9 @@
 It writes a synthetic dataset under data/synthetic_market (48 training identities, 24 test identities, 4
 cameras), learns the prompts (stage 1, 20 epochs), fine-tunes the image encoder (stage 2, 24 epochs) and
 evaluates the trained and the untrained model, printing `untrained: mAP .. R1 ..` and a last line
-`final: mAP .. R1 .. R5 .. R10 ..` and writing both (percent) to workdirs/demo/metrics.json; about 2 minutes
+`final: mAP .. R1 .. R5 .. R10 ..` and writing both (percent) to workdirs/demo/metrics.json; one to two minutes
 on 2 CPU cores.
-Expected: mAP about 23% and R1 about 21%, against about 8% and 6% for the same model untrained. The CLIP is
+Expected: mAP about 22% and R1 about 21%, against about 8% and 6% for the same model untrained. The CLIP is
 random (no pretrained weights offline), so this shows that the pipeline learns, not the paper's accuracy.
 """
 from clipreid_jax.config_defaults import recipe
