@@ -62,23 +62,59 @@ def load_trace(trace_dir: str):
       pname[e["pid"]] = e["args"]["name"]
     elif e.get("ph") == "M" and e.get("name") == "thread_name":
       tname[(e["pid"], e["tid"])] = e["args"]["name"]
-  spans = [(pname.get(e["pid"], str(e["pid"])), tname.get((e["pid"], e["tid"]), str(e["tid"])), e["name"],
-            float(e["ts"]), float(e.get("dur", 0.0))) for e in events if e.get("ph") == "X"]
-  return spans
+  return [Span(pname.get(e["pid"], str(e["pid"])), tname.get((e["pid"], e["tid"]), str(e["tid"])), e["name"],
+               float(e["ts"]), float(e.get("dur", 0.0)), (e.get("args") or {}).get("hlo_op"))
+          for e in events if e.get("ph") == "X"]
+
+
+Span = collections.namedtuple("Span", "proc thread name ts dur hlo_op")
+
+# Model parts, by the JAX name stack XLA keeps in each instruction's op_name (most specific first).
+COMPONENTS = ("attn/in_proj", "attn/out_proj", "attn", "mlp/c_fc", "mlp/c_proj", "mlp", "ln_1", "ln_2", "ln_pre",
+              "ln_post", "conv1", "classifier", "bottleneck", "augment", "random_erasing", "flip_pad_crop",
+              "transformer/stack", "transformer/while", "transformer")  # the last three: scan machinery, residuals
+
+
+def op_names(hlo: str) -> dict:
+  """HLO instruction name -> its op_name metadata (the JAX op path), from a compiled module's text."""
+  import re  # pylint: disable=g-import-not-at-top
+  out = {}
+  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', hlo, re.M):
+    out[m.group(1)] = m.group(2)
+  return out
+
+
+def component(op_name: str) -> str:
+  """'backward attn/in_proj', 'forward mlp', 'other optimizer / loss', ... from a JAX op path."""
+  phase = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "other"
+  for c in COMPONENTS:
+    if f"/{c}/" in op_name + "/" or op_name.endswith(f"/{c}"):
+      return f"{phase} {c}"
+  return f"{phase} rest" if phase != "other" else "other (optimizer, loss bookkeeping)"
+
+
+def by_component(spans, hlo: str, steps: int) -> dict:
+  """Milliseconds per step by model part, for spans that carry their HLO op (GPU kernels and CPU thunks do)."""
+  names = op_names(hlo)
+  out = collections.defaultdict(float)
+  for sp in spans:
+    key = component(names[sp.hlo_op]) if sp.hlo_op in names else "unmapped"
+    out[key] += sp.dur / 1e3 / steps
+  return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def summarize(spans, steps: int, top: int = 25) -> dict:
   """Device-side summary of a trace of `steps` steps (microsecond durations in, milliseconds out)."""
   threads = collections.defaultdict(lambda: [0.0, 0])
-  for proc, thread, _, _, dur in spans:
-    threads[(proc, thread)][0] += dur
-    threads[(proc, thread)][1] += 1
-  device = [s for s in spans if "/device:" in s[0]]
-  kernels = [s for s in device if "stream" in s[1].lower()]
-  ops = [s for s in device if s[1] in ("XLA Ops", "TensorFlow Ops")]
+  for sp in spans:
+    threads[(sp.proc, sp.thread)][0] += sp.dur
+    threads[(sp.proc, sp.thread)][1] += 1
+  device = [s for s in spans if "/device:" in s.proc]
+  kernels = [s for s in device if "stream" in s.thread.lower()]
+  ops = [s for s in device if s.thread in ("XLA Ops", "TensorFlow Ops")]
   if not device:  # the CPU backend: XLA's thunks run on the host's XLA threads
-    ops = [s for s in spans if s[1] != "python"]
-  ivals = sorted((ts, ts + dur) for _, _, _, ts, dur in kernels)
+    ops = [s for s in spans if s.thread != "python"]
+  ivals = sorted((s.ts, s.ts + s.dur) for s in kernels)
   busy, end = 0.0, -1e30
   for a, b in ivals:  # union of kernel intervals over every stream
     if b > end:
@@ -88,7 +124,7 @@ def summarize(spans, steps: int, top: int = 25) -> dict:
   def table(items):
     by_name = collections.defaultdict(lambda: [0.0, 0])
     by_cat = collections.defaultdict(float)
-    for _, _, name, _, dur in items:
+    for _, _, name, _, dur, _ in items:
       by_name[name][0] += dur
       by_name[name][1] += 1
       by_cat[category(name)] += dur
@@ -99,7 +135,7 @@ def summarize(spans, steps: int, top: int = 25) -> dict:
   kernel_rows, kernel_cats = table(kernels)
   op_rows, op_cats = table(ops)
   return dict(busy_ms_per_step=busy / 1e3 / steps, kernels_per_step=len(kernels) / steps,
-              kernel_ms_per_step=sum(s[4] for s in kernels) / 1e3 / steps, kernel_categories=kernel_cats,
+              kernel_ms_per_step=sum(s.dur for s in kernels) / 1e3 / steps, kernel_categories=kernel_cats,
               top_kernels=kernel_rows, op_categories=op_cats, top_ops=op_rows,
               threads={f"{p} | {t}": dict(ms=v[0] / 1e3, events=v[1])
                        for (p, t), v in sorted(threads.items(), key=lambda kv: -kv[1][0])[:12]})
@@ -188,7 +224,7 @@ def run_variant(name: str, args) -> dict:
       dispatch.append(time.perf_counter() - t)
     m["loss"].block_until_ready()
     pipelined = (time.perf_counter() - t0) / args.steps
-    hlo = jitted.lower(state, batch, keys[0]).compile().as_text() if args.explain else ""
+    hlo = jitted.lower(state, batch, keys[0]).compile().as_text()
     trace_dir = os.path.join(args.trace_dir, name)
     summary = {}
     if args.profile_steps:
@@ -198,9 +234,13 @@ def run_variant(name: str, args) -> dict:
           for i in range(args.profile_steps):
             state, m = jitted(state, batch, keys[i % len(keys)])
           m["loss"].block_until_ready()
-        summary = summarize(load_trace(trace_dir), args.profile_steps, args.top)
+        spans = load_trace(trace_dir)
+        summary = summarize(spans, args.profile_steps, args.top)
         names = [r["name"] for r in summary["top_kernels"] or summary["top_ops"]]  # CPU: no device kernels
         summary["explained"] = explain(hlo, names[:args.explain])
+        timed = [sp for sp in spans if "stream" in sp.thread.lower()] or [  # GPU kernels, else CPU thunks
+            sp for sp in spans if sp.thread != "python" and sp.hlo_op]
+        summary["components"] = by_component(timed, hlo, args.profile_steps)
       except Exception as e:  # pylint: disable=broad-except
         summary = {"profile_error": f"{type(e).__name__}: {str(e)[:300]}"}
     synced.sort()
@@ -231,6 +271,9 @@ def print_variant(r: dict) -> None:
       print(f"   {title}:  ms/step  calls/step  category  name")
       for row in rows:
         print(f"   {row['ms_per_step']:>18.3f} {row['calls_per_step']:>10.1f}  {row['category']:<9} {row['name']}")
+  if r.get("components"):
+    print("   time by model part (ms/step, from each kernel's HLO op path): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in r["components"].items() if v >= 0.005))
   for k, v in r.get("explained", {}).items():
     print(f"   HLO {k}: {v}")
   print("   trace threads: " + "; ".join(f"{k}: {v['ms']:.1f} ms/{v['events']}" for k, v in r["threads"].items()))
@@ -260,7 +303,7 @@ def main(argv=None) -> int:
     else:
       print_variant(r)
     print("PROFILE " + json.dumps({k: v for k, v in r.items()
-                                   if k not in ("top_kernels", "top_ops", "threads", "explained")}),
+                                   if k not in ("top_kernels", "top_ops", "threads", "explained", "components")}),
           flush=True)
     results.append(r)
   if args.json:

@@ -55,5 +55,12 @@ def test_profile_step_reads_a_real_trace(tmp_path):
   assert fused, summary["top_ops"]
   explained = profile_step.explain(hlo, fused)
   assert explained and all("op_name=" in v for v in explained.values()), explained
+  spans = [sp for sp in profile_step.load_trace(str(tmp_path)) if sp.hlo_op]
+  parts = profile_step.by_component(spans, hlo, steps=2)
+  assert parts and "unmapped" not in parts, parts  # every timed thunk found its instruction's op path
+  assert profile_step.component("jit(step)/transpose(jvp(CLIPReID))/x/resblocks_3/attn/in_proj/dot_general") == (
+      "backward attn/in_proj")
+  assert profile_step.component("jit(step)/jvp(CLIPReID)/x/while/body/closed_call/ResidualAttentionBlock/mlp/mul") == (
+      "forward mlp")
   assert profile_step.category("nvjet_sm90_tst_128x128") == "matmul"
   assert profile_step.category("input_transpose_fusion_22") == "copy"
