@@ -35,7 +35,8 @@ import step_benchmark as SB  # pylint: disable=g-import-not-at-top,wrong-import-
 
 CATEGORIES = (  # (category, substrings of a lower-cased kernel / op name), first match wins
     ("attention", ("fmha", "flash", "cudnn", "attention", "softmax")),
-    ("matmul", ("gemm", "ynn", "cutlass", "xmma", "cublas", "nvjet", "dot", "matmul", "conv", "wgmma", "sm90_", "sm80_")),
+    ("matmul", ("gemm", "ynn", "cutlass", "xmma", "cublas", "nvjet", "dot", "matmul", "conv", "wgmma", "sm90_",
+                "sm80_")),
     ("copy", ("memcpy", "memset", "copy", "transpose")),
     ("fusion", ("fusion", "triton", "loop_", "input_", "reduce", "scatter", "gather", "slice", "concatenate")),
 )
@@ -167,7 +168,8 @@ def explain(hlo: str, kernels: list[str], width: int = 150) -> dict:
         shape = t.split(" = ", 1)[1].split("(", 1)[0]
         kind = re.search(r"kind=(\w+)", t)
         op_name = re.search(r'op_name="([^"]*)"', t)
-        out[k] = (f"{shape[:90]} {kind.group(1) if kind else ''} op_name={op_name.group(1)[-width:] if op_name else '?'}"
+        path = op_name.group(1)[-width:] if op_name else "?"
+        out[k] = (f"{shape[:90]} {kind.group(1) if kind else ''} op_name={path}"
                   + ("  || ops: " + ", ".join(f"{o}x{n}" for o, n in ops.most_common(8)) if ops else ""))
         break
   return out

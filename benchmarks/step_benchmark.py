@@ -329,10 +329,10 @@ def report(jobs, results, gpu: bool) -> list[str]:
                  f"{C.fmt_ms(r['pipelined_s']):>11}{_rate(job['batch'] / step_time(r)):>9}{ratio:>10}{compile_s:>11}"
                  f"{C.fmt_gib(r['peak_bytes']):>10}{C.fmt_gib(r['xla_bytes']):>9}{r['first_loss']:>10.4f}"
                  f"{'/'.join(f'{x:.1f}' for x in r.get('load', [])):>10}")
-  lines.append("img/s and ref/ours use the pipelined time where it was measured (GPU: how the trainer runs), else "
-               "the median; ref/ours: the PyTorch reference's time over ours (above 1: ours is faster). loss: the first "
-               "step's; stage-1 losses match when both run float32 (same weights and inputs). load: the host's 1-minute "
-               "load average at the row's start/end.")
+  lines.append("img/s and ref/ours use the pipelined time where it was measured (GPU: how the trainer runs), "
+               "else the median; ref/ours: the PyTorch reference's time over ours (above 1: ours is faster). loss: "
+               "the first step's; stage-1 losses match when both run float32 (same weights and inputs). load: the "
+               "host's 1-minute load average at the row's start/end.")
 
   def find(framework, stage, backbone, stride=16, variant="default"):
     for job, r in zip(jobs, results):

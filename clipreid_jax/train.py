@@ -603,8 +603,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
       sums = None if resume_sums is None else {k: jnp.asarray(v, jnp.float32) for k, v in resume_sums.items()}
       resume_at = None
     first = count
-    fields = ("image", "pid", "camid", "viewid")
-    batches = prefetch.prefetch(it, lambda b: to_global(mesh, {k: b[k] for k in fields}),
+    batches = prefetch.prefetch(it, lambda b: to_global(mesh, {k: b[k] for k in ("image", "pid", "camid", "viewid")}),
                                 depth=config.prefetch_batches, get_state=it.get_state)
     bar = tqdm.tqdm(batches, total=len(loader), initial=count, desc=f"stage 2 epoch {epoch}", unit="step",
                     leave=False, disable=jax.process_index() != 0 or not sys.stderr.isatty())
