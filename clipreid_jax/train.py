@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from clipreid_jax import checkpoints, losses, optim, steps
 from clipreid_jax.data import pipelines, prefetch, sampler
 from clipreid_jax.data.errors import DataError
+from clipreid_jax.models import clip as clip_lib
 from clipreid_jax.models import clipreid
 from clipreid_jax.models.clip import CLIP, CLIPConfig, load_clip
 
@@ -58,6 +59,7 @@ class SaveError(TrainingStopped):
 # Configuration values, checked before anything is read or written.
 
 _DTYPES = ("auto", "float32", "bfloat16")
+_ATTENTION = {"xla": None, "cudnn": "cudnn"}  # model.attention -> jax.nn.dot_product_attention's implementation
 
 
 def _need(ok: bool, key: str, value, expected: str) -> None:
@@ -89,6 +91,8 @@ def validate_config(config) -> None:
   _need(isinstance(m.backbone, str) and m.backbone.startswith(("ViT", "RN")), "model.backbone", m.backbone,
         "a ViT-* or RN* CLIP name")
   _need(m.dtype in _DTYPES, "model.dtype", m.dtype, " or ".join(map(repr, _DTYPES)))
+  _need(m.get("attention", "xla") in _ATTENTION, "model.attention", m.get("attention"),
+        " or ".join(map(repr, _ATTENTION)))
   size = tuple(m.input_size)
   _need(len(size) == 2 and all(_is_int(v) and v > 0 for v in size), "model.input_size", size,
         "two positive integers (height, width)")
@@ -135,6 +139,12 @@ def _get(config, dotted: str):
 
 def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def use_attention(config) -> None:
+  """Sets the attention kernel of every model built after this (`clip.ATTENTION_IMPLEMENTATION`, read when a
+  function is traced). 'cudnn' takes effect on NVIDIA GPUs with bf16/fp16 compute; elsewhere XLA's runs."""
+  clip_lib.ATTENTION_IMPLEMENTATION = _ATTENTION[config.model.get("attention", "xla")]
 
 
 def compute_dtype(name: str):
@@ -273,7 +283,8 @@ class Run:
   # The sections of config.json a restarted run must match (they change the numbers), less the keys inside them
   # that do not: where the data lives, count warnings, how often stage 1 logs and saves.
   _CONFIG_KEYS = ("dataset", "model", "stage1", "stage2", "loss", "augment", "seed")
-  _FREE_KEYS = ("dataset.root", "dataset.check_counts", "stage1.log_every_epochs", "stage1.checkpoint_every_epochs")
+  _FREE_KEYS = ("dataset.root", "dataset.check_counts", "stage1.log_every_epochs", "stage1.checkpoint_every_epochs",
+                "model.attention")
 
   def __init__(self, workdir: str, config):
     self.dir = pathlib.Path(workdir).resolve()
@@ -700,6 +711,7 @@ def format_metrics(m: dict) -> str:
 def train_and_evaluate(config, workdir: str) -> dict:
   # Every input is checked before the workdir is touched: values, the workdir's owner, data, batches, the CLIP.
   validate_config(config)
+  use_attention(config)
   run = Run(workdir, config)
   dataset = load_dataset(config)
   check_data(config, dataset)

@@ -122,6 +122,7 @@ def test_every_recipe_is_valid(key):
     ("augment.erase_prob", -0.1, "a number in [0, 1]"),
     ("stage2.steps", (50, 30), "increasing positive epoch numbers"),
     ("model.dtype", "float16", "'auto' or 'float32' or 'bfloat16'"),
+    ("model.attention", "flash", "'xla' or 'cudnn'"),
     ("mode", "serve", "'train', 'eval' or 'extract'"),
 ])
 def test_bad_value_names_key_value_and_expectation(key, value, expected):

@@ -90,6 +90,7 @@ def test_workdir_accepts_keys_that_do_not_change_the_numbers(finished, tmp_path)
   c.dataset.root, c.dataset.check_counts = str(moved), not c.dataset.check_counts
   c.stage1.log_every_epochs += 1
   c.stage1.checkpoint_every_epochs += 1
+  c.model.attention = "cudnn"  # another kernel for the same model
   train.Run(str(root / "work"), c)  # no ConfigError
   c.model.stride = 7
   with pytest.raises(train.ConfigError, match=r"differs in model.stride"):
@@ -190,3 +191,15 @@ def test_baseline_mode_trains_the_image_side_only(tmp_path):
   assert not [r for r in records if r.get("stage") == 1]
   stage2 = [r for r in records if r.get("stage") == 2]
   assert len(stage2) == config.stage2.max_epochs and all("i2t" not in r and "id_cls" in r for r in stage2)
+
+
+def test_model_attention_sets_the_kernel(monkeypatch):
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(clip_lib, "ATTENTION_IMPLEMENTATION", None)
+  c = tiny_config("unused")
+  c.model.attention = "cudnn"
+  train.use_attention(c)
+  assert clip_lib.ATTENTION_IMPLEMENTATION == "cudnn"
+  c.model.attention = "xla"
+  train.use_attention(c)
+  assert clip_lib.ATTENTION_IMPLEMENTATION is None
