@@ -87,11 +87,10 @@ def list_images(spec: str) -> list[str]:
 def extract_to_files(config) -> pathlib.Path:
   """--config.mode=extract: features.npy + features_index.txt (one path per row) in extract.output."""
   from clipreid_jax import train
-  from clipreid_jax.train import ConfigError
   if not config.checkpoint:
-    raise ConfigError("checkpoint: expected a model directory for mode=extract")
+    raise train.ConfigError("checkpoint: expected a model directory for mode=extract")
   if not config.extract.input or not config.extract.output:
-    raise ConfigError("extract.input and extract.output: both are required for mode=extract")
+    raise train.ConfigError("extract.input and extract.output: both are required for mode=extract")
   files = list_images(config.extract.input)
   train.use_attention(config)
   feats = FeatureExtractor(config.checkpoint, batch_size=config.eval.batch_size)(files)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -151,17 +152,6 @@ def compute_dtype(name: str):
   if name == "auto":
     return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}."""
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def to_global(mesh: Mesh, local: dict) -> dict:
@@ -312,7 +302,7 @@ class Run:
       theirs = json.loads(f.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ConfigError(f"{f}: unreadable ({type(e).__name__}); expected the config.json this trainer writes") from None
-    ours, theirs = _flatten(self.config), _flatten(theirs)
+    ours, theirs = (traverse_util.flatten_dict(d, sep=".") for d in (self.config, theirs))
     # Keys a run of an older version did not record are not compared.
     diff = sorted(k for k, v in ours.items() if k in theirs and k not in self._FREE_KEYS
                   and json.dumps(v, sort_keys=True, default=str) != json.dumps(theirs[k], sort_keys=True, default=str))

@@ -333,6 +333,16 @@ def _codes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return inv[:len(a)], inv[len(a):]
 
 
+def _kept_distances(d: Array, q_pid: Array, q_cam: Array, g_pid: Array, g_cam: Array) -> Array:
+  """Distance rows with the gallery entries of the query's own pid and camera (the protocol drops them) at +inf."""
+  return jnp.where((q_pid[:, None] == g_pid[None, :]) & (q_cam[:, None] == g_cam[None, :]), jnp.inf, d)
+
+
+def _padded(ranks: Array, mcount: Array) -> Array:
+  """Match ranks (C, M) with the slots past each row's `mcount` matches set to _NO_RANK."""
+  return jnp.where(jnp.arange(ranks.shape[1])[None, :] < mcount[:, None], ranks, _NO_RANK)
+
+
 @jit_untuned(static_argnames=("block",))  # a compare-and-count; nothing for the autotuner to choose
 def _device_ranks(d: Array, q_pid: Array, q_cam: Array, g_pid: Array, g_cam: Array, midx: Array, mcount: Array,
                   num_blocks: Array, block: int = _MATCH_BLOCK) -> Array:
@@ -341,8 +351,7 @@ def _device_ranks(d: Array, q_pid: Array, q_cam: Array, g_pid: Array, g_cam: Arr
   d: (C, G) distances; midx: (C, M) gallery indices of the true matches (ascending, padded); mcount: (C,).
   The loop over match blocks has a traced trip count, so one compilation serves every chunk.
   """
-  excluded = (q_pid[:, None] == g_pid[None, :]) & (q_cam[:, None] == g_cam[None, :])
-  dv = jnp.where(excluded, jnp.inf, d)
+  dv = _kept_distances(d, q_pid, q_cam, g_pid, g_cam)
   col = jnp.arange(d.shape[1], dtype=jnp.int32)
 
   def body(b, ranks):
@@ -352,9 +361,7 @@ def _device_ranks(d: Array, q_pid: Array, q_cam: Array, g_pid: Array, g_cam: Arr
     r = jnp.sum(before, axis=-1, dtype=jnp.int32) + 1
     return jax.lax.dynamic_update_slice_in_dim(ranks, r, b * block, axis=1)
 
-  ranks = jax.lax.fori_loop(0, num_blocks, body, jnp.zeros(midx.shape, jnp.int32))
-  used = jnp.arange(midx.shape[1])[None, :] < mcount[:, None]
-  return jnp.where(used, ranks, _NO_RANK)
+  return _padded(jax.lax.fori_loop(0, num_blocks, body, jnp.zeros(midx.shape, jnp.int32)), mcount)
 
 
 @jit_untuned
@@ -362,14 +369,11 @@ def _device_sorted_ranks(d: Array, q_pid: Array, q_cam: Array, g_pid: Array, g_c
                          mcount: Array) -> Array:
   """`_device_ranks` by one stable sort per row: the rank of a match is its position in the row's (distance,
   gallery index) order. Work independent of the number of matches (O(chunk x gallery x log gallery))."""
-  excluded = (q_pid[:, None] == g_pid[None, :]) & (q_cam[:, None] == g_cam[None, :])
-  dv = jnp.where(excluded, jnp.inf, d) + 0.0  # -0.0 -> +0.0: the sort orders -0.0 before +0.0, `<` does not
+  dv = _kept_distances(d, q_pid, q_cam, g_pid, g_cam) + 0.0  # -0.0 -> +0.0: the sort puts -0.0 first, `<` does not
   col = jnp.broadcast_to(jnp.arange(d.shape[1], dtype=jnp.int32), d.shape)
   _, order = jax.lax.sort((dv, col), dimension=1, num_keys=1, is_stable=True)
   pos = jnp.zeros_like(col).at[jnp.arange(d.shape[0])[:, None], order].set(col, unique_indices=True)
-  ranks = jnp.take_along_axis(pos, midx, axis=1) + 1
-  used = jnp.arange(midx.shape[1])[None, :] < mcount[:, None]
-  return jnp.where(used, ranks, _NO_RANK)
+  return _padded(jnp.take_along_axis(pos, midx, axis=1) + 1, mcount)
 
 
 def _host_row_ranks(row: np.ndarray, midx: np.ndarray, excl: np.ndarray) -> np.ndarray:

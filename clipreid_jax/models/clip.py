@@ -236,7 +236,7 @@ SCAN_BLOCKS: Optional[bool] = None
 
 
 def _scan_blocks() -> bool:
-  return jax.default_backend() == "cpu" if SCAN_BLOCKS is None else bool(SCAN_BLOCKS)
+  return _target_platform() == "cpu" if SCAN_BLOCKS is None else bool(SCAN_BLOCKS)
 
 
 class Transformer(nn.Module):
