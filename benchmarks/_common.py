@@ -45,6 +45,29 @@ MSMT17 = dict(num_train=32_621, num_ids=1_041, num_query=11_659, num_gallery=82_
               num_cams=15)
 NUM_CLASSES = MSMT17["num_ids"]
 
+
+def msmt17_pids(num_images: int, num_ids: int, seed: int = 0) -> np.ndarray:
+  """Identity labels with MSMT17's counts and a heavy-tailed spread of images per identity (at least 2 each)."""
+  rng = np.random.default_rng(seed)
+  w = rng.lognormal(0.0, 0.8, num_ids)
+  counts = 2 + np.floor(w / w.sum() * (num_images - 2 * num_ids)).astype(int)
+  counts[: num_images - counts.sum()] += 1
+  return np.repeat(np.arange(num_ids), counts)
+
+
+def gaussian_eval_case(scale: float, dim: int, seed: int = 0) -> dict:
+  """An evaluation problem of `scale` x MSMT17's test split: isotropic Gaussian features, labels from one
+  heavy-tailed pool of the test identities split into query and gallery, random cameras. Many true matches per
+  query (44 on average at full size): recipe_benchmark.py's metric, eval_benchmark.py --case gaussian."""
+  rng = np.random.default_rng(seed)
+  nq, ng = max(64, round(scale * MSMT17["num_query"])), max(256, round(scale * MSMT17["num_gallery"]))
+  n_ids = MSMT17["num_test_ids"] if nq + ng > 4 * MSMT17["num_test_ids"] else (nq + ng) // 4
+  pids = msmt17_pids(nq + ng, n_ids, seed=3)[rng.permutation(nq + ng)]
+  cams = rng.integers(0, MSMT17["num_cams"], nq + ng)
+  feats = rng.standard_normal((nq + ng, dim), dtype=np.float32)
+  return dict(qf=feats[:nq], gf=feats[nq:], q_pids=pids[:nq], g_pids=pids[nq:], q_camids=cams[:nq],
+              g_camids=cams[nq:])
+
 # OpenAI's ViT-B/16 and RN50 sizes (clip.model.CLIP arguments).
 OPENAI_SIZES = {
     "vit": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16),

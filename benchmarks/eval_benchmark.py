@@ -35,6 +35,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common as C  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # MSMT17 test split.
 NUM_QUERY, NUM_GALLERY, NUM_IDS, NUM_CAMS, DIM = 11_659, 82_161, 3_060, 15, 1280
@@ -72,21 +75,6 @@ def make_synthetic(scale: float, dim: int = DIM, seed: int = 0, noise: float = 2
   qf, q_pids, q_camids = draw(nq)
   gf, g_pids, g_camids = draw(ng)
   return dict(qf=qf, gf=gf, q_pids=q_pids, g_pids=g_pids, q_camids=q_camids, g_camids=g_camids)
-
-
-def make_gaussian(scale: float, dim: int = DIM, seed: int = 0):
-  """Isotropic Gaussian features; labels from one heavy-tailed pool split into query and gallery, 15 random
-  cameras (recipe_benchmark.py's evaluation data)."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from recipe_benchmark import msmt17_pids  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  nq, ng = max(int(round(NUM_QUERY * scale)), 64), max(int(round(NUM_GALLERY * scale)), 256)
-  n_ids = NUM_IDS if nq + ng > 4 * NUM_IDS else (nq + ng) // 4
-  pids = msmt17_pids(nq + ng, n_ids, seed=3)[rng.permutation(nq + ng)]
-  cams = rng.integers(0, NUM_CAMS, nq + ng)
-  feats = rng.standard_normal((nq + ng, dim), dtype=np.float32)
-  return dict(qf=feats[:nq], gf=feats[nq:], q_pids=pids[:nq], g_pids=pids[nq:], q_camids=cams[:nq],
-              g_camids=cams[nq:])
 
 
 def _peak_rss_gb() -> float:
@@ -319,7 +307,7 @@ def main(argv=None) -> int:
 
   with tempfile.TemporaryDirectory(prefix="eval_bench_") as tmp:
     t0 = time.perf_counter()
-    data = make_synthetic(args.scale, args.dim, args.seed) if args.case == "msmt17" else make_gaussian(
+    data = make_synthetic(args.scale, args.dim, args.seed) if args.case == "msmt17" else C.gaussian_eval_case(
         args.scale, args.dim, args.seed)
     for k, v in data.items():
       np.save(os.path.join(tmp, f"{k}.npy"), v)

@@ -25,8 +25,10 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,13 +78,15 @@ COMPONENTS = ("attn/in_proj", "attn/out_proj", "attn", "mlp/c_fc", "mlp/c_proj",
               "transformer/stack", "transformer/while", "transformer")  # the last three: scan machinery, residuals
 
 
-def op_names(hlo: str) -> dict:
-  """HLO instruction name -> its op_name metadata (the JAX op path), from a compiled module's text."""
-  import re  # pylint: disable=g-import-not-at-top
-  out = {}
-  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', hlo, re.M):
-    out[m.group(1)] = m.group(2)
-  return out
+def instructions(hlo: str) -> dict:
+  """HLO instruction name -> its line, from a compiled module's text (names are unique in a module)."""
+  return {m.group(1): m.group(0).strip() for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*$", hlo, re.M)}
+
+
+def op_path(line: str) -> Optional[str]:
+  """The op_name metadata of an HLO instruction line: the JAX op path it was lowered from."""
+  m = re.search(r'op_name="([^"]*)"', line)
+  return m.group(1) if m else None
 
 
 def component(op_name: str) -> str:
@@ -96,10 +100,10 @@ def component(op_name: str) -> str:
 
 def by_component(spans, hlo: str, steps: int) -> dict:
   """Milliseconds per step by model part, for spans that carry their HLO op (GPU kernels and CPU thunks do)."""
-  names = op_names(hlo)
+  paths = {name: op_path(line) for name, line in instructions(hlo).items()}
   out = collections.defaultdict(float)
   for sp in spans:
-    key = component(names[sp.hlo_op]) if sp.hlo_op in names else "unmapped"
+    key = component(paths[sp.hlo_op]) if paths.get(sp.hlo_op) else "unmapped"
     out[key] += sp.dur / 1e3 / steps
   return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
@@ -145,7 +149,6 @@ def summarize(spans, steps: int, top: int = 25) -> dict:
 def explain(hlo: str, kernels: list[str], width: int = 150) -> dict:
   """The optimised-HLO instruction behind each kernel name (XLA names kernels after their fusion, '.' -> '_'),
   with the ops its fused computation contains: what an unnamed `fusion_2106` actually computes."""
-  import re  # pylint: disable=g-import-not-at-top
   lines = hlo.splitlines()
   bodies, current = {}, None
   for line in lines:  # fused computations: name -> their op names
@@ -157,21 +160,18 @@ def explain(hlo: str, kernels: list[str], width: int = 150) -> dict:
       op = re.search(r"= [^ ]+ ([a-z\-]+)\(", line)
       if op:
         bodies[current][op.group(1)] += 1
+  index = instructions(hlo)
   out = {}
   for k in kernels:
-    cand = re.sub(r"_(\d+)$", r".\1", k)
-    for line in lines:
-      t = line.strip()
-      if t.startswith((f"%{cand} =", f"{cand} =", f"%{k} =", f"{k} =", f"ROOT %{cand} =", f"ROOT {cand} =")):
-        called = re.search(r"calls=%?([\w.\-]+)", t)
-        ops = bodies.get(called.group(1), {}) if called else {}
-        shape = t.split(" = ", 1)[1].split("(", 1)[0]
-        kind = re.search(r"kind=(\w+)", t)
-        op_name = re.search(r'op_name="([^"]*)"', t)
-        path = op_name.group(1)[-width:] if op_name else "?"
-        out[k] = (f"{shape[:90]} {kind.group(1) if kind else ''} op_name={path}"
-                  + ("  || ops: " + ", ".join(f"{o}x{n}" for o, n in ops.most_common(8)) if ops else ""))
-        break
+    t = index.get(re.sub(r"_(\d+)$", r".\1", k)) or index.get(k)
+    if t is None:
+      continue
+    called = re.search(r"calls=%?([\w.\-]+)", t)
+    ops = bodies.get(called.group(1), {}) if called else {}
+    shape = t.split(" = ", 1)[1].split("(", 1)[0]
+    kind = re.search(r"kind=(\w+)", t)
+    out[k] = (f"{shape[:90]} {kind.group(1) if kind else ''} op_name={(op_path(t) or '?')[-width:]}"
+              + ("  || ops: " + ", ".join(f"{o}x{n}" for o, n in ops.most_common(8)) if ops else ""))
   return out
 
 

@@ -44,15 +44,6 @@ STAGE1_CHECKPOINT_EVERY, STAGE2_CHECKPOINT_EVERY = 10, 1  # epochs, the trainer'
 H100_HOST_PER_CORE = dict(bicubic=1507.0, bilinear=2034.0)
 
 
-def msmt17_pids(num_images: int, num_ids: int, seed: int = 0) -> np.ndarray:
-  """Identity labels with MSMT17's counts and a heavy-tailed spread of images per identity (at least 2 each)."""
-  rng = np.random.default_rng(seed)
-  w = rng.lognormal(0.0, 0.8, num_ids)
-  counts = 2 + np.floor(w / w.sum() * (num_images - 2 * num_ids)).astype(int)
-  counts[: num_images - counts.sum()] += 1
-  return np.repeat(np.arange(num_ids), counts)
-
-
 def timed(fn):
   t = time.perf_counter()
   out = fn()
@@ -196,7 +187,7 @@ def main(argv=None) -> int:
   epoch_fn = jax.jit(steps.make_stage1_epoch(model, tx1, STAGE1_BATCH), donate_argnums=0)
   state = jax.device_put(steps.create_state(variables["params"], variables["batch_stats"], tx1))
   feats = jax.device_put(rng.standard_normal((n_bank, embed)).astype(np.float32))
-  labels = jax.device_put(msmt17_pids(n_train, n_ids)[rng.permutation(n_train)[:n_bank]].astype(np.int32))
+  labels = jax.device_put(C.msmt17_pids(n_train, n_ids)[rng.permutation(n_train)[:n_bank]].astype(np.int32))
   key = jax.random.PRNGKey(0)
   perm0 = jax.random.permutation(key, n_bank)
   compiled, c_s = timed(lambda: epoch_fn.lower(state, feats, labels, perm0).compile())
@@ -219,7 +210,7 @@ def main(argv=None) -> int:
   report.add("text features", 1, "pass", 1, t_s, 0.0, "compile included in the time")
 
   # ---- Stage 2: 60 epochs of PK batches, uint8 images host -> device each step, augmentation on device.
-  pids = msmt17_pids(n_train, n_ids)
+  pids = C.msmt17_pids(n_train, n_ids)
   # PK epochs differ in length; the trainer's lr schedule takes every epoch's length, so does this one.
   epoch_lengths = [sampler.pk_epoch_plan(pids, num_ids=P, num_instances=K, seed=1234, epoch=e).shape[0]
                    for e in range(1, STAGE2_EPOCHS + 1)]
@@ -272,13 +263,10 @@ def main(argv=None) -> int:
   _, run_s = timed(lambda: extract(compiled, run))
   eval_rate = EVAL_BATCH * run / run_s
   report.add("eval features", full, "batch", run, run_s, c_s, f"{eval_rate:,.1f} img/s")
-  nq, ng = max(64, round(args.eval_scale * m["num_query"])), max(256, round(args.eval_scale * m["num_gallery"]))
-  test_pids = msmt17_pids(nq + ng, m["num_test_ids"] if nq + ng > 4 * m["num_test_ids"] else (nq + ng) // 4, seed=3)
-  test_pids = test_pids[rng.permutation(nq + ng)]
-  cams = rng.integers(0, m["num_cams"], nq + ng)
-  dim = model.config.feature_dim + embed
-  f = rng.standard_normal((nq + ng, dim)).astype(np.float32)
-  res, e_s = timed(lambda: evaluation.evaluate(f[:nq], f[nq:], test_pids[:nq], test_pids[nq:], cams[:nq], cams[nq:]))
+  case = C.gaussian_eval_case(args.eval_scale, model.config.feature_dim + embed)
+  nq, ng = len(case["q_pids"]), len(case["g_pids"])
+  res, e_s = timed(lambda: evaluation.evaluate(case["qf"], case["gf"], case["q_pids"], case["g_pids"],
+                                               case["q_camids"], case["g_camids"]))
   factor = (m["num_query"] * m["num_gallery"]) / (nq * ng)
   # Its cost grows with query x gallery; scaled down, the estimate also multiplies fixed costs (an upper bound).
   report.add("eval metric", 1, "pass", 1, e_s, 0.0,
