@@ -182,10 +182,14 @@ def l2_normalize(x) -> Array:
   return _l2_normalize(jnp.asarray(x, jnp.float32))
 
 
-def _sqdist(q: Array, g: Array, g_sq: Array) -> Array:
-  # Official order: (|q|^2 + |g|^2) + (-2 q.g); the scaling by -2 is exact.
-  q_sq = jnp.sum(q * q, axis=1)
+def sqdist_from_norms(q: Array, g: Array, q_sq: Array, g_sq: Array) -> Array:
+  """Squared Euclidean distances in the official order, (|q|^2 + |g|^2) + (-2 q.g) (the scaling by -2 is exact),
+  from rows and their squared norms; evaluation and re-ranking both use it."""
   return (q_sq[:, None] + g_sq[None, :]) - 2.0 * jnp.dot(q, g.T, precision=_HIGHEST)
+
+
+def _sqdist(q: Array, g: Array, g_sq: Array) -> Array:
+  return sqdist_from_norms(q, g, jnp.sum(q * q, axis=1), g_sq)
 
 
 _sqdist_rows = jit_untuned(_sqdist)

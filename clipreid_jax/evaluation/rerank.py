@@ -43,7 +43,6 @@ from clipreid_jax.evaluation import metrics
 from clipreid_jax.evaluation.rerank_exact import half_k
 
 Array = jax.Array
-_HIGHEST = jax.lax.Precision.HIGHEST
 # Budget for one device block of distance rows (and its temporaries).
 _BLOCK_BYTES = 512 * 2**20
 # Pairs per device call when computing expansion-set distances.
@@ -54,7 +53,7 @@ _THREADS = os.cpu_count() or 1
 
 @metrics.jit_untuned(static_argnames=("k",))
 def _knn_block(xr: Array, x: Array, sq_r: Array, sq: Array, k: int) -> tuple[Array, Array]:
-  d = (sq_r[:, None] + sq[None, :]) - 2.0 * jnp.dot(xr, x.T, precision=_HIGHEST)
+  d = metrics.sqdist_from_norms(xr, x, sq_r, sq)
   m = jnp.max(d, axis=1)
   _, idx = jax.lax.top_k(-(d / m[:, None]), k)
   return idx, m
@@ -68,7 +67,7 @@ def _pair_scaled_dist(x: Array, sq: Array, m: Array, ii: Array, jj: Array) -> Ar
 
 @metrics.jit_untuned
 def _final_rows(xq: Array, xg: Array, sq_q: Array, sq_g: Array, m_q: Array, part: Array, lam: Array) -> Array:
-  d = (sq_q[:, None] + sq_g[None, :]) - 2.0 * jnp.dot(xq, xg.T, precision=_HIGHEST)
+  d = metrics.sqdist_from_norms(xq, xg, sq_q, sq_g)
   return part.astype(jnp.float32) + (d / m_q[:, None]) * lam
 
 
