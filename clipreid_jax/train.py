@@ -517,7 +517,8 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
   s = config.stage1
   n = len(dataset.train)
   steps_per_epoch = -(-n // s.batch_size)
-  tx = optim.stage1_optimizer(stage1_solver(config), steps_per_epoch)
+  solver = stage1_solver(config)
+  tx = optim.stage1_optimizer(solver, steps_per_epoch)
   t0 = time.time()
   loader = pipelines.stage1_loader(dataset.train, image_size=model.config.input_size, batch_size=config.eval.batch_size,
                                    process_index=jax.process_index(), process_count=jax.process_count())
@@ -534,7 +535,7 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
   state = replicate(mesh, state)
   epoch_fn = jax.jit(steps.make_stage1_epoch(model, tx, s.batch_size), donate_argnums=0)
   key = jax.random.PRNGKey(config.seed)
-  lr = stage1_solver(config).schedule()
+  lr = solver.schedule()
   for epoch in range(start, s.max_epochs + 1):
     t = time.time()
     perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
