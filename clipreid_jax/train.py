@@ -263,6 +263,22 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
 # Run bookkeeping: metrics.jsonl, checkpoints, pre-emption.
 
 
+def _join_new_threads(before: set, deadline: float) -> None:
+  """Waits until every thread started since `before` has ended, or the deadline. `threading.enumerate()` also
+  lists threads still inside `start()`, which cannot be joined yet: they are waited for on the next round. Base
+  `Thread.join`: orbax's own threads re-raise their errors from `join`, and those are reported already."""
+  me = threading.current_thread()
+  while time.time() < deadline:
+    new = [t for t in threading.enumerate() if t not in before and t is not me]
+    if not new:
+      return
+    for t in new:
+      if t.ident is None:  # still starting
+        time.sleep(0.01)
+      else:
+        threading.Thread.join(t, max(0.0, deadline - time.time()))
+
+
 class Run:
   """The workdir: checkpoints/ (orbax), metrics.jsonl, config.json, stage1/ and model/ directories.
 
@@ -410,9 +426,7 @@ class Run:
     except Exception as e:  # pylint: disable=broad-except  # orbax and tensorstore raise many types for I/O
       # orbax raises at the first failed item while the others may still be writing: let the save's own
       # threads finish (base join: their errors are already reported) before removing the half-written step.
-      deadline = time.time() + 60
-      for t in set(threading.enumerate()) - before:
-        threading.Thread.join(t, max(0.0, deadline - time.time()))
+      _join_new_threads(before, deadline=time.time() + 60)
       if jax.process_index() == 0:
         for p in (self.dir / "checkpoints").glob(f"{counter}.orbax-checkpoint-tmp*"):
           shutil.rmtree(p, ignore_errors=True)
