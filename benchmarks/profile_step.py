@@ -14,8 +14,10 @@ trainer's optimizer, on-device augmentation, donated state) and reports:
 Busy well below pipelined means the device waits for the host; busy near pipelined means kernels decide.
 
 Variants: default; cudnn (cuDNN flash attention); fp32 (float32 compute); b128 / b32 (batch); autotune0
-(`xla_gpu_autotune_level=0` for this executable only); noscan / scan (blocks unrolled or in a lax.scan, see
-clip.SCAN_BLOCKS). The last line per variant is machine-readable: `PROFILE {json}`.
+(`xla_gpu_autotune_level=0` for this executable only); barriers / nobarriers (gradient barriers between the
+transformer blocks on or off, see clip.GRADIENT_BARRIERS; on by default on the CPU only). Each variant also reports
+its largest fusion's parameter count: one that grows with depth is XLA re-computing the residual-gradient chain.
+The last line per variant is machine-readable: `PROFILE {json}`.
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ Span = collections.namedtuple("Span", "proc thread name ts dur hlo_op")
 # Model parts, by the JAX name stack XLA keeps in each instruction's op_name (most specific first).
 COMPONENTS = ("attn/in_proj", "attn/out_proj", "attn", "mlp/c_fc", "mlp/c_proj", "mlp", "ln_1", "ln_2", "ln_pre",
               "ln_post", "conv1", "classifier", "bottleneck", "augment", "random_erasing", "flip_pad_crop",
-              "transformer/stack", "transformer/while", "transformer")  # the last three: scan machinery, residuals
+              "transformer")  # the last: the residual stream and the barriers' conditionals
 
 
 def instructions(hlo: str) -> dict:
@@ -146,6 +148,12 @@ def summarize(spans, steps: int, top: int = 25) -> dict:
                        for (p, t), v in sorted(threads.items(), key=lambda kv: -kv[1][0])[:12]})
 
 
+def largest_fusion(hlo: str) -> int:
+  """The most parameters of any fused computation in optimised HLO text."""
+  chunks = re.split(r"\n(?=\S)", hlo)  # one computation per chunk
+  return max((len(re.findall(r"= \S+ parameter\(", c)) for c in chunks if c.startswith("%fused")), default=0)
+
+
 def explain(hlo: str, kernels: list[str], width: int = 150) -> dict:
   """The optimised-HLO instruction behind each kernel name (XLA names kernels after their fusion, '.' -> '_'),
   with the ops its fused computation contains: what an unnamed `fusion_2106` actually computes."""
@@ -182,8 +190,8 @@ VARIANTS = {  # name -> (job overrides, compiler options, model-module settings)
     "b128": ({"batch": 128}, {}, {}),
     "b32": ({"batch": 32}, {}, {}),
     "autotune0": ({}, {"xla_gpu_autotune_level": 0}, {}),
-    "scan": ({}, {}, {"SCAN_BLOCKS": True}),
-    "noscan": ({}, {}, {"SCAN_BLOCKS": False}),
+    "barriers": ({}, {}, {"GRADIENT_BARRIERS": True}),
+    "nobarriers": ({}, {}, {"GRADIENT_BARRIERS": False}),
 }
 
 
@@ -247,7 +255,8 @@ def run_variant(name: str, args) -> dict:
         summary = {"profile_error": f"{type(e).__name__}: {str(e)[:300]}"}
     synced.sort()
     return dict(variant=name, batch=job["batch"], dtype=str(jax.numpy.dtype(dtype)), device=C.device_name(),
-                compile_s=compile_s, first_s=first_s, synced_ms=1e3 * synced[len(synced) // 2],
+                compile_s=compile_s, largest_fusion=largest_fusion(hlo), first_s=first_s,
+                synced_ms=1e3 * synced[len(synced) // 2],
                 pipelined_ms=1e3 * pipelined, dispatch_ms=1e3 * sorted(dispatch)[len(dispatch) // 2],
                 images_per_s=job["batch"] / pipelined, loss=float(m["loss"]), peak_gib=(C.peak_bytes() or 0) / 2**30,
                 **summary)
@@ -259,7 +268,8 @@ def run_variant(name: str, args) -> dict:
 def print_variant(r: dict) -> None:
   print(f"\n== {r['variant']}: batch {r['batch']} {r['dtype']} on {r['device']}: compile {r['compile_s']:.1f}s, "
         f"synced {r['synced_ms']:.2f} ms, pipelined {r['pipelined_ms']:.2f} ms ({r['images_per_s']:,.0f} img/s), "
-        f"dispatch {r['dispatch_ms']:.2f} ms/call, loss {r['loss']:.4f}, process peak {r['peak_gib']:.2f} GiB")
+        f"dispatch {r['dispatch_ms']:.2f} ms/call, loss {r['loss']:.4f}, process peak {r['peak_gib']:.2f} GiB, "
+        f"largest fusion {r['largest_fusion']} parameters")
   if "busy_ms_per_step" not in r:
     print(f"   no profile: {r.get('profile_error', 'not asked for')}")
     return
@@ -293,6 +303,8 @@ def main(argv=None) -> int:
   parser.add_argument("--trace_dir", default=os.path.join(os.environ.get("OUT", "/tmp"), "profile_step"))
   parser.add_argument("--json", help="write every variant's result here")
   args = parser.parse_args(argv)
+  from clipreid_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.keep_step_buffers_mapped()  # as the trainer does, before JAX starts its backend
   results = []
   for name in args.variants.split(","):
     try:

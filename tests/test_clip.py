@@ -2,6 +2,7 @@
 `python -m clipreid_jax.convert clip`; positional-embedding resize equals torch and the golden files."""
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -255,30 +256,45 @@ def test_existing_destination_is_kept(small, tmp_path):
   assert not (dst / "precious.txt").exists() and (dst / "config.json").is_file()
 
 
-def test_scanned_blocks_equal_unrolled(monkeypatch):
-  """clip.SCAN_BLOCKS runs all blocks but the last in a lax.scan over parameters stacked on the fly; the
-  parameter tree, the outputs and the gradients are those of the unrolled stack (3 blocks: a scan over 2)."""
+def test_gradient_barriers_are_exact_and_bound_the_fusions(monkeypatch):
+  """clip.GRADIENT_BARRIERS (the CPU default) leaves the loss and every gradient unchanged and puts one conditional per
+  block into the compiled backward pass. Without barriers XLA:CPU fuses the residual stream's gradient chain into
+  every block, so the largest fusion grows with depth (quadratic work); with them it does not grow."""
   from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-  sd = state_dict_numpy(random_clip(5, embed_dim=32, image_resolution=64, vision_layers=3, vision_width=128,
-                                    vision_patch_size=16, transformer_layers=3))
-  cfg, variables = convert.clip_variables(sd, convert.infer_clip_config(sd))
-  model, x, toks = CLIP(cfg), images(2, 64).transpose(0, 2, 3, 1), tokenize(TEXTS[:2])
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+  from profile_step import largest_fusion  # pylint: disable=g-import-not-at-top
+  largest = {}
+  for layers in (3, 6):
+    sd = state_dict_numpy(random_clip(5, embed_dim=32, image_resolution=64, vision_layers=layers, vision_width=128,
+                                      vision_patch_size=16, transformer_layers=2))
+    cfg, variables = convert.clip_variables(sd, convert.infer_clip_config(sd))
+    model, x = CLIP(cfg), images(2, 64).transpose(0, 2, 3, 1)
 
-  def loss(params):
-    v = {**variables, "params": params}
-    img = model.apply(v, x, method=model.encode_image)
-    return (img ** 2).sum() + (model.apply(v, toks, method=model.encode_text) ** 2).sum()
+    def loss(params, model=model, variables=variables, x=x):
+      return (model.apply({**variables, "params": params}, x, method=model.encode_image) ** 2).sum()
 
-  def run(flag):
-    monkeypatch.setattr(clip_lib, "SCAN_BLOCKS", flag)
-    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+    results = {}
+    for flag in (False, True):
+      monkeypatch.setattr(clip_lib, "GRADIENT_BARRIERS", flag)
+      compiled = jax.jit(jax.value_and_grad(loss)).lower(variables["params"]).compile()
+      hlo = compiled.as_text()
+      assert len(re.findall(r" conditional\(", hlo)) == (layers if flag else 0)
+      largest[layers, flag] = largest_fusion(hlo)
+      results[flag] = compiled(variables["params"])
+    (ref_loss, ref_grads), (got_loss, got_grads) = results[False], results[True]
+    assert abs(float(got_loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7 * float(np.abs(b).max()) + 1e-12)
+  assert largest[6, True] <= largest[3, True] < largest[3, False] < largest[6, False], largest
 
-  ref_loss, ref_grads = run(False)
-  got_loss, got_grads = run(True)
-  assert jax.tree.structure(got_grads) == jax.tree.structure(variables["params"])
-  assert abs(float(got_loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
-  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(np.abs(b).max()) + 1e-9)
+
+def test_gradient_barrier_is_the_identity_for_every_float():
+  """Both branches of the barrier's conditional return the gradient bit for bit: -0.0, infinities and NaN too."""
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  for first in (1.0, np.nan):  # the predicate's two outcomes
+    g = np.array([first, -0.0, 0.0, np.inf, -np.inf, np.nan, 3.5e-39, -1.25], np.float32)
+    got = jax.jit(jax.grad(lambda t, g=g: jax.numpy.vdot(clip_lib.gradient_barrier(t), g)))(np.zeros(8, np.float32))
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint32), g.view(np.uint32))
 
 
 def test_cudnn_attention_falls_back_off_gpu(monkeypatch):

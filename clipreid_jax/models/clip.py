@@ -227,16 +227,36 @@ class ResidualAttentionBlock(nn.Module):
     return x + MLP(self.width, self.dtype, name="mlp")(LayerNorm(name="ln_2")(x))
 
 
-# Run all blocks but the last in one `jax.lax.scan` (parameters stacked on the fly; the stored tree keeps one
-# `resblocks_i` per block, as OpenAI's state dict). None: scan on the CPU backend only. On XLA:CPU the unrolled
-# backward re-computes the residual-gradient chain inside every block's weight-gradient copy (quadratic in depth,
-# docs/performance.md); a loop iteration is a fusion boundary, so each block's gradient is written once. Read at
-# trace time: set it before a function is jitted.
-SCAN_BLOCKS: Optional[bool] = None
+# On XLA:CPU the backward pass of an unrolled stack fuses the residual stream's gradient (a chain of cheap adds and
+# layer-norm terms through every later block) into each of its consumers instead of writing it once, so every block
+# re-computes the chain behind it: quadratic in depth, a third of a ViT-B/16 step (docs/performance.md). A
+# conditional is a fusion boundary, and XLA keeps it when its predicate is only known at run time. None: barriers
+# on the CPU backend only (a conditional on a GPU waits for its predicate on the host). Read at trace time.
+GRADIENT_BARRIERS: Optional[bool] = None
 
 
-def _scan_blocks() -> bool:
-  return _target_platform() == "cpu" if SCAN_BLOCKS is None else bool(SCAN_BLOCKS)
+def _gradient_barriers() -> bool:
+  return _target_platform() == "cpu" if GRADIENT_BARRIERS is None else bool(GRADIENT_BARRIERS)
+
+
+@jax.custom_vjp
+def gradient_barrier(x):
+  """The identity; its backward pass materialises the incoming gradient (see GRADIENT_BARRIERS)."""
+  return x
+
+
+def _gradient_barrier_fwd(x):
+  return x, None
+
+
+def _gradient_barrier_bwd(_, g):
+  first = g.reshape(-1)[0]
+  # Both branches return g exactly (x + -0.0 == x for every float, -0.0 and NaN included). They must differ, or XLA
+  # merges them and drops the conditional; `first == first` is false only for NaN, so XLA cannot fold it either.
+  return (jax.lax.cond(first == first, lambda t: t, lambda t: t + jnp.asarray(-0.0, t.dtype), g),)
+
+
+gradient_barrier.defvjp(_gradient_barrier_fwd, _gradient_barrier_bwd)
 
 
 class Transformer(nn.Module):
@@ -251,15 +271,11 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, causal: bool = False, last_queries: Optional[int] = None):
+    barrier = gradient_barrier if _gradient_barriers() else (lambda t: t)
     block = lambda i: ResidualAttentionBlock(self.width, self.num_heads, self.dtype, name=f"resblocks_{i}")
-    if self.layers > 1 and _scan_blocks() and not self.is_initializing():
-      params = self.variables["params"]
-      stacked = jax.tree.map(lambda *p: jnp.stack(p), *[params[f"resblocks_{i}"] for i in range(self.layers - 1)])
-      unbound = ResidualAttentionBlock(self.width, self.num_heads, self.dtype, parent=None)
-      x, _ = jax.lax.scan(lambda h, p: (unbound.apply({"params": p}, h, causal=causal), None), x, stacked)
-    else:
-      for i in range(self.layers - 1):
-        x = block(i)(x, causal=causal)
+    for i in range(self.layers - 1):
+      x = block(i)(barrier(x), causal=causal)
+    x = barrier(x)
     return x, block(self.layers - 1)(x, causal=causal, num_queries=last_queries)
 
 
