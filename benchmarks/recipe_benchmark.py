@@ -124,6 +124,8 @@ def main(argv=None) -> int:
   parser.add_argument("--attention", choices=["default", "cudnn"], default="default")
   args = parser.parse_args(argv)
 
+  from clipreid_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.keep_step_buffers_mapped()  # as the trainer does, before JAX starts its backend
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from clipreid_jax import evaluation, losses, optim, steps  # pylint: disable=g-import-not-at-top

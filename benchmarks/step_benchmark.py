@@ -139,6 +139,8 @@ def build_jax_job(job):
 
 
 def run_jax_job(job) -> dict:
+  from clipreid_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.keep_step_buffers_mapped()  # as the trainer does, before JAX starts its backend
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   step, state, batch, keys, dtype, source = build_jax_job(job)

@@ -75,6 +75,8 @@ def main(argv):
   if config is None:
     print("error: --config is required, e.g. --config configs/demo.py", file=sys.stderr)
     return 2
+  from clipreid_jax import host_memory
+  host_memory.keep_step_buffers_mapped()  # before JAX starts its backend
   from clipreid_jax.checkpoints import CheckpointError
   from clipreid_jax.data.errors import DataError
   from clipreid_jax.train import ConfigError, TrainingStopped
