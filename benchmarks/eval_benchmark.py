@@ -284,6 +284,9 @@ def main(argv=None) -> int:
   p.add_argument("--lazy-cuda-too", action="store_true",
                  help="also run ours with CUDA_MODULE_LOADING=LAZY (kernels loaded on first use: less host memory "
                       "if the environment loads them eagerly)")
+  p.add_argument("--one-arena-too", action="store_true",
+                 help="also run ours with one glibc malloc arena (GLIBC_TUNABLES=glibc.malloc.arena_max=1): whether "
+                      "per-thread arenas holding freed memory make part of the GPU runtime's host memory")
   p.add_argument("--rankings-too", default="", help="also run ours with these ranking methods (e.g. 'sort,host')")
   p.add_argument("--case", choices=["msmt17", "gaussian"], default="msmt17",
                  help="msmt17: the structured features above; gaussian: isotropic random features and labels drawn "
@@ -322,6 +325,9 @@ def main(argv=None) -> int:
       results["ours_device_features"] = _run_worker("ours", tmp, args, device_features=True)
     if args.lazy_cuda_too:
       results["ours_lazy_cuda"] = _run_worker("ours", tmp, args, extra_env={"CUDA_MODULE_LOADING": "LAZY"})
+    if args.one_arena_too:
+      results["ours_one_arena"] = _run_worker("ours", tmp, args,
+                                              extra_env={"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"})
     for r in filter(None, args.rankings_too.split(",")):
       results[f"ours_ranking_{r}"] = _run_worker("ours", tmp, args, ranking=r)
     if not args.skip_reference:
@@ -334,6 +340,7 @@ def main(argv=None) -> int:
   rows = [("ours: evaluate", "ours"), ("ours: evaluate, XLA_FLAGS=--xla_gpu_autotune_level=0", "ours_noautotune"),
           ("ours: evaluate, features already in device memory", "ours_device_features"),
           ("ours: evaluate, CUDA_MODULE_LOADING=LAZY", "ours_lazy_cuda"),
+          ("ours: evaluate, one malloc arena", "ours_one_arena"),
           ("reference: numpy eval_func", "reference"),
           *[(f"ours: evaluate, ranking={r}", f"ours_ranking_{r}") for r in filter(None, args.rankings_too.split(","))],
           (f"ours: re-ranking k1={args.k1} k2={args.k2} lambda={args.lam} + evaluate", "rerank")]
