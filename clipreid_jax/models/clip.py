@@ -250,7 +250,7 @@ def _gradient_barrier_fwd(x):
 
 
 def _gradient_barrier_bwd(_, g):
-  first = g.reshape(-1)[0]
+  first = g[(0,) * g.ndim]
   # Both branches return g exactly (x + -0.0 == x for every float, -0.0 and NaN included). They must differ, or XLA
   # merges them and drops the conditional; `first == first` is false only for NaN, so XLA cannot fold it either.
   return (jax.lax.cond(first == first, lambda t: t, lambda t: t + jnp.asarray(-0.0, t.dtype), g),)
