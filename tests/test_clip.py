@@ -288,6 +288,18 @@ def test_gradient_barriers_are_exact_and_bound_the_fusions(monkeypatch):
   assert largest[6, True] <= largest[3, True] < largest[3, False] < largest[6, False], largest
 
 
+def test_gradient_barrier_off_the_cpu_is_an_optimization_barrier(monkeypatch):
+  """For GPU and TPU the barrier is an optimization barrier (their compilers keep it through fusion; no conditional
+  that would wait for the host): it is in the lowered program and the gradient is unchanged."""
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(clip_lib, "_target_platform", lambda: "gpu")
+  g = np.arange(6, dtype=np.float32) - 2.5
+  grad = jax.jit(jax.grad(lambda t: jax.numpy.vdot(clip_lib.gradient_barrier(t), g)))
+  lowered = grad.lower(np.zeros(6, np.float32)).as_text()
+  assert "optimization_barrier" in lowered and "case" not in lowered
+  np.testing.assert_array_equal(np.asarray(grad(np.zeros(6, np.float32))), g)
+
+
 def test_gradient_barrier_is_the_identity_for_every_float():
   """Both branches of the barrier's conditional return the gradient bit for bit: -0.0, infinities and NaN too."""
   from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top

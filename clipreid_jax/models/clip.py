@@ -229,9 +229,9 @@ class ResidualAttentionBlock(nn.Module):
 
 # On XLA:CPU the backward pass of an unrolled stack fuses the residual stream's gradient (a chain of cheap adds and
 # layer-norm terms through every later block) into each of its consumers instead of writing it once, so every block
-# re-computes the chain behind it: quadratic in depth, a third of a ViT-B/16 step (docs/performance.md). A
-# conditional is a fusion boundary, and XLA keeps it when its predicate is only known at run time. None: barriers
-# on the CPU backend only (a conditional on a GPU waits for its predicate on the host). Read at trace time.
+# re-computes the chain behind it: quadratic in depth, a third of a ViT-B/16 step (docs/performance.md). A barrier
+# on the gradient at each block boundary makes XLA write it once. None: barriers on the CPU backend only (whether
+# the GPU needs them is not measured yet: `profile_step.py --variants default,barriers`). Read at trace time.
 GRADIENT_BARRIERS: Optional[bool] = None
 
 
@@ -250,9 +250,12 @@ def _gradient_barrier_fwd(x):
 
 
 def _gradient_barrier_bwd(_, g):
+  if _target_platform() != "cpu":  # XLA:GPU and TPU remove optimization barriers only after fusion
+    return (jax.lax.optimization_barrier(g),)
+  # XLA:CPU removes optimization barriers before fusion, but keeps a conditional whose predicate is only known at run
+  # time: `first == first` is false only for NaN. Both branches return g exactly (x + -0.0 == x for every float, -0.0
+  # and NaN included); they must differ, or XLA merges them and drops the conditional.
   first = g[(0,) * g.ndim]
-  # Both branches return g exactly (x + -0.0 == x for every float, -0.0 and NaN included). They must differ, or XLA
-  # merges them and drops the conditional; `first == first` is false only for NaN, so XLA cannot fold it either.
   return (jax.lax.cond(first == first, lambda t: t, lambda t: t + jnp.asarray(-0.0, t.dtype), g),)
 
 
