@@ -54,10 +54,11 @@ EOF
 "$PY" benchmarks/step_benchmark.py --budget_s "${STEP_BUDGET_S:-170}" --json "$OUT/step.json" --log "$OUT/step.log" \
   2>&1 | tee "$OUT/step.txt"
 
-# 2. Optional (PROFILE=1, ~1 min): where our stage-2 step's time goes, kernel by kernel, with the HLO behind each.
+# 2. Optional (PROFILE=1, ~1 min per variant): where our stage-2 step's time goes, kernel by kernel, with the HLO
+#    behind each (e.g. PROFILE_VARIANTS=default,cudnn,barriers).
 if [[ "${PROFILE:-0}" == "1" ]]; then
-  timeout 150 "$PY" benchmarks/profile_step.py --variants "${PROFILE_VARIANTS:-default}" --explain 16 \
-    --json "$OUT/profile.json" 2>&1 | grep -v "^PROFILE" | tee "$OUT/profile.txt"
+  timeout "${PROFILE_BUDGET_S:-200}" "$PY" benchmarks/profile_step.py --variants "${PROFILE_VARIANTS:-default}" \
+    --explain 16 --json "$OUT/profile.json" 2>&1 | grep -v "^PROFILE" | tee "$OUT/profile.txt"
 fi
 
 # 3. Evaluation at MSMT17 size: ours (host and device-resident features) against the NumPy reference (~2 min).
