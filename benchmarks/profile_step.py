@@ -15,8 +15,10 @@ Busy well below pipelined means the device waits for the host; busy near pipelin
 
 Variants: default; cudnn (cuDNN flash attention); fp32 (float32 compute); b128 / b32 (batch); autotune0
 (`xla_gpu_autotune_level=0` for this executable only); barriers / nobarriers (gradient barriers between the
-transformer blocks on or off, see clip.GRADIENT_BARRIERS; on by default on the CPU only). Each variant also reports
-its largest fusion's parameter count: one that grows with depth is XLA re-computing the residual-gradient chain.
+transformer blocks on or off, see clip.GRADIENT_BARRIERS; on by default on the CPU only); wgrad / nowgrad (dense
+layers' weight gradients written out or derived by JAX, clip.EXPLICIT_WEIGHT_GRADIENTS; written out on the CPU
+only). Each variant also reports its largest fusion's parameter count: one that grows with depth is XLA
+re-computing the residual-gradient chain.
 The last line per variant is machine-readable: `PROFILE {json}`.
 """
 from __future__ import annotations
@@ -192,6 +194,8 @@ VARIANTS = {  # name -> (job overrides, compiler options, model-module settings)
     "autotune0": ({}, {"xla_gpu_autotune_level": 0}, {}),
     "barriers": ({}, {}, {"GRADIENT_BARRIERS": True}),
     "nobarriers": ({}, {}, {"GRADIENT_BARRIERS": False}),
+    "wgrad": ({}, {}, {"EXPLICIT_WEIGHT_GRADIENTS": True}),
+    "nowgrad": ({}, {}, {"EXPLICIT_WEIGHT_GRADIENTS": False}),
 }
 
 

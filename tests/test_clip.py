@@ -288,6 +288,37 @@ def test_gradient_barriers_are_exact_and_bound_the_fusions(monkeypatch):
   assert largest[6, True] <= largest[3, True] < largest[3, False] < largest[6, False], largest
 
 
+def test_explicit_weight_gradients_are_exact(monkeypatch):
+  """clip.EXPLICIT_WEIGHT_GRADIENTS (the CPU default) writes each transformer dense layer's backward pass out; the
+  loss and every gradient (both towers, a causal text stack included) equal JAX's own derivation, and no weight-gradient
+  product reads a transposed copy of the output gradient any more (a dot contracting its right operand's minor axis:
+  that operand was written transposed for it)."""
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  sd = state_dict_numpy(random_clip(5, embed_dim=32, image_resolution=64, vision_layers=3, vision_width=128,
+                                    vision_patch_size=16, transformer_layers=2))
+  cfg, variables = convert.clip_variables(sd, convert.infer_clip_config(sd))
+  model, x, toks = CLIP(cfg), images(2, 64).transpose(0, 2, 3, 1), tokenize(TEXTS[:2])
+
+  def loss(params):
+    v = {**variables, "params": params}
+    return ((model.apply(v, x, method=model.encode_image) ** 2).sum()
+            + (model.apply(v, toks, method=model.encode_text) ** 2).sum())
+
+  results, transposed_operand_dots = {}, {}
+  for flag in (False, True):
+    monkeypatch.setattr(clip_lib, "EXPLICIT_WEIGHT_GRADIENTS", flag)
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(variables["params"]).compile()
+    hlo = compiled.as_text()
+    transposed_operand_dots[flag] = len(re.findall(r"lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{1\}", hlo))
+    results[flag] = compiled(variables["params"])
+  (ref_loss, ref_grads), (got_loss, got_grads) = results[False], results[True]
+  assert jax.tree.structure(got_grads) == jax.tree.structure(ref_grads)
+  assert abs(float(got_loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7 * float(np.abs(b).max()) + 1e-12)
+  assert transposed_operand_dots[True] == 0 < transposed_operand_dots[False], transposed_operand_dots
+
+
 def test_gradient_barrier_off_the_cpu_is_an_optimization_barrier(monkeypatch):
   """For GPU and TPU the barrier is an optimization barrier (their compilers keep it through fusion; no conditional
   that would wait for the host): it is in the lowered program and the gradient is unchanged."""

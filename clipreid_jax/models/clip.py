@@ -182,6 +182,44 @@ def even_length_attention(q, k, v, *, causal: bool = False, implementation: Opti
   return out[:, :length]
 
 
+# The weight gradient of a dense layer as JAX derives it (the output gradient times the input, contracted over the
+# tokens, then transposed) leads XLA:CPU to write a transposed copy of the output gradient for every layer, fused with
+# whatever produced it (7-9 ms per layer for a ViT-B/16 at batch 8), and to leave the product to Eigen. Written out
+# as x^T g, contracted over the token axis of both, the operands go to the product as they are (docs/performance.md).
+# None: on the CPU backend only (not measured on a GPU). Read at trace time.
+EXPLICIT_WEIGHT_GRADIENTS: Optional[bool] = None
+
+
+@jax.custom_vjp
+def dense_product(x, kernel):
+  """x (..., in) @ kernel (in, out), with the backward pass written out (see EXPLICIT_WEIGHT_GRADIENTS)."""
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _dense_product_fwd(x, kernel):
+  return dense_product(x, kernel), (x, kernel)
+
+
+def _dense_product_bwd(residuals, g):
+  x, kernel = residuals
+  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+  dkernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())))
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """The product inside the transformer's nn.Dense layers: `dense_product` where EXPLICIT_WEIGHT_GRADIENTS applies."""
+  explicit = _target_platform() == "cpu" if EXPLICIT_WEIGHT_GRADIENTS is None else EXPLICIT_WEIGHT_GRADIENTS
+  if (explicit and precision is None and preferred_element_type is None and rhs.ndim == 2
+      and dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))):
+    return dense_product(lhs, rhs)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
 class MultiheadAttention(nn.Module):
   """Self-attention with a packed q/k/v projection (OpenAI's nn.MultiheadAttention layout).
 
@@ -193,11 +231,12 @@ class MultiheadAttention(nn.Module):
   @nn.compact
   def __call__(self, x, *, causal: bool = False, num_queries: Optional[int] = None):
     b, l, w = x.shape
-    qkv = nn.Dense(3 * w, dtype=self.dtype, name="in_proj")(x)
+    qkv = nn.Dense(3 * w, dtype=self.dtype, dot_general=dense_dot_general, name="in_proj")(x)
     qkv = qkv.reshape(b, l, 3, self.num_heads, w // self.num_heads)
     q, k, v = qkv[:, :num_queries, 0], qkv[:, :, 1], qkv[:, :, 2]
     out = attention(q, k, v, causal=causal)
-    return nn.Dense(w, dtype=self.dtype, name="out_proj")(out.reshape(b, q.shape[1], w))
+    out_proj = nn.Dense(w, dtype=self.dtype, dot_general=dense_dot_general, name="out_proj")
+    return out_proj(out.reshape(b, q.shape[1], w))
 
 
 class MLP(nn.Module):
@@ -206,8 +245,8 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(self.width * 4, dtype=self.dtype, name="c_fc")(x)
-    return nn.Dense(self.width, dtype=self.dtype, name="c_proj")(quick_gelu(x))
+    x = nn.Dense(self.width * 4, dtype=self.dtype, dot_general=dense_dot_general, name="c_fc")(x)
+    return nn.Dense(self.width, dtype=self.dtype, dot_general=dense_dot_general, name="c_proj")(quick_gelu(x))
 
 
 class ResidualAttentionBlock(nn.Module):
