@@ -158,6 +158,11 @@ def _target_platform() -> str:
   return dev if isinstance(dev, str) else dev.platform
 
 
+def _on_cpu_by_default(setting: Optional[bool]) -> bool:
+  """A CPU-only speed setting: None follows the target platform, True / False force it."""
+  return _target_platform() == "cpu" if setting is None else bool(setting)
+
+
 def attention(q, k, v, *, causal: bool = False):
   impl = ATTENTION_IMPLEMENTATION
   # cuDNN's kernels: NVIDIA GPUs, half precision, and self-attention over equal lengths (the class-token-only
@@ -212,9 +217,8 @@ dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """The product inside the transformer's nn.Dense layers: `dense_product` where EXPLICIT_WEIGHT_GRADIENTS applies."""
-  explicit = _target_platform() == "cpu" if EXPLICIT_WEIGHT_GRADIENTS is None else EXPLICIT_WEIGHT_GRADIENTS
-  if (explicit and precision is None and preferred_element_type is None and rhs.ndim == 2
-      and dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))):
+  if (_on_cpu_by_default(EXPLICIT_WEIGHT_GRADIENTS) and precision is None and preferred_element_type is None
+      and rhs.ndim == 2 and dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))):
     return dense_product(lhs, rhs)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                              preferred_element_type=preferred_element_type)
@@ -274,10 +278,6 @@ class ResidualAttentionBlock(nn.Module):
 GRADIENT_BARRIERS: Optional[bool] = None
 
 
-def _gradient_barriers() -> bool:
-  return _target_platform() == "cpu" if GRADIENT_BARRIERS is None else bool(GRADIENT_BARRIERS)
-
-
 @jax.custom_vjp
 def gradient_barrier(x):
   """The identity; its backward pass materialises the incoming gradient (see GRADIENT_BARRIERS)."""
@@ -313,7 +313,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, causal: bool = False, last_queries: Optional[int] = None):
-    barrier = gradient_barrier if _gradient_barriers() else (lambda t: t)
+    barrier = gradient_barrier if _on_cpu_by_default(GRADIENT_BARRIERS) else (lambda t: t)
     block = lambda i: ResidualAttentionBlock(self.width, self.num_heads, self.dtype, name=f"resblocks_{i}")
     for i in range(self.layers - 1):
       x = block(i)(barrier(x), causal=causal)
