@@ -150,18 +150,10 @@ def summarize(spans, steps: int, top: int = 25) -> dict:
                        for (p, t), v in sorted(threads.items(), key=lambda kv: -kv[1][0])[:12]})
 
 
-def largest_fusion(hlo: str) -> int:
-  """The most parameters of any fused computation in optimised HLO text."""
-  chunks = re.split(r"\n(?=\S)", hlo)  # one computation per chunk
-  return max((len(re.findall(r"= \S+ parameter\(", c)) for c in chunks if c.startswith("%fused")), default=0)
-
-
-def explain(hlo: str, kernels: list[str], width: int = 150) -> dict:
-  """The optimised-HLO instruction behind each kernel name (XLA names kernels after their fusion, '.' -> '_'),
-  with the ops its fused computation contains: what an unnamed `fusion_2106` actually computes."""
-  lines = hlo.splitlines()
+def computation_ops(hlo: str) -> dict:
+  """Computation name -> Counter of the op names in its body, from optimised HLO text."""
   bodies, current = {}, None
-  for line in lines:  # fused computations: name -> their op names
+  for line in hlo.splitlines():
     m = re.match(r"^(?:%)?([\w.\-]+) .*\{$", line.strip()) if not line.startswith(" ") else None
     if m:
       current = m.group(1)
@@ -170,6 +162,18 @@ def explain(hlo: str, kernels: list[str], width: int = 150) -> dict:
       op = re.search(r"= [^ ]+ ([a-z\-]+)\(", line)
       if op:
         bodies[current][op.group(1)] += 1
+  return bodies
+
+
+def largest_fusion(hlo: str) -> int:
+  """The most parameters of any fused computation in optimised HLO text."""
+  return max((ops["parameter"] for name, ops in computation_ops(hlo).items() if name.startswith("fused")), default=0)
+
+
+def explain(hlo: str, kernels: list[str], width: int = 150) -> dict:
+  """The optimised-HLO instruction behind each kernel name (XLA names kernels after their fusion, '.' -> '_'),
+  with the ops its fused computation contains: what an unnamed `fusion_2106` actually computes."""
+  bodies = computation_ops(hlo)
   index = instructions(hlo)
   out = {}
   for k in kernels:
