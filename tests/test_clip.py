@@ -256,35 +256,49 @@ def test_existing_destination_is_kept(small, tmp_path):
   assert not (dst / "precious.txt").exists() and (dst / "config.json").is_file()
 
 
+def _tiny_clip(vision_layers: int):
+  """(model, variables, images, tokens) of a small random CLIP, converted as the trainer converts one."""
+  sd = state_dict_numpy(random_clip(5, embed_dim=32, image_resolution=64, vision_layers=vision_layers,
+                                    vision_width=128, vision_patch_size=16, transformer_layers=2))
+  cfg, variables = convert.clip_variables(sd, convert.infer_clip_config(sd))
+  return CLIP(cfg), variables, images(2, 64).transpose(0, 2, 3, 1), tokenize(TEXTS[:2])
+
+
+def _compiled_off_and_on(monkeypatch, setting: str, loss, params) -> dict:
+  """Compiles value_and_grad(loss) with clip.<setting> False and True, asserts that the loss and every gradient
+  agree, and returns each one's optimised HLO text."""
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  results, hlo = {}, {}
+  for flag in (False, True):
+    monkeypatch.setattr(clip_lib, setting, flag)
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+    hlo[flag] = compiled.as_text()
+    results[flag] = compiled(params)
+  (ref_loss, ref_grads), (got_loss, got_grads) = results[False], results[True]
+  assert jax.tree.structure(got_grads) == jax.tree.structure(ref_grads)
+  assert abs(float(got_loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7 * float(np.abs(b).max()) + 1e-12)
+  return hlo
+
+
 def test_gradient_barriers_are_exact_and_bound_the_fusions(monkeypatch):
   """clip.GRADIENT_BARRIERS (the CPU default) leaves the loss and every gradient unchanged and puts one conditional per
   block into the compiled backward pass. Without barriers XLA:CPU fuses the residual stream's gradient chain into
   every block, so the largest fusion grows with depth (quadratic work); with them it does not grow."""
-  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
   from profile_step import largest_fusion  # pylint: disable=g-import-not-at-top
   largest = {}
   for layers in (3, 6):
-    sd = state_dict_numpy(random_clip(5, embed_dim=32, image_resolution=64, vision_layers=layers, vision_width=128,
-                                      vision_patch_size=16, transformer_layers=2))
-    cfg, variables = convert.clip_variables(sd, convert.infer_clip_config(sd))
-    model, x = CLIP(cfg), images(2, 64).transpose(0, 2, 3, 1)
+    model, variables, x, _ = _tiny_clip(layers)
 
     def loss(params, model=model, variables=variables, x=x):
       return (model.apply({**variables, "params": params}, x, method=model.encode_image) ** 2).sum()
 
-    results = {}
+    hlo = _compiled_off_and_on(monkeypatch, "GRADIENT_BARRIERS", loss, variables["params"])
     for flag in (False, True):
-      monkeypatch.setattr(clip_lib, "GRADIENT_BARRIERS", flag)
-      compiled = jax.jit(jax.value_and_grad(loss)).lower(variables["params"]).compile()
-      hlo = compiled.as_text()
-      assert len(re.findall(r" conditional\(", hlo)) == (layers if flag else 0)
-      largest[layers, flag] = largest_fusion(hlo)
-      results[flag] = compiled(variables["params"])
-    (ref_loss, ref_grads), (got_loss, got_grads) = results[False], results[True]
-    assert abs(float(got_loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
-    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7 * float(np.abs(b).max()) + 1e-12)
+      assert len(re.findall(r" conditional\(", hlo[flag])) == (layers if flag else 0)
+      largest[layers, flag] = largest_fusion(hlo[flag])
   assert largest[6, True] <= largest[3, True] < largest[3, False] < largest[6, False], largest
 
 
@@ -293,29 +307,16 @@ def test_explicit_weight_gradients_are_exact(monkeypatch):
   loss and every gradient (both towers, a causal text stack included) equal JAX's own derivation, and no weight-gradient
   product reads a transposed copy of the output gradient any more (a dot contracting its right operand's minor axis:
   that operand was written transposed for it)."""
-  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-  sd = state_dict_numpy(random_clip(5, embed_dim=32, image_resolution=64, vision_layers=3, vision_width=128,
-                                    vision_patch_size=16, transformer_layers=2))
-  cfg, variables = convert.clip_variables(sd, convert.infer_clip_config(sd))
-  model, x, toks = CLIP(cfg), images(2, 64).transpose(0, 2, 3, 1), tokenize(TEXTS[:2])
+  model, variables, x, toks = _tiny_clip(3)
 
   def loss(params):
     v = {**variables, "params": params}
     return ((model.apply(v, x, method=model.encode_image) ** 2).sum()
             + (model.apply(v, toks, method=model.encode_text) ** 2).sum())
 
-  results, transposed_operand_dots = {}, {}
-  for flag in (False, True):
-    monkeypatch.setattr(clip_lib, "EXPLICIT_WEIGHT_GRADIENTS", flag)
-    compiled = jax.jit(jax.value_and_grad(loss)).lower(variables["params"]).compile()
-    hlo = compiled.as_text()
-    transposed_operand_dots[flag] = len(re.findall(r"lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{1\}", hlo))
-    results[flag] = compiled(variables["params"])
-  (ref_loss, ref_grads), (got_loss, got_grads) = results[False], results[True]
-  assert jax.tree.structure(got_grads) == jax.tree.structure(ref_grads)
-  assert abs(float(got_loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
-  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7 * float(np.abs(b).max()) + 1e-12)
+  hlo = _compiled_off_and_on(monkeypatch, "EXPLICIT_WEIGHT_GRADIENTS", loss, variables["params"])
+  transposed_operand_dots = {flag: len(re.findall(r"lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{1\}", text))
+                             for flag, text in hlo.items()}
   assert transposed_operand_dots[True] == 0 < transposed_operand_dots[False], transposed_operand_dots
 
 
