@@ -17,8 +17,9 @@ Variants: default; cudnn (cuDNN flash attention); fp32 (float32 compute); b128 /
 (`xla_gpu_autotune_level=0` for this executable only); barriers / nobarriers (gradient barriers between the
 transformer blocks on or off, see clip.GRADIENT_BARRIERS; on by default on the CPU only); wgrad / nowgrad (dense
 layers' weight gradients written out or derived by JAX, clip.EXPLICIT_WEIGHT_GRADIENTS; written out on the CPU
-only). Each variant also reports its largest fusion's parameter count: one that grows with depth is XLA
-re-computing the residual-gradient chain.
+only); agrad / noagrad (attention's backward pass written out or derived by XLA, clip.EXPLICIT_ATTENTION_GRADIENTS;
+written out on the CPU only). Each variant also reports its largest fusion's parameter count: one that grows with
+depth is XLA re-computing the residual-gradient chain.
 The last line per variant is machine-readable: `PROFILE {json}`.
 """
 from __future__ import annotations
@@ -200,6 +201,8 @@ VARIANTS = {  # name -> (job overrides, compiler options, model-module settings)
     "nobarriers": ({}, {}, {"GRADIENT_BARRIERS": False}),
     "wgrad": ({}, {}, {"EXPLICIT_WEIGHT_GRADIENTS": True}),
     "nowgrad": ({}, {}, {"EXPLICIT_WEIGHT_GRADIENTS": False}),
+    "agrad": ({}, {}, {"EXPLICIT_ATTENTION_GRADIENTS": True}),
+    "noagrad": ({}, {}, {"EXPLICIT_ATTENTION_GRADIENTS": False}),
 }
 
 

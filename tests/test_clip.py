@@ -264,9 +264,10 @@ def _tiny_clip(vision_layers: int):
   return CLIP(cfg), variables, images(2, 64).transpose(0, 2, 3, 1), tokenize(TEXTS[:2])
 
 
-def _compiled_off_and_on(monkeypatch, setting: str, loss, params) -> dict:
+def _compiled_off_and_on(monkeypatch, setting: str, loss, params, atol_of_max: float = 1e-7) -> dict:
   """Compiles value_and_grad(loss) with clip.<setting> False and True, asserts that the loss and every gradient
-  agree, and returns each one's optimised HLO text."""
+  agree (to rtol 1e-5, or atol_of_max times the gradient's largest magnitude), and returns each one's optimised HLO
+  text."""
   from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   results, hlo = {}, {}
   for flag in (False, True):
@@ -278,7 +279,8 @@ def _compiled_off_and_on(monkeypatch, setting: str, loss, params) -> dict:
   assert jax.tree.structure(got_grads) == jax.tree.structure(ref_grads)
   assert abs(float(got_loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
   for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7 * float(np.abs(b).max()) + 1e-12)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=atol_of_max * float(np.abs(b).max()) + 1e-12)
   return hlo
 
 
@@ -318,6 +320,46 @@ def test_explicit_weight_gradients_are_exact(monkeypatch):
   transposed_operand_dots = {flag: len(re.findall(r"lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{1\}", text))
                              for flag, text in hlo.items()}
   assert transposed_operand_dots[True] == 0 < transposed_operand_dots[False], transposed_operand_dots
+
+
+@pytest.mark.parametrize("queries,keys,causal", [(9, 9, False), (1, 9, False), (9, 9, True)])
+def test_explicit_attention_matches_jax(queries, keys, causal):
+  """clip.explicit_attention is jax.nn.dot_product_attention: output and the three input gradients, for full
+  self-attention, the class-token-only query of the last ViT block and the causal text stack, at a head width whose
+  1/sqrt(d) is not a power of two."""
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  q = rng.standard_normal((2, queries, 3, 24)).astype(np.float32)
+  k, v = (rng.standard_normal((2, keys, 3, 24)).astype(np.float32) for _ in range(2))
+  g = rng.standard_normal(q.shape).astype(np.float32)
+  results = []
+  for fn in (lambda *a: jax.nn.dot_product_attention(*a, is_causal=causal),
+             lambda *a: clip_lib.explicit_attention(*a, causal)):
+    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    results.append((out, *vjp(g)))
+  for ref, got in zip(*results):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_explicit_attention_gradients_are_exact_and_move_no_score_matrix(monkeypatch):
+  """clip.EXPLICIT_ATTENTION_GRADIENTS (the CPU default): the loss and every gradient of both towers equal those of
+  XLA's attention, and the compiled backward pass no longer copies or transposes a (batch, heads, tokens, tokens)
+  array (XLA's derivation moves the probabilities and score gradients to feed the key and value gradients)."""
+  model, variables, x, toks = _tiny_clip(3)
+
+  def loss(params):
+    v = {**variables, "params": params}
+    return ((model.apply(v, x, method=model.encode_image) ** 2).sum()
+            + (model.apply(v, toks, method=model.encode_text) ** 2).sum())
+
+  # The written-out products sum in another order than XLA's (k^T ds instead of ds^T k, ...): float32 rounding moves
+  # a gradient element by up to ~2e-7 of its tensor's largest one, hence 1e-6 here (the barrier and weight-gradient
+  # rewrites above keep every sum's order: 1e-7).
+  hlo = _compiled_off_and_on(monkeypatch, "EXPLICIT_ATTENTION_GRADIENTS", loss, variables["params"], atol_of_max=1e-6)
+  # the image tower's score matrices: batch 2, 2 heads, 17 tokens (16 patches and the class token)
+  score_moves = r"= f32\[2,2,17,17[,\]][^=]*? (?:copy|transpose)\("
+  moves = {flag: len(re.findall(score_moves, text)) for flag, text in hlo.items()}
+  assert moves[True] == 0 < moves[False], moves
 
 
 def test_gradient_barrier_off_the_cpu_is_an_optimization_barrier(monkeypatch):

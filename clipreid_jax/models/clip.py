@@ -10,6 +10,7 @@ Parameter names follow OpenAI's state dict (see `clipreid_jax.convert`), with Fl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from typing import Any, Optional, Sequence
@@ -172,6 +173,8 @@ def attention(q, k, v, *, causal: bool = False):
     impl = None
   if impl == "cudnn" and q.shape[1] % 2:
     return even_length_attention(q, k, v, causal=causal, implementation=impl)
+  if impl is None and _on_cpu_by_default(EXPLICIT_ATTENTION_GRADIENTS):
+    return explicit_attention(q, k, v, causal)
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
 
 
@@ -185,6 +188,65 @@ def even_length_attention(q, k, v, *, causal: bool = False, implementation: Opti
   out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), is_causal=causal, query_seq_lengths=lengths,
                                      key_value_seq_lengths=lengths, implementation=implementation)
   return out[:, :length]
+
+
+# XLA's attention (jax.nn.dot_product_attention) leaves XLA:CPU to derive the backward pass, which then transposes the
+# (batch, heads, query, key) probabilities and score gradients to feed the value and key gradients (two copies of the
+# largest arrays in a block) and moves every operand between token-major and head-major order on the way. Written out,
+# each product reads operands already laid out as XLA:CPU's products take them, and the only copies left are the
+# token-major <-> head-major moves of (batch, tokens, heads, dim) arrays. ~8% of a ViT-B/16 step at batch 8
+# (docs/performance.md). None: on the CPU backend only (XLA's own form on GPU / TPU). Read at trace time.
+EXPLICIT_ATTENTION_GRADIENTS: Optional[bool] = None
+
+
+def _attention_forward(q, k, v, causal):
+  """softmax(q k^T / sqrt(d)) v over (batch, tokens, heads, dim) inputs, and what the backward pass reads."""
+  dtype = q.dtype
+  qs = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)  # exact for d = 64 (a power of two), as in every CLIP here
+  q_h = qs.transpose(0, 2, 1, 3)  # (b, h, n, d)
+  k_t = k.transpose(0, 2, 3, 1)  # (b, h, d, m)
+  v_h = v.transpose(0, 2, 1, 3)  # (b, h, m, d)
+  logits = jnp.einsum("bhnd,bhdm->bhnm", q_h, k_t, preferred_element_type=jnp.float32)
+  if causal:  # query i sees keys 0..i, as jax.nn.dot_product_attention(is_causal=True)
+    n, m = logits.shape[-2:]
+    logits = jnp.where(jnp.tril(jnp.ones((n, m), bool)), logits, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  out = jnp.einsum("bhnm,bhmd->bhnd", p, v_h).transpose(0, 2, 1, 3)
+  return out, (qs.transpose(0, 2, 3, 1), k_t, v_h, p)  # q^T (b, h, d, n) for the key gradient
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _explicit_attention(q, k, v, causal):
+  return _attention_forward(q, k, v, causal)[0]
+
+
+def _explicit_attention_fwd(q, k, v, causal):
+  return _attention_forward(q, k, v, causal)
+
+
+def _explicit_attention_bwd(causal, residuals, g):
+  del causal  # masked positions have p = 0, so their score gradients are 0 already
+  q_t, k_t, v_h, p = residuals
+  dtype = g.dtype
+  g_h = g.transpose(0, 2, 1, 3)  # (b, h, n, d)
+  g_t = g.transpose(0, 2, 3, 1)  # (b, h, d, n)
+  dp = jnp.einsum("bhnd,bhmd->bhnm", g_h, v_h, preferred_element_type=jnp.float32)
+  pf = p.astype(jnp.float32)
+  ds = (pf * (dp - jnp.sum(dp * pf, axis=-1, keepdims=True))).astype(dtype)  # the softmax's backward pass
+  dq = jnp.einsum("bhnm,bhdm->bhnd", ds, k_t) * jnp.asarray(q_t.shape[2] ** -0.5, dtype)
+  dk_t = jnp.einsum("bhdn,bhnm->bhdm", q_t, ds)
+  dv_t = jnp.einsum("bhdn,bhnm->bhdm", g_t, p)
+  return dq.transpose(0, 2, 1, 3), dk_t.transpose(0, 3, 1, 2), dv_t.transpose(0, 3, 1, 2)
+
+
+_explicit_attention.defvjp(_explicit_attention_fwd, _explicit_attention_bwd)
+
+
+def explicit_attention(q, k, v, causal: bool = False):
+  """Self-attention with the backward pass written out (see EXPLICIT_ATTENTION_GRADIENTS): the math of
+  jax.nn.dot_product_attention(q, k, v, is_causal=causal) for (batch, tokens, heads, dim) inputs; q may hold fewer
+  tokens than k and v (the class-token-only last ViT block)."""
+  return _explicit_attention(q, k, v, causal)
 
 
 # The weight gradient of a dense layer as JAX derives it (the output gradient times the input, contracted over the
