@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -285,6 +286,24 @@ def run_job(job, timeout: float, log) -> dict:
   return {"error": f"exit {p.returncode}: {tail[0][:200]}"}
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+  """One row's result over its rounds: the median of every timed step of every round (a slow stretch of a shared
+  host then weighs on each contender as often as the rows alternate), the mean pipelined time, the first round's
+  other fields, and each round's own median in `round_medians`."""
+  ok = [r for r in rounds if "error" not in r]
+  if len(rounds) == 1 or not ok:
+    return rounds[0]
+  out = dict(ok[0])
+  out["times"] = [t for r in ok for t in r["times"]]
+  out["median_s"] = statistics.median(out["times"])
+  out["round_medians"] = [r["median_s"] for r in ok]
+  if all(r.get("pipelined_s") for r in ok):
+    out["pipelined_s"] = statistics.mean(r["pipelined_s"] for r in ok)
+  if all(r.get("load") for r in ok):
+    out["load"] = [ok[0]["load"][0], ok[-1]["load"][-1]]
+  return out
+
+
 def _rate(x: float) -> str:
   return f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
 
@@ -335,6 +354,11 @@ def report(jobs, results, gpu: bool) -> list[str]:
                "else the median; ref/ours: the PyTorch reference's time over ours (above 1: ours is faster). loss: "
                "the first step's; stage-1 losses match when both run float32 (same weights and inputs). load: the "
                "host's 1-minute load average at the row's start/end.")
+  for job, r in zip(jobs, results):
+    if r.get("round_medians"):
+      who = ("ours" if job["framework"] == "jax" else "torch") + f" stage {job['stage']} {label(job)} {job['variant']}"
+      lines.append(f"rounds, {who}: medians " + " / ".join(C.fmt_ms(m) for m in r["round_medians"])
+                   + f" ms; all {len(r['times'])} steps: {C.fmt_ms(r['median_s'])} ms")
 
   def find(framework, stage, backbone, stride=16, variant="default"):
     for job, r in zip(jobs, results):
@@ -399,6 +423,8 @@ def main(argv=None) -> int:
   parser.add_argument("--frameworks", default="jax,torch", help="whose rows to run (e.g. 'torch' for the reference "
                       "only, when profile_step.py times ours)")
   parser.add_argument("--no_stage1", action="store_true")
+  parser.add_argument("--rounds", type=int, default=1, help="run every row this many times, the rows alternating; a "
+                      "row's time is the median of all its rounds' steps (for a shared CPU host whose speed drifts)")
   parser.add_argument("--timeout", type=float, default=900, help="seconds per row")
   parser.add_argument("--list", action="store_true", help="print the rows and exit")
   parser.add_argument("--budget_s", type=float, help="stop starting rows after this many seconds")
@@ -425,19 +451,21 @@ def main(argv=None) -> int:
       print(f"{job['framework']} stage {job['stage']} {label(job)} batch {job['batch']} {job['variant']}")
     return 0
   log = open(args.log, "a") if args.log else None
-  results = []
+  rounds = [[] for _ in jobs]
   start = time.perf_counter()
-  for job in jobs:
-    t = time.perf_counter()
-    left = args.budget_s - (t - start) if args.budget_s else args.timeout
-    if left < 20:
-      results.append({"error": "skipped: --budget_s spent"})
-      continue
-    r = run_job(job, min(args.timeout, left), log)
-    results.append(r)
-    status = r.get("error") or f"median {C.fmt_ms(r['median_s'])} ms"
-    print(f"[{time.perf_counter() - t:5.0f}s] {job['framework']} stage {job['stage']} {label(job)} batch {job['batch']} "
-          f"{job['variant']}: {status}", flush=True)
+  for _ in range(args.rounds):  # rows alternate: ours, torch, ..., ours, torch, ...
+    for job, row in zip(jobs, rounds):
+      t = time.perf_counter()
+      left = args.budget_s - (t - start) if args.budget_s else args.timeout
+      if left < 20:
+        row.append({"error": "skipped: --budget_s spent"})
+        continue
+      r = run_job(job, min(args.timeout, left), log)
+      row.append(r)
+      status = r.get("error") or f"median {C.fmt_ms(r['median_s'])} ms"
+      print(f"[{time.perf_counter() - t:5.0f}s] {job['framework']} stage {job['stage']} {label(job)} batch "
+            f"{job['batch']} {job['variant']}: {status}", flush=True)
+  results = [merge_rounds(row) for row in rounds]
   if args.json:
     with open(args.json, "w") as f:
       json.dump([{"job": j, "result": r} for j, r in zip(jobs, results)], f, indent=1)

@@ -64,3 +64,15 @@ def test_profile_step_reads_a_real_trace(tmp_path):
       "forward mlp")
   assert profile_step.category("nvjet_sm90_tst_128x128") == "matmul"
   assert profile_step.category("input_transpose_fusion_22") == "copy"
+
+
+def test_step_benchmark_pools_the_rounds_of_a_row():
+  """--rounds: a row's time is the median of every step of every round; a failed round is left out."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import step_benchmark  # pylint: disable=g-import-not-at-top
+  rounds = [dict(median_s=2.0, times=[1.0, 2.0, 9.0], pipelined_s=None, load=[1.0, 1.5]), {"error": "timed out"},
+            dict(median_s=4.0, times=[3.0, 4.0, 5.0], pipelined_s=None, load=[2.0, 2.5])]
+  merged = step_benchmark.merge_rounds(rounds)
+  assert merged["median_s"] == 3.5 and merged["round_medians"] == [2.0, 4.0] and merged["load"] == [1.0, 2.5]
+  assert step_benchmark.merge_rounds(rounds[:1]) is rounds[0]
+  assert "error" in step_benchmark.merge_rounds([{"error": "x"}, {"error": "y"}])
