@@ -202,7 +202,8 @@ EXPLICIT_ATTENTION_GRADIENTS: Optional[bool] = None
 def _attention_forward(q, k, v, causal):
   """softmax(q k^T / sqrt(d)) v over (batch, tokens, heads, dim) inputs, and what the backward pass reads."""
   dtype = q.dtype
-  qs = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)  # exact for d = 64 (a power of two), as in every CLIP here
+  # q is scaled rather than the logits: the same numbers where 1/sqrt(d) is a power of two (d = 64 in OpenAI's CLIPs)
+  qs = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
   q_h = qs.transpose(0, 2, 1, 3)  # (b, h, n, d)
   k_t = k.transpose(0, 2, 3, 1)  # (b, h, d, m)
   v_h = v.transpose(0, 2, 1, 3)  # (b, h, m, d)
