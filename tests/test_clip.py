@@ -322,15 +322,16 @@ def test_explicit_weight_gradients_are_exact(monkeypatch):
   assert transposed_operand_dots[True] == 0 < transposed_operand_dots[False], transposed_operand_dots
 
 
-@pytest.mark.parametrize("queries,keys,causal", [(9, 9, False), (1, 9, False), (9, 9, True)])
-def test_explicit_attention_matches_jax(queries, keys, causal):
+@pytest.mark.parametrize("batch,queries,keys,causal", [(2, 9, 9, False), (2, 1, 9, False), (2, 9, 9, True),
+                                                       (3, 9, 9, False)])
+def test_explicit_attention_matches_jax(batch, queries, keys, causal):
   """clip.explicit_attention is jax.nn.dot_product_attention: output and the three input gradients, for full
   self-attention, the class-token-only query of the last ViT block and the causal text stack, at a head width whose
-  1/sqrt(d) is not a power of two."""
+  1/sqrt(d) is not a power of two; an even batch (run in two halves) and an odd one."""
   from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
-  q = rng.standard_normal((2, queries, 3, 24)).astype(np.float32)
-  k, v = (rng.standard_normal((2, keys, 3, 24)).astype(np.float32) for _ in range(2))
+  q = rng.standard_normal((batch, queries, 3, 24)).astype(np.float32)
+  k, v = (rng.standard_normal((batch, keys, 3, 24)).astype(np.float32) for _ in range(2))
   g = rng.standard_normal(q.shape).astype(np.float32)
   results = []
   for fn in (lambda *a: jax.nn.dot_product_attention(*a, is_causal=causal),
@@ -356,8 +357,9 @@ def test_explicit_attention_gradients_are_exact_and_move_no_score_matrix(monkeyp
   # a gradient element by up to ~2e-7 of its tensor's largest one, hence 1e-6 here (the barrier and weight-gradient
   # rewrites above keep every sum's order: 1e-7).
   hlo = _compiled_off_and_on(monkeypatch, "EXPLICIT_ATTENTION_GRADIENTS", loss, variables["params"], atol_of_max=1e-6)
-  # the image tower's score matrices: batch 2, 2 heads, 17 tokens (16 patches and the class token)
-  score_moves = r"= f32\[2,2,17,17[,\]][^=]*? (?:copy|transpose)\("
+  # the image tower's score matrices: 2 heads, 17 tokens (16 patches and the class token), any batch (the written-out
+  # form runs the batch in two halves)
+  score_moves = r"= f32\[\d+,2,17,17[,\]][^=]*? (?:copy|transpose)\("
   moves = {flag: len(re.findall(score_moves, text)) for flag, text in hlo.items()}
   assert moves[True] == 0 < moves[False], moves
 
