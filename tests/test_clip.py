@@ -264,6 +264,15 @@ def _tiny_clip(vision_layers: int):
   return CLIP(cfg), variables, images(2, 64).transpose(0, 2, 3, 1), tokenize(TEXTS[:2])
 
 
+def _both_towers_loss(model, variables, x, toks):
+  """params -> a scalar of both towers' outputs (a causal text stack included), for comparing gradients."""
+  def loss(params):
+    v = {**variables, "params": params}
+    return ((model.apply(v, x, method=model.encode_image) ** 2).sum()
+            + (model.apply(v, toks, method=model.encode_text) ** 2).sum())
+  return loss
+
+
 def _compiled_off_and_on(monkeypatch, setting: str, loss, params, atol_of_max: float = 1e-7) -> dict:
   """Compiles value_and_grad(loss) with clip.<setting> False and True, asserts that the loss and every gradient
   agree (to rtol 1e-5, or atol_of_max times the gradient's largest magnitude), and returns each one's optimised HLO
@@ -310,11 +319,7 @@ def test_explicit_weight_gradients_are_exact(monkeypatch):
   product reads a transposed copy of the output gradient any more (a dot contracting its right operand's minor axis:
   that operand was written transposed for it)."""
   model, variables, x, toks = _tiny_clip(3)
-
-  def loss(params):
-    v = {**variables, "params": params}
-    return ((model.apply(v, x, method=model.encode_image) ** 2).sum()
-            + (model.apply(v, toks, method=model.encode_text) ** 2).sum())
+  loss = _both_towers_loss(model, variables, x, toks)
 
   hlo = _compiled_off_and_on(monkeypatch, "EXPLICIT_WEIGHT_GRADIENTS", loss, variables["params"])
   transposed_operand_dots = {flag: len(re.findall(r"lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{1\}", text))
@@ -347,11 +352,7 @@ def test_explicit_attention_gradients_are_exact_and_move_no_score_matrix(monkeyp
   XLA's attention, and the compiled backward pass no longer copies or transposes a (batch, heads, tokens, tokens)
   array (XLA's derivation moves the probabilities and score gradients to feed the key and value gradients)."""
   model, variables, x, toks = _tiny_clip(3)
-
-  def loss(params):
-    v = {**variables, "params": params}
-    return ((model.apply(v, x, method=model.encode_image) ** 2).sum()
-            + (model.apply(v, toks, method=model.encode_text) ** 2).sum())
+  loss = _both_towers_loss(model, variables, x, toks)
 
   # The written-out products sum in another order than XLA's (k^T ds instead of ds^T k, ...): float32 rounding moves
   # a gradient element by up to ~2e-7 of its tensor's largest one, hence 1e-6 here (the barrier and weight-gradient

@@ -221,10 +221,6 @@ def _explicit_attention(q, k, v, causal):
   return _attention_forward(q, k, v, causal)[0]
 
 
-def _explicit_attention_fwd(q, k, v, causal):
-  return _attention_forward(q, k, v, causal)
-
-
 def _explicit_attention_bwd(causal, residuals, g):
   del causal  # masked positions have p = 0, so their score gradients are 0 already
   q_t, k_t, v_h, p = residuals
@@ -240,7 +236,7 @@ def _explicit_attention_bwd(causal, residuals, g):
   return dq.transpose(0, 2, 1, 3), dk_t.transpose(0, 3, 1, 2), dv_t.transpose(0, 3, 1, 2)
 
 
-_explicit_attention.defvjp(_explicit_attention_fwd, _explicit_attention_bwd)
+_explicit_attention.defvjp(_attention_forward, _explicit_attention_bwd)
 
 
 def explicit_attention(q, k, v, causal: bool = False):
