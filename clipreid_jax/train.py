@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -263,16 +263,16 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
 # Run bookkeeping: metrics.jsonl, checkpoints, pre-emption.
 
 
-def _join_new_threads(before: set, deadline: float) -> None:
-  """Waits until every thread started since `before` has ended, or the deadline. `threading.enumerate()` also
-  lists threads still inside `start()`, which cannot be joined yet: they are waited for on the next round. Base
+def _join_threads(threads: Callable[[], list], deadline: float) -> None:
+  """Waits until no thread that `threads()` lists is alive, or the deadline. `threading.enumerate()` also lists
+  threads still inside `start()`, which cannot be joined yet: they are waited for on the next round. Base
   `Thread.join`: orbax's own threads re-raise their errors from `join`, and those are reported already."""
   me = threading.current_thread()
   while time.time() < deadline:
-    new = [t for t in threading.enumerate() if t not in before and t is not me]
-    if not new:
+    alive = [t for t in threads() if t is not me and (t.ident is None or t.is_alive())]
+    if not alive:
       return
-    for t in new:
+    for t in alive:
       if t.ident is None:  # still starting
         time.sleep(0.01)
       else:
@@ -298,6 +298,7 @@ class Run:
                    for k in self._CONFIG_KEYS if k in config}
     self._check_config()
     self.manager = None
+    self._pending = None  # (counter, its writer threads) of the checkpoint being written in the background
     self._resumed_from = None  # (stage, epoch) of the checkpoint resumed from, until metrics.jsonl is trimmed
     self.preempted = False
     try:
@@ -342,10 +343,7 @@ class Run:
     self._open_manager()
 
   def _open_manager(self) -> None:
-    import orbax.checkpoint as ocp
-    self.manager = ocp.CheckpointManager(
-        self.dir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False))
+    self.manager = checkpoint_manager(self.dir / "checkpoints")
 
   def resume(self) -> dict:
     """Cleans up after a killed run and returns the latest checkpoint's metadata ({} to start afresh).
@@ -410,31 +408,62 @@ class Run:
     self._tb.flush()
 
   def close(self) -> None:
-    """Finishes the TensorBoard file (its writer thread flushes only on close)."""
+    """Waits for the checkpoint being written and finishes the TensorBoard file (its writer flushes on close)."""
+    self.wait()
     if getattr(self, "_tb", None) is not None:
       self._tb.close()
       self._tb = None
 
   def save(self, counter: int, state, meta: dict, force: bool = False) -> None:
+    """Starts checkpoint `counter`: returns once the state is copied off the devices; the files are written in the
+    background while training goes on. A failed write is raised (SaveError) by the next `save` or `wait`."""
     import orbax.checkpoint as ocp
     self._create()
+    self.wait()  # the previous checkpoint first: its failure must be reported as its own
     before = set(threading.enumerate())
+    self._pending = (counter, lambda: [t for t in threading.enumerate() if t not in before])
     try:
       self.manager.save(counter, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=force)
-      self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except  # orbax and tensorstore raise many types for I/O
-      # orbax raises at the first failed item while the others may still be writing: let the save's own
-      # threads finish (base join: their errors are already reported) before removing the half-written step.
-      _join_new_threads(before, deadline=time.time() + 60)
-      if jax.process_index() == 0:
-        for p in (self.dir / "checkpoints").glob(f"{counter}.orbax-checkpoint-tmp*"):
-          shutil.rmtree(p, ignore_errors=True)
-      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-      raise SaveError(f"{self.dir / 'checkpoints' / str(counter)}: cannot save ({reason}); {self.last_good()}; "
-                      "rerun the same command to resume from it") from e
+      self._fail(e)
+    # The threads this save started (its background write), not those the training starts meanwhile.
+    writers = set(threading.enumerate()) - before
+    self._pending = (counter, lambda: list(writers))
+
+  def wait(self) -> None:
+    """Blocks until the checkpoint being written is on disk; SaveError if its write failed."""
+    if self._pending is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(e)
+    self._pending = None
+
+  def _fail(self, e: Exception) -> None:
+    counter, writers = self._pending
+    self._pending = None
+    # orbax raises at the first failed item while the others may still be writing: let the save's own threads
+    # finish before removing the half-written step.
+    _join_threads(writers, deadline=time.time() + 60)
+    if jax.process_index() == 0:
+      for p in (self.dir / "checkpoints").glob(f"{counter}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(p, ignore_errors=True)
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise SaveError(f"{self.dir / 'checkpoints' / str(counter)}: cannot save ({reason}); {self.last_good()}; "
+                    "rerun the same command to resume from it") from e
+
+  def settle(self) -> None:
+    """`wait`, for when another error is being reported: a failed write is logged, not raised."""
+    try:
+      self.wait()
+    except SaveError as e:
+      log.error("%s", e)
 
   def last_good(self) -> str:
+    """Names the newest complete checkpoint, once the one being written (if any) has finished or failed."""
+    self.settle()
     step = None if self.manager is None else self.manager.latest_step()
     if step is None:
       return "no checkpoint was saved yet"
@@ -462,6 +491,14 @@ class Run:
     reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     return checkpoints.CheckpointError(f"{self.dir / 'checkpoints' / str(step)}: cannot restore ({reason}); move it "
                                        "away to resume from the one before")
+
+
+def checkpoint_manager(directory: pathlib.Path):
+  """The trainer's orbax manager: the last two checkpoints kept; a save copies the state off the devices and
+  returns, and the files are written in the background while training goes on (docs/reliability.md)."""
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      max_to_keep=2, create=True, enable_async_checkpointing=True))
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
@@ -564,7 +601,9 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
     if epoch % s.checkpoint_every_epochs == 0 or epoch == s.max_epochs or run.preempted:
       run.save(epoch, state, {"stage": 1, "epoch": epoch})
     if run.preempted:
+      run.wait()
       raise SystemExit(143)
+  run.wait()  # a stage's last checkpoint is on disk before the next stage starts
   params = jax.device_get(state.params)
   return {"params": params, "batch_stats": variables["batch_stats"]}
 
@@ -640,6 +679,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
         check_steps()  # never save a non-finite state
         run.save(counter(), state, {"stage": 2, "epoch": epoch - 1, "iterator": position,  # not it's: ahead
                                     "sums": {k: float(v) for k, v in jax.device_get(sums).items()}})
+        run.wait()
         log.warning("pre-empted: saved stage 2 epoch %d at step %d", epoch, count)
         raise SystemExit(143)
     check_steps()
@@ -657,7 +697,9 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
     if epoch % config.checkpoint_every_epochs == 0 or epoch == s.max_epochs or run.preempted:
       run.save(counter(), state, {"stage": 2, "epoch": epoch})
     if run.preempted:
+      run.wait()
       raise SystemExit(143)
+  run.wait()
   return {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)}
 
 
@@ -718,6 +760,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   validate_config(config)
   use_attention(config)
   run = Run(workdir, config)
+  try:
+    return _train_and_evaluate(config, run)
+  except BaseException:
+    run.settle()  # a checkpoint still being written lands (or its failure is logged) whatever stopped the run
+    raise
+
+
+def _train_and_evaluate(config, run: Run) -> dict:
   dataset = load_dataset(config)
   check_data(config, dataset)
   mesh = make_mesh()

@@ -203,3 +203,71 @@ def test_model_attention_sets_the_kernel(monkeypatch):
   c.model.attention = "xla"
   train.use_attention(c)
   assert clip_lib.ATTENTION_IMPLEMENTATION is None
+
+
+class _SlowOrFullDisk:
+  """Patches orbax's JSON writer (it writes a checkpoint's metadata, after its arrays): the write of epoch `block`
+  waits for `release`; the write of epoch `full` fails as on a full disk."""
+
+  def __init__(self, monkeypatch, block=None, full=None):
+    import errno
+    import os
+    import threading
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+    self.release, self.started = threading.Event(), threading.Event()
+    original = handler.JsonCheckpointHandler._save_fn
+
+    async def save_fn(handler_self, x, directory):
+      if isinstance(x, dict) and x.get("epoch") == block:
+        self.started.set()
+        assert self.release.wait(timeout=60), "never released"
+      if isinstance(x, dict) and x.get("epoch") == full:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      return await original(handler_self, x, directory)
+
+    monkeypatch.setattr(handler.JsonCheckpointHandler, "_save_fn", save_fn)
+
+
+def _small_state():
+  return {"w": jax.numpy.arange(4096.0).reshape(64, 64), "n": jax.numpy.zeros((), jax.numpy.int32)}
+
+
+def test_save_returns_before_the_write_and_the_checkpoint_holds_the_saved_values(tmp_path, monkeypatch):
+  """A save copies the state and returns; the files are written while training goes on (and donates the state)."""
+  disk = _SlowOrFullDisk(monkeypatch, block=1)
+  run = train.Run(str(tmp_path / "work"), tiny_config(tmp_path / "data"))
+  state = _small_state()
+  saved = jax.tree.map(np.asarray, state)
+  step = jax.jit(lambda s: {"w": s["w"] * 2 + 1, "n": s["n"] + 1}, donate_argnums=0)
+  run.save(1, state, {"stage": 1, "epoch": 1})
+  assert disk.started.wait(timeout=60)  # the write is under way in the background, and `save` has returned
+  checkpoints = tmp_path / "work" / "checkpoints"
+  assert list(checkpoints.glob("1.orbax-checkpoint-tmp*")) and not (checkpoints / "1").exists()
+  for _ in range(3):  # training goes on, donating the buffers that were saved
+    state = step(state)
+  jax.block_until_ready(state)
+  disk.release.set()
+  run.wait()
+  assert (checkpoints / "1").is_dir() and not list(checkpoints.glob("*tmp*"))
+  restored = run.restore_state(jax.eval_shape(_small_state))
+  for k in saved:
+    np.testing.assert_array_equal(np.asarray(restored[k]), saved[k])
+  assert int(state["n"]) == 3
+
+
+def test_a_failed_background_write_is_reported_by_the_next_save(tmp_path, monkeypatch):
+  _SlowOrFullDisk(monkeypatch, full=2)
+  work = tmp_path / "work"
+  run = train.Run(str(work), tiny_config(tmp_path / "data"))
+  run.save(1, _small_state(), {"stage": 1, "epoch": 1})
+  run.save(2, _small_state(), {"stage": 1, "epoch": 2})  # fails in the background
+  with pytest.raises(train.SaveError) as e:
+    run.save(3, _small_state(), {"stage": 1, "epoch": 3})
+  message = str(e.value)
+  assert message.startswith(f"{work / 'checkpoints' / '2'}: cannot save (") and "No space left on device" in message
+  assert f"the last good checkpoint {work / 'checkpoints' / '1'} is kept" in message
+  assert run.manager.latest_step() == 1 and not list((work / "checkpoints").glob("2*"))
+  run.wait()  # the failure was reported once; nothing is pending
+  # A failure found while another error is reported (non-finite loss) is logged, and the last good one named.
+  run.save(4, _small_state(), {"stage": 1, "epoch": 2})
+  assert run.last_good() == f"the last good checkpoint {work / 'checkpoints' / '1'} is kept"
