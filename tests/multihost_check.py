@@ -32,7 +32,16 @@ state = train.replicate(mesh, steps.create_state(variables["params"], variables[
 step = jax.jit(steps.make_stage2_step(model, tx, train.loss_weights(config)), donate_argnums=0)
 state, metrics = step(state, train.to_global(mesh, local), jax.random.PRNGKey(3))
 kernel = train.to_host(state.params["classifier"]["kernel"])
-result = {"devices": jax.device_count(), "processes": jax.process_count(), "local_batch": int(local["image"].shape[0]),
+# The trainer's checkpoint round trip: every process saves (the write goes on in the background), waits, and
+# restores the way a resumed run does.
+run = train.Run(out + ".work", config)
+run.save(1, state, {"stage": 2, "epoch": 1})
+run.wait()
+abstract = jax.eval_shape(lambda: steps.create_state(variables["params"], variables["batch_stats"], tx, text))
+restored = train.Run(out + ".work", config)
+assert restored.resume() == {"stage": 2, "epoch": 1}
+restored_kernel = np.asarray(restored.restore_state(abstract).params["classifier"]["kernel"])
+result = {"restored_equal": bool(np.array_equal(restored_kernel, kernel)),"devices": jax.device_count(), "processes": jax.process_count(), "local_batch": int(local["image"].shape[0]),
           "loss": float(metrics["loss"]), "kernel_sum": float(np.sum(kernel, dtype=np.float64)),
           "kernel": kernel.tolist()}
 if jax.process_index() == 0:

@@ -1,4 +1,5 @@
-"""Multi-host data parallelism: 2 processes (jax.distributed over gloo, 2 CPU devices each) equal 1 process."""
+"""Multi-host data parallelism: 2 processes (jax.distributed over gloo, 2 CPU devices each) equal 1 process, and
+both write one checkpoint that restores exactly."""
 import json
 import os
 import pathlib
@@ -38,6 +39,7 @@ def test_two_hosts_equal_one(tmp_path):
   assert single.returncode == 0, single.stderr[-3000:]
   multi, ref = json.loads((tmp_path / "multi.json").read_text()), json.loads((tmp_path / "single.json").read_text())
   assert (multi["devices"], multi["processes"]) == (4, 2) and (ref["devices"], ref["processes"]) == (4, 1)
+  assert multi["restored_equal"] and ref["restored_equal"]  # checkpoints written by both hosts restore exactly
   assert multi["local_batch"] * 2 == ref["local_batch"]  # each host loaded half of the global batch
   assert abs(multi["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
   np.testing.assert_allclose(np.asarray(multi["kernel"]), np.asarray(ref["kernel"]), rtol=0, atol=1e-6)
