@@ -76,3 +76,13 @@ def test_step_benchmark_pools_the_rounds_of_a_row():
   assert merged["median_s"] == 3.5 and merged["round_medians"] == [2.0, 4.0] and merged["load"] == [1.0, 2.5]
   assert step_benchmark.merge_rounds(rounds[:1]) is rounds[0]
   assert "error" in step_benchmark.merge_rounds([{"error": "x"}, {"error": "y"}])
+
+
+def test_recipe_counts_background_saves():
+  """A save costs the loop its blocking part, plus the write the training between saves does not cover; the last
+  save of a stage costs its whole write (the trainer waits for it at the stage's end)."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import recipe_benchmark  # pylint: disable=g-import-not-at-top
+  assert recipe_benchmark.checkpoint_cost_s(3, blocking=0.2, written=2.0, between_s=10.0) == pytest.approx(2.4)
+  assert recipe_benchmark.checkpoint_cost_s(3, blocking=0.2, written=2.0, between_s=1.0) == pytest.approx(4.0)
+  assert recipe_benchmark.checkpoint_cost_s(1, blocking=0.2, written=2.0, between_s=1.0) == pytest.approx(2.0)
