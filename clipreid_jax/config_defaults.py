@@ -97,6 +97,7 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   c.eval.k1 = 50
   c.eval.k2 = 15
   c.eval.lambda_value = 0.3
+  c.eval.flip = False  # test-time flip: mean of each image's and its mirror image's features (not official)
   c.eval.untrained = False  # also evaluate the model as built (before stage 1): metrics.json "untrained"
   c.eval.trials = 10  # VehicleID: random one-per-identity galleries averaged
 

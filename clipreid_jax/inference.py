@@ -23,14 +23,15 @@ class FeatureExtractor:
     feats = extractor(["a.jpg", "b.jpg"])   # (2, 1280) float32, not normalised (L2-normalise to compare)
 
   Images may be paths, PIL images or uint8 HWC arrays; they are resized with PIL bilinear to the model's
-  input size (the official test transform). `cams`/`views` are needed only by SIE models.
+  input size (the official test transform). `cams`/`views` are needed only by SIE models. `flip=True`: the mean of
+  each image's features and its mirror image's (test-time flip, not in the official code).
   """
 
-  def __init__(self, checkpoint: str | os.PathLike, batch_size: int = 64):
+  def __init__(self, checkpoint: str | os.PathLike, batch_size: int = 64, flip: bool = False):
     self.model, variables = load_clipreid(checkpoint)
     self.variables = jax.device_put(variables)
     self.batch_size = batch_size
-    self._fn = jax.jit(steps.make_feature_fn(self.model, "eval"))
+    self._fn = jax.jit(steps.make_feature_fn(self.model, "eval", flip=flip))
 
   @property
   def input_size(self) -> tuple[int, int]:
@@ -93,7 +94,7 @@ def extract_to_files(config) -> pathlib.Path:
     raise train.ConfigError("extract.input and extract.output: both are required for mode=extract")
   files = list_images(config.extract.input)
   train.use_attention(config)
-  feats = FeatureExtractor(config.checkpoint, batch_size=config.eval.batch_size)(files)
+  feats = FeatureExtractor(config.checkpoint, batch_size=config.eval.batch_size, flip=config.eval.flip)(files)
   out = pathlib.Path(config.extract.output)
   out.mkdir(parents=True, exist_ok=True)
   tmp = out / ".features.npy.partial"

@@ -59,7 +59,7 @@ def render_pictures(config, workdir: str) -> None:
   from clipreid_jax import train
   from clipreid_jax.visualize import render_all
   try:
-    render_all(workdir, train.load_dataset(config))
+    render_all(workdir, train.load_dataset(config), flip=config.eval.flip)
     print(f"pictures: {workdir}/visualizations/", flush=True)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("could not render the pictures: %s: %s", type(e).__name__, e)

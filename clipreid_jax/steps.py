@@ -146,8 +146,12 @@ def make_stage2_step(model: CLIPReID, tx, weights: losses.LossWeights, *, augmen
 # Inference.
 
 
-def make_feature_fn(model: CLIPReID, kind: str) -> Callable:
-  """`(variables, batch) -> features` for 'eval' (test feature) or 'stage1' (bank entry), on uint8 batches."""
+def make_feature_fn(model: CLIPReID, kind: str, flip: bool = False) -> Callable:
+  """`(variables, batch) -> features` for 'eval' (test feature) or 'stage1' (bank entry), on uint8 batches.
+
+  `flip` ('eval' only): the mean of the features of each image and of its mirror image (left-right), the usual ReID
+  test-time flip; not in the official code, off by default (`eval.flip`).
+  """
   cfg = model.config
 
   def fn(variables, batch):
@@ -156,7 +160,10 @@ def make_feature_fn(model: CLIPReID, kind: str) -> Callable:
       return model.apply(variables, images, method=CLIPReID.stage1_feature)
     cams = batch["camid"] if cfg.sie_camera else None
     views = batch["viewid"] if cfg.sie_view else None
-    return model.apply(variables, images, cams, views, method=CLIPReID.eval_feature)
+    feats = model.apply(variables, images, cams, views, method=CLIPReID.eval_feature)
+    if flip:  # NHWC: axis 2 is the width
+      feats = (feats + model.apply(variables, images[:, :, ::-1], cams, views, method=CLIPReID.eval_feature)) / 2
+    return feats
 
   return fn
 

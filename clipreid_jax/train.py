@@ -710,14 +710,15 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
 def evaluate_model(config, mesh, model, variables, dataset, feature_fn=None) -> dict:
   """mAP / CMC (and mINP) of `variables` on the dataset's query and gallery, official protocol.
 
-  `feature_fn`: a jitted `steps.make_feature_fn(model, "eval")` to reuse across calls (default: a new one).
+  `feature_fn`: a jitted `steps.make_feature_fn(model, "eval", flip=config.eval.flip)` to reuse across calls
+  (default: a new one).
   """
   from clipreid_jax import evaluation
   check_batch("eval.batch_size", config.eval.batch_size)
   loader = pipelines.eval_loader(dataset.query, dataset.gallery, image_size=model.config.input_size,
                                  batch_size=config.eval.batch_size, process_index=jax.process_index(),
                                  process_count=jax.process_count(), worker_count=config.data_workers)
-  feature_fn = feature_fn or jax.jit(steps.make_feature_fn(model, "eval"))
+  feature_fn = feature_fn or jax.jit(steps.make_feature_fn(model, "eval", flip=config.eval.flip))
   feats, idx = extract_features(mesh, feature_fn, variables, loader)
   order = np.argsort(idx, kind="stable")
   feats = feats[order]
@@ -788,7 +789,8 @@ def _train_and_evaluate(config, run: Run) -> dict:
       meta = {}
   elif model.config.with_text and stage1_dir.is_dir():
     _, variables = clipreid.load_clipreid(stage1_dir)  # stage 2 resumes from its own checkpoint below
-  eval_features = jax.jit(steps.make_feature_fn(model, "eval"))  # compiled once for every evaluation below
+  # Compiled once for every evaluation below.
+  eval_features = jax.jit(steps.make_feature_fn(model, "eval", flip=config.eval.flip))
   evaluate_fn = lambda v: evaluate_model(config, mesh, model, v, dataset, eval_features)
   variables = run_stage2(config, run, mesh, model, variables, dataset, meta, evaluate_fn)
   if jax.process_index() == 0:

@@ -32,19 +32,21 @@ def setup(tmp_path_factory):
   return root, model_dir, data
 
 
-def test_eval_mode_matches_reference(setup):
+@pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip"])
+def test_eval_mode_matches_reference(setup, flip):
   root, model_dir, data = setup
-  out = _cli("--config", "configs/market1501_vit.py", "--workdir", str(root / "work"), "--config.mode=eval",
+  work = root / f"work_{flip}"
+  out = _cli("--config", "configs/market1501_vit.py", "--workdir", str(work), "--config.mode=eval",
              f"--config.checkpoint={model_dir}", f"--config.dataset.root={data}",
-             "--config.dataset.check_counts=False", "--config.eval.batch_size=8")
+             "--config.dataset.check_counts=False", "--config.eval.batch_size=8", f"--config.eval.flip={flip}")
   assert out.returncode == 0, out.stderr[-2000:]
   final = out.stdout.strip().splitlines()[-1]
   assert final.startswith("final: mAP") and "R10" in final
-  got = {k: v / 100 for k, v in json.loads((root / "work" / "metrics.json").read_text())["final"].items()
+  got = {k: v / 100 for k, v in json.loads((work / "metrics.json").read_text())["final"].items()
          if k in ("mAP", "R1", "R5")}  # metrics.json is in percent
   # Reference: features from the Python API, the official algorithm in float64 numpy on the full matrix.
   ds = get_dataset("market1501", data, check_counts=False)
-  ext = FeatureExtractor(model_dir)
+  ext = FeatureExtractor(model_dir, flip=flip)
   qf = ext([ds.query.path(i) for i in range(len(ds.query))]).astype(np.float64)
   gf = ext([ds.gallery.path(i) for i in range(len(ds.gallery))]).astype(np.float64)
   qf /= np.linalg.norm(qf, axis=1, keepdims=True)
@@ -65,6 +67,21 @@ def test_extract_mode_cli(setup):
   names = (root / "feats" / "features_index.txt").read_text().split()
   assert feats.shape == (len(names), 128 + 64)
   np.testing.assert_allclose(FeatureExtractor(model_dir)(names[:3]), feats[:3], rtol=1e-5, atol=1e-6)
+
+
+def test_flip_is_the_mean_over_the_mirror_image(setup):
+  """eval.flip: each image's feature is the mean of its own and its left-right mirror image's."""
+  _, model_dir, _ = setup
+  plain, flipped = FeatureExtractor(model_dir, batch_size=4), FeatureExtractor(model_dir, batch_size=4, flip=True)
+  h, w = plain.input_size
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(3)]
+  mirrored = [im[:, ::-1] for im in images]
+  want = (plain(images).astype(np.float64) + plain(mirrored)) / 2
+  np.testing.assert_allclose(flipped(images), want, rtol=1e-5, atol=1e-6)
+  assert np.abs(flipped(images) - plain(images)).max() > 1e-3  # not a no-op on asymmetric images
+  symmetric = [np.concatenate([im[:, :w // 2], im[:, :w // 2][:, ::-1]], axis=1) for im in images]
+  np.testing.assert_allclose(flipped(symmetric), plain(symmetric), rtol=1e-5, atol=1e-6)  # the width is mirrored
 
 
 @pytest.mark.parametrize("args,expected", [

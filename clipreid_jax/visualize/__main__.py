@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument("--worst", action="store_true", help="the queries of lowest AP instead of random ones")
   r.add_argument("--topk", type=int, default=10, help="gallery images per query")
   r.add_argument("--batch-size", type=int, default=64, help="feature extraction batch")
+  r.add_argument("--flip", action="store_true", help="test-time flip, as --config.eval.flip=True")
   dataset_args(r)
 
   t = sub.add_parser("tsne", help="t-SNE of image (dots) and text (pentagons) features after stages 1 and 2")
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
   a.add_argument("--workdir", required=True, help="training workdir")
   a.add_argument("--out", help="output folder (default: WORKDIR/visualizations)")
   a.add_argument("--num", type=int, default=5, help="random queries, and as many worst-AP queries")
+  a.add_argument("--flip", action="store_true", help="test-time flip, as --config.eval.flip=True")
   dataset_args(a)
   return p
 
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
     dataset = inputs.dataset_for(args.dataset, args.root, model_dir.resolve().parent)
     from clipreid_jax.visualize.render import rank_lists_of_model
     return rank_lists_of_model(model_dir, dataset, args.out, num=args.num, worst=args.worst, topk=args.topk,
-                               seed=args.seed, batch_size=args.batch_size)
+                               seed=args.seed, batch_size=args.batch_size, flip=args.flip)
   workdir = inputs.require_dir(args.workdir, "--workdir")
   dataset = inputs.dataset_for(args.dataset, args.root, workdir)
   if args.command == "tsne":
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
     from clipreid_jax.visualize.embedding import render_tsne
     return [render_tsne(workdir, dataset, pathlib.Path(args.out) / "tsne.png", num_ids=args.ids, seed=args.seed)]
   from clipreid_jax.visualize.render import render_all
-  written = render_all(workdir, dataset, args.out, num_queries=args.num, num_worst=args.num, seed=args.seed)
+  written = render_all(workdir, dataset, args.out, num_queries=args.num, num_worst=args.num, seed=args.seed,
+                       flip=args.flip)
   return [p for paths in written.values() for p in paths]
 
 

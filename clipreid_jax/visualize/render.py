@@ -13,12 +13,13 @@ from clipreid_jax.data.records import ReidDataset
 def rank_lists_of_model(model_dir: str | os.PathLike, dataset: ReidDataset, out_dir: str | os.PathLike,
                         num: int = 10, worst: bool = False, topk: int = 10, seed: int = 0, batch_size: int = 64,
                         features: Optional[tuple[np.ndarray, np.ndarray]] = None,
-                        per_query_ap: Optional[np.ndarray] = None) -> list[pathlib.Path]:
-  """Rank lists of a model directory on a dataset; features are extracted unless given as (query, gallery)."""
+                        per_query_ap: Optional[np.ndarray] = None, flip: bool = False) -> list[pathlib.Path]:
+  """Rank lists of a model directory on a dataset; features are extracted (test-time `flip` as in `eval.flip`)
+  unless given as (query, gallery)."""
   from clipreid_jax.inference import FeatureExtractor
   from clipreid_jax.visualize import features as feats
   from clipreid_jax.visualize.ranks import render_rank_lists
-  extractor = FeatureExtractor(model_dir, batch_size=batch_size)
+  extractor = FeatureExtractor(model_dir, batch_size=batch_size, flip=flip)
   if features is None:
     features = feats.eval_features(extractor, dataset.query), feats.eval_features(extractor, dataset.gallery)
   qf, gf = features
@@ -28,12 +29,14 @@ def rank_lists_of_model(model_dir: str | os.PathLike, dataset: ReidDataset, out_
 
 def render_all(workdir: str | os.PathLike, dataset: ReidDataset, out_dir: Optional[str | os.PathLike] = None, *,
                num_queries: int = 5, num_worst: int = 5, topk: int = 10, num_ids: int = 10, seed: int = 0,
-               features: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict[str, list[pathlib.Path]]:
+               features: Optional[tuple[np.ndarray, np.ndarray]] = None,
+               flip: bool = False) -> dict[str, list[pathlib.Path]]:
   """Rank lists (random and worst-AP queries), t-SNE and curves of the run in `workdir`.
 
   Writes out_dir (default WORKDIR/visualizations): ranks/query*.png, ranks/worst*.png, tsne.png, curves.png.
   `features` = (query, gallery) evaluation features of WORKDIR/model, when the caller has them, saves one
-  extraction pass. Run it on one process only (process 0): it reads and writes files.
+  extraction pass; otherwise they are extracted (test-time `flip` as in `eval.flip`). Run it on one process only
+  (process 0): it reads and writes files.
 
   Returns:
     {'ranks': [...], 'tsne': [path], 'curves': [path]}.
@@ -47,7 +50,7 @@ def render_all(workdir: str | os.PathLike, dataset: ReidDataset, out_dir: Option
   workdir = require_dir(workdir, "workdir")
   out = pathlib.Path(out_dir) if out_dir is not None else workdir / "visualizations"
   model_dir = require_model_dir(workdir / "model", "workdir")
-  extractor = FeatureExtractor(model_dir)
+  extractor = FeatureExtractor(model_dir, flip=flip)
   if features is None:
     features = feats.eval_features(extractor, dataset.query), feats.eval_features(extractor, dataset.gallery)
   qf, gf = features
