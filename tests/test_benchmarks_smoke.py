@@ -66,6 +66,19 @@ def test_profile_step_reads_a_real_trace(tmp_path):
   assert profile_step.category("input_transpose_fusion_22") == "copy"
 
 
+def test_largest_fusion_counts_array_parameters_only():
+  """The gradient norm's final sum takes one scalar per parameter (156 for ViT-B/16); it re-computes nothing, so
+  it must not pass for the residual-gradient chain the barriers bound."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import profile_step  # pylint: disable=g-import-not-at-top
+  scalars = ", ".join(f"param_{i}.1: f32[]" for i in range(156))
+  hlo = (f"%fused_computation.7 ({scalars}) -> f32[] {{\n  ROOT %a = f32[] add(%param_0.1, %param_1.1)\n}}\n"
+         "%fused_computation.8 (param_0.2: f32[8,129,768], param_1.2: f32[768], param_2.2: f32[], "
+         "param_3.2: bf16[2,3]) -> f32[8,129,768] {\n  ROOT %b = f32[8,129,768] copy(%param_0.2)\n}\n"
+         "%region_1.3 (x: f32[4], y: f32[4], z: f32[4], w: f32[4]) -> f32[4] {\n}\n")
+  assert profile_step.largest_fusion(hlo) == 3
+
+
 def test_step_benchmark_pools_the_rounds_of_a_row():
   """--rounds: a row's time is the median of every step of every round; a failed round is left out."""
   sys.path.insert(0, str(REPO / "benchmarks"))
