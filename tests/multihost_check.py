@@ -41,7 +41,8 @@ abstract = jax.eval_shape(lambda: steps.create_state(variables["params"], variab
 restored = train.Run(out + ".work", config)
 assert restored.resume() == {"stage": 2, "epoch": 1}
 restored_kernel = np.asarray(restored.restore_state(abstract).params["classifier"]["kernel"])
-result = {"restored_equal": bool(np.array_equal(restored_kernel, kernel)),"devices": jax.device_count(), "processes": jax.process_count(), "local_batch": int(local["image"].shape[0]),
+result = {"restored_equal": bool(np.array_equal(restored_kernel, kernel)), "devices": jax.device_count(),
+          "processes": jax.process_count(), "local_batch": int(local["image"].shape[0]),
           "loss": float(metrics["loss"]), "kernel_sum": float(np.sum(kernel, dtype=np.float64)),
           "kernel": kernel.tolist()}
 if jax.process_index() == 0:
