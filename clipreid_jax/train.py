@@ -608,6 +608,23 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
   return {"params": params, "batch_stats": variables["batch_stats"]}
 
 
+def mid_epoch_position(meta: dict) -> int | None:
+  """Batches of the interrupted epoch that a pre-empted stage-2 run had consumed (None: it stopped between epochs).
+
+  A checkpoint records the number (`next_batch`). Those of earlier versions recorded grain's iterator state,
+  whose form depends on the number of worker processes: `{"next_index": n}` without workers, and per-worker
+  positions (their sum is n) with them; they resume too.
+  """
+  if meta.get("next_batch") is not None:
+    return int(meta["next_batch"])
+  state = meta.get("iterator")
+  if state is None:
+    return None
+  if "next_index" in state:
+    return int(state["next_index"])
+  return sum(int(s["next_index"]) for s in state["iterators_in_use_states"])
+
+
 def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, evaluate_fn) -> dict:
   """The image side with ID + triplet (+ i2t) losses on PK batches. Returns the final variables."""
   s = config.stage2
@@ -627,8 +644,8 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
   if meta.get("stage") == 2:
     state = run.restore_state(jax.eval_shape(lambda: state))
     start = meta["epoch"] + 1
-    if meta.get("iterator") is not None:  # stopped mid-epoch (pre-emption): continue that epoch
-      resume_at, resume_sums = meta["iterator"], meta.get("sums")
+    resume_at = mid_epoch_position(meta)  # stopped mid-epoch (pre-emption): continue that epoch
+    resume_sums = meta.get("sums")
   state = replicate(mesh, state)
   a = config.augment
   step = jax.jit(steps.make_stage2_step(model, tx, loss_weights(config), erase_prob=a.erase_prob,
@@ -650,19 +667,18 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
                                     num_instances=s.num_instances, seed=config.seed, epoch=epoch,
                                     process_index=jax.process_index(), process_count=jax.process_count(),
                                     worker_count=config.data_workers)
-    it = iter(loader)
     sums, count = None, 0
     if resume_at is not None:
-      it.set_state(resume_at)
-      count = int(resume_at["next_index"])
+      count = resume_at
       sums = None if resume_sums is None else {k: jnp.asarray(v, jnp.float32) for k, v in resume_sums.items()}
       resume_at = None
     first = count
-    batches = prefetch.prefetch(it, lambda b: to_global(mesh, {k: b[k] for k in ("image", "pid", "camid", "viewid")}),
-                                depth=config.prefetch_batches, get_state=it.get_state)
+    batches = prefetch.prefetch(loader.iterator(start=count),
+                                lambda b: to_global(mesh, {k: b[k] for k in ("image", "pid", "camid", "viewid")}),
+                                depth=config.prefetch_batches)
     bar = tqdm.tqdm(batches, total=len(loader), initial=count, desc=f"stage 2 epoch {epoch}", unit="step",
                     leave=False, disable=jax.process_index() != 0 or not sys.stderr.isatty())
-    for g, position in bar:
+    for g in bar:
       # The step's randomness is a function of the optimizer step only, so a resumed run draws the same. (Not
       # epoch * steps_per_epoch + count: PK epochs differ in length, and two steps would share their draws.)
       state, metrics = step(state, g, jax.random.fold_in(key, done))
@@ -677,7 +693,8 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
       # PK epochs differ in length: compare with this epoch's, not with epoch 1's `steps_per_epoch`.
       if run.preempted and count < len(loader):
         check_steps()  # never save a non-finite state
-        run.save(counter(), state, {"stage": 2, "epoch": epoch - 1, "iterator": position,  # not it's: ahead
+        # The batches consumed, not the loader's position: it runs ahead by the prefetch depth.
+        run.save(counter(), state, {"stage": 2, "epoch": epoch - 1, "next_batch": count,
                                     "sums": {k: float(v) for k, v in jax.device_get(sums).items()}})
         run.wait()
         log.warning("pre-empted: saved stage 2 epoch %d at step %d", epoch, count)

@@ -74,6 +74,17 @@ def test_iterator_restores_mid_epoch(dataset):
   assert all(_equal(x, y) for x, y in zip(_take(restored, 2), expected))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_iterator_from_a_batch_number(dataset, workers):
+  """What a resumed epoch reads: the batches from number `start` on, the same with grain worker processes."""
+  whole = list(_loader(dataset))
+  rest = list(_loader(dataset, worker_count=workers).iterator(start=2))
+  assert len(rest) == len(whole) - 2 and all(_equal(x, y) for x, y in zip(rest, whole[2:]))
+  assert list(_loader(dataset).iterator(start=len(whole))) == []
+  with pytest.raises(ValueError, match=r"start: expected a batch number in \[0, \d+\], got -1"):
+    _loader(dataset).iterator(start=-1)
+
+
 def test_restore_through_grain_checkpoint(dataset, tmp_path):
   import grain
   import orbax.checkpoint as ocp

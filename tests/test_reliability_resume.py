@@ -176,9 +176,9 @@ def test_killed_anywhere_resumes_bit_exactly(env, reference):
       assert code == 143, (name, code, "".join(proc.lines[-30:]))
       meta = _meta(work, _steps(work)[-1])
       assert meta["stage"] == 2, meta
-      assert meta["epoch"] == 2 or meta["iterator"]["next_index"] > 0, meta  # saved mid-epoch 2 (or at its end)
+      assert meta["epoch"] == 2 or meta["next_batch"] > 0, meta  # saved mid-epoch 2 (or at its end)
       assert proc.saw("pre-empted: saved stage 2 epoch 2") or meta["epoch"] == 2
-      hit[-1] += (f"saved at step {meta['iterator']['next_index']} of epoch 2" if "iterator" in meta
+      hit[-1] += (f"saved at step {meta['next_batch']} of epoch 2" if "next_batch" in meta
                   else "saved at the end of epoch 2",)
   print("\n".join(f"{n}: exit {c}, left {l} {' '.join(rest)}" for n, c, l, *rest in hit))
   # Whatever the kills left must not matter: add the worst leftovers by hand before the last restart.

@@ -1,4 +1,5 @@
 """The trainer end to end on synthetic data: stage 1, stage 2, evaluation, model directory, modes, resume."""
+import copy
 import json
 
 import jax
@@ -122,9 +123,14 @@ def test_resume_equals_uninterrupted(finished, tmp_path, monkeypatch, stop_at):
     np.testing.assert_array_equal(x, y)
 
 
-def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch):
-  """SIGTERM sets a flag; the trainer saves mid-epoch (iterator position included) and exits 143."""
+@pytest.mark.parametrize("workers_before,workers_after", [(0, 1), (1, 0)])
+def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch, workers_before, workers_after):
+  """SIGTERM sets a flag; the trainer saves mid-epoch (the batches consumed) and exits 143. The resumed run equals
+  the uninterrupted one, with or without grain worker processes on either side (they may change between
+  restarts)."""
   config, root, _ = finished
+  config = copy.deepcopy(config)
+  config.data_workers = workers_before
   runs, calls = [], {"n": 0}
   original_init, original_to_global = train.Run.__init__, train.to_global
 
@@ -145,12 +151,24 @@ def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch):
     train.train_and_evaluate(config, str(tmp_path / "work"))
   assert stop.value.code == 143
   meta = runs[-1].latest_meta()
-  assert meta["stage"] == 2 and meta["iterator"]["next_index"] > 0
+  assert meta["stage"] == 2 and meta["epoch"] == 1 and meta["next_batch"] == 1, meta  # epoch 2's first step done
   monkeypatch.setattr(train, "to_global", original_to_global)
+  config.data_workers = workers_after
   train.train_and_evaluate(config, str(tmp_path / "work"))
   a, b = _variables(root / "work" / "model"), _variables(tmp_path / "work" / "model")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_mid_epoch_position_reads_every_checkpoint_form():
+  """The batch number, and the grain iterator states that checkpoints of earlier versions hold instead."""
+  assert train.mid_epoch_position({"stage": 2, "epoch": 3}) is None
+  assert train.mid_epoch_position({"stage": 2, "epoch": 3, "next_batch": 7}) == 7
+  assert train.mid_epoch_position({"iterator": {"next_index": 5}}) == 5  # no worker processes
+  with_workers = {"next_index_in_cycle": 1, "next_index_in_datasets": 2, "iterators_in_use_indices": [0, 1],
+                  "iterators_in_use_states": [{"next_index": 4}, {"next_index": 3}], "exhausted": [0, 0],
+                  "future_states": {}}  # grain's mp_prefetch after 7 elements, as it records them
+  assert train.mid_epoch_position({"iterator": with_workers}) == 7
 
 
 def test_bfloat16_compute_step(tmp_path):

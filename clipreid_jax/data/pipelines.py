@@ -1,10 +1,10 @@
 """grain pipelines: the PK training loader, the stage-1 loader and the evaluation loader.
 
 Each loader is a `grain.MapDataset` of this host's batches built from a global plan (a numpy array of record
-indices that every host computes identically), so batches are a pure function of the plan, the iterator state is
-just a position (grain `get_state`/`set_state`), and host h of n loads columns [h*B/n, (h+1)*B/n) of every global
-batch of B. The host decodes and resizes with PIL into uint8 NHWC; normalisation and the random train augmentation
-run on the device (`device_augment.py`).
+indices that every host computes identically), so batches are a pure function of the plan, a position is just a
+batch number (`Loader.iterator(start)`; grain's `get_state`/`set_state` work too), and host h of n loads columns
+[h*B/n, (h+1)*B/n) of every global batch of B. The host decodes and resizes with PIL into uint8 NHWC; normalisation
+and the random train augmentation run on the device (`device_augment.py`).
 
 Batch fields (numpy): `image` uint8 (b, H, W, 3), `pid` int32 (train: label), `camid` int32, `viewid` int32, `index`
 int64 (record position in the split; for evaluation in query + gallery), and `mask` bool (False on the padding of the
@@ -55,7 +55,8 @@ class LoadRecord(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class Loader:
-  """This host's batches of one plan. `iter(loader)` starts a fresh iterator (get_state/set_state to resume).
+  """This host's batches of one plan. `iter(loader)` starts a fresh iterator; `loader.iterator(start)` starts at
+  batch `start` (a resumed epoch).
 
   With `worker_count > 0`, close the iterator (`it.close()`) when done to stop the worker processes.
 
@@ -78,7 +79,14 @@ class Loader:
     return len(self.dataset)
 
   def __iter__(self) -> grain.DatasetIterator:
-    ds = self.dataset.to_iter_dataset(self.read_options)
+    return self.iterator()
+
+  def iterator(self, start: int = 0) -> grain.DatasetIterator:
+    """The batches from number `start` on: the same batches whatever `worker_count` (grain's own iterator state
+    has a different form with worker processes, so a position saved as a batch number survives changing it)."""
+    if not 0 <= start <= len(self.dataset):
+      raise ValueError(f"start: expected a batch number in [0, {len(self.dataset)}], got {start}")
+    ds = (self.dataset[start:] if start else self.dataset).to_iter_dataset(self.read_options)
     if self.worker_count > 0:
       _allow_grain_workers()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
