@@ -123,6 +123,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     if model.config.sie_camera and have != need:
       raise train.ConfigError(f"checkpoint: {config.checkpoint} has an SIE table for {need} cameras, but dataset "
                               f"{config.dataset.name} at {config.dataset.root} has {have}; expected the same cameras")
+    train.check_sie_ids(dataset, model.config.sie_camera, model.config.sie_view, model.config.camera_num,
+                        model.config.view_num)
   mesh = train.make_mesh()
   variables = train.replicate(mesh, variables)
   result = train.evaluate_model(config, mesh, model, variables, dataset)

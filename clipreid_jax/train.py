@@ -215,6 +215,24 @@ def check_data(config, dataset) -> None:
                            process_index=jax.process_index(), process_count=jax.process_count())
   except DataError as e:
     raise type(e)(f"stage2.num_ids={s.num_ids}, stage2.num_instances={s.num_instances}: {e}") from None
+  m = config.model
+  check_sie_ids(dataset, m.sie_camera, m.sie_view, dataset.num_train_cams, dataset.num_train_views)
+
+
+def check_sie_ids(dataset, sie_camera: bool, sie_view: bool, camera_num: int, view_num: int) -> None:
+  """With SIE, every camera (view) id of every split must have a row of the table, which has one per camera (view)
+  of the training split, as in the official code. JAX clamps an out-of-range index instead of failing, so two
+  cameras would silently share a row."""
+  for on, field, word, num in ((sie_camera, "camids", "camera", camera_num), (sie_view, "viewids", "view", view_num)):
+    if not on:
+      continue
+    for name in ("train", "query", "gallery"):
+      ids = getattr(getattr(dataset, name), field)
+      bad = np.unique(ids[(ids < 0) | (ids >= num)])
+      if bad.size:
+        raise DataError(f"{dataset.name}: {name} {word} id {', '.join(map(str, bad[:5]))} is outside the SIE table "
+                        f"(rows 0..{num - 1}, one per {word} of the training split); with SIE every {word} must "
+                        f"occur in train, numbered 0..{num - 1}")
 
 
 # --------------------------------------------------------------------------------------------------

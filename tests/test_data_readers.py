@@ -219,13 +219,25 @@ def test_custom_csv(tmp_path):
     warnings.simplefilter("error")  # no published counts for custom data
     ds = data.get_dataset("custom", tmp_path)
   assert ds.train.pids.tolist() == [1, 0, 0]  # alice 0, bob 1 (sorted)
-  assert ds.train.camids.tolist() == [1, 0, 1]  # cam1..cam3 -> 0..2 over all files
-  assert ds.train.viewids.tolist() == [2, 1, 2]  # '0' (default), back, front
+  assert ds.train.camids.tolist() == [1, 0, 1]  # train's cam1, cam2 -> 0, 1; cam3 (test only) -> 2
+  assert ds.train.viewids.tolist() == [1, 0, 1]  # train's back, front -> 0, 1; '0' (the test rows' default) -> 2
   assert ds.query.camids.tolist() == [0, 2] and ds.gallery.camids.tolist() == [1, 0, 2]
   # Text identities of query and gallery share one numbering: carl 0, dan 1, eve 2.
   assert ds.query.pids.tolist() == [0, 1] and ds.gallery.pids.tolist() == [0, 2, 2]
   assert os.path.isfile(ds.gallery.path(2)) and ds.gallery.relpaths[2] == "images/eve/2.png"
   assert ds.stats()["num_train_views"] == 2
+
+
+def test_custom_numbers_train_cameras_first(tmp_path):
+  """The SIE table has one row per training camera: train's cameras are 0..n-1 even when a test-only camera sorts
+  before them (it used to be numbered 0, pushing train's past the table)."""
+  touch_images(tmp_path / "im", ["a.jpg", "b.jpg", "c.jpg"])
+  (tmp_path / "train.csv").write_text("im/a.jpg,1,camB\nim/b.jpg,2,camC\n")
+  (tmp_path / "query.csv").write_text("im/c.jpg,1,camA\n")
+  (tmp_path / "gallery.csv").write_text("im/b.jpg,1,camC\n")
+  ds = data.get_dataset("custom", tmp_path)
+  assert ds.train.camids.tolist() == [0, 1] and ds.num_train_cams == 2
+  assert ds.query.camids.tolist() == [2] and ds.gallery.camids.tolist() == [1]
 
 
 def test_custom_integer_identities_are_kept(tmp_path):

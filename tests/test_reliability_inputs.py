@@ -139,6 +139,24 @@ def test_list_file_naming_a_missing_image(tmp_path, market):
   assert not work.exists()
 
 
+def test_sie_camera_missing_from_train(tmp_path, market):
+  """With SIE, a test camera without a row of the table (one per training camera) is refused: JAX would clamp the
+  index and let it share another camera's row."""
+  data = tmp_path / "custom"
+  shutil.copytree(market, data / "images")
+  train = sorted((data / "images" / "bounding_box_train").iterdir())
+  test = sorted((data / "images" / "bounding_box_test").iterdir())
+  rows = lambda files, cam=None: "".join(f"images/{f.parent.name}/{f.name},{f.name[:4]},{cam or f.name[6]}\n"
+                                         for f in files)
+  (data / "train.csv").write_text(rows(train))
+  (data / "query.csv").write_text(rows(test[:2], cam="9"))  # the tiny data's cameras are 1..3
+  (data / "gallery.csv").write_text(rows(test[2:]))
+  out, work = _train(tmp_path, "--config.dataset.name=custom", f"--config.dataset.root={data}",
+                     "--config.model.sie_camera=True")
+  _error(out, "custom: query camera id 3 is outside the SIE table", "rows 0..2")
+  assert not work.exists()
+
+
 def test_fewer_identities_than_p(tmp_path):
   out, work = _train(tmp_path, "--config.stage2.num_ids=9")  # the tiny data has 8 training identities
   _error(out, "stage2.num_ids=9", "at least P=9", "has 8")

@@ -13,8 +13,9 @@ Format (see data/README.md): ROOT/train.csv, ROOT/query.csv and ROOT/gallery.csv
 
 Numbering: train identities become labels 0..K-1 in sorted order. Query and gallery identities keep their integer
 values when all of them are integers, and are otherwise numbered in sorted order over query and gallery together
-(so the same text is the same person in both). Cameras and views are numbered 0.. in sorted order over the three
-files together (integers sort as numbers), so 'cam1'..'cam6' or 1..6 become 0..5. A missing view column means view 0.
+(so the same text is the same person in both). Cameras and views are numbered 0.. in sorted order (integers sort as
+numbers), so 'cam1'..'cam6' or 1..6 become 0..5: first those of train, then any that only query or gallery have, so
+the SIE table (one row per training camera) has a row for every training camera. A missing view column means view 0.
 """
 from __future__ import annotations
 
@@ -86,8 +87,11 @@ def _is_int(text: str) -> bool:
     return False
 
 
-def _numbering(values: set[str]) -> dict[str, int]:
-  return {v: i for i, v in enumerate(sorted(values, key=_sort_key(list(values))))}
+def _numbering(values: set[str], more: set[str] = frozenset()) -> dict[str, int]:
+  """`values` as 0..n-1 in sorted order, then the rest of `more` as n.. in sorted order."""
+  key = _sort_key(list(values | more))
+  order = sorted(values, key=key) + sorted(more - values, key=key)
+  return {v: i for i, v in enumerate(order)}
 
 
 def load(root: str | os.PathLike, *, train_list: str = "train.csv", query_list: str = "query.csv",
@@ -107,8 +111,8 @@ def load(root: str | os.PathLike, *, train_list: str = "train.csv", query_list: 
         f"{NAME}: missing {', '.join(missing) or root} under {root}; expected layout: {LAYOUT}")
   rows = {s: read_csv(x, check_files) for s, x in zip(SPLITS, lists)}
   every = [r for s in SPLITS for r in rows[s]]
-  cams = _numbering({r[2] for r in every})
-  views = _numbering({r[3] for r in every})
+  cams = _numbering({r[2] for r in rows["train"]}, {r[2] for r in every})
+  views = _numbering({r[3] for r in rows["train"]}, {r[3] for r in every})
   test_ids = {r[1] for s in ("query", "gallery") for r in rows[s]}
   test_pid = {v: int(v) for v in test_ids} if all(_is_int(v) for v in test_ids) else _numbering(test_ids)
   train_pid = _numbering({r[1] for r in rows["train"]})
