@@ -157,6 +157,7 @@ def official(dataset: str, backbone: str, variant: str | None = None) -> ml_coll
     c.model.sie_view = dataset == "veri"
   elif variant == "baseline":
     c.model.baseline = True
+    c.loss.id_weight = 1.0  # the official vit_base.yml files (every dataset); 0.25 is CLIP-ReID's ViT weight
     if dataset == "vehicleid":
       c.loss.label_smoothing = 0.0
   c.workdir = f"workdirs/{dataset}_{'vit' if vit else 'cnn'}_{variant}"

@@ -36,6 +36,9 @@ def test_recipe_loads_and_validates(path):
       dataset = path.stem.rsplit("_", 1)[0]
       assert resolved.dataset.name == dataset
       assert ("paper:" in mod.__doc__) and (arg is None or arg == "clipreid" or f":{arg}" in mod.__doc__)
+      # ID loss weight: 0.25 in the official vit_clipreid.yml files, 1.0 in every vit_base.yml and cnn_*.yml.
+      vit_clipreid = "vit" in path.stem and arg != "baseline"
+      assert resolved.loss.id_weight == (0.25 if vit_clipreid else 1.0), (path.stem, arg)
   if "cnn" in path.stem:
     with pytest.raises(ValueError, match="ViT-only"):
       mod.get_config("sie_olp")
