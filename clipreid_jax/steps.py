@@ -112,7 +112,9 @@ def stage2_loss_fn(model: CLIPReID, params, batch_stats, images, labels, cams, v
   total, comps = losses.stage2_loss((out["cls_score"], out["cls_score_proj"]),
                                     (out["img_feature_last"], out["img_feature"], out["img_feature_proj"]),
                                     labels, logits, weights)
-  acc = jnp.mean((jnp.argmax(out["cls_score"], -1) == labels).astype(jnp.float32))
+  # The official training accuracy: of the image-to-text logits for CLIP-ReID, of the ID classifier for the baseline.
+  scores = out["cls_score"] if logits is None else logits
+  acc = jnp.mean((jnp.argmax(scores, -1) == labels).astype(jnp.float32))
   return total, ({**comps, "loss": total, "accuracy": acc}, updates["batch_stats"])
 
 

@@ -87,6 +87,9 @@ def test_stage2_step(variant, converted):
                        ("i2t", "stage2_i2t_loss")]:
     ok, ratio = close(metrics[ours], outputs[theirs], **LOSS)
     assert ok, f"{ours}: {ratio:.2f}x the tolerance"
+  # The logged accuracy is the official one: of the image-to-text logits (not of the ID classifier).
+  official_acc = np.mean(np.argmax(outputs["stage2_i2t_logits"], -1) == batch["pid"])
+  assert float(metrics["accuracy"]) == pytest.approx(official_acc), (float(metrics["accuracy"]), official_acc)
 
   # Gradients of the same loss function the step differentiates.
   images = steps.normalize(jnp.asarray(batch["image"]), model.config.pixel_mean, model.config.pixel_std)

@@ -101,7 +101,7 @@ def plot_curves(workdir: str | os.PathLike, out: str | os.PathLike) -> pathlib.P
   c.grid(alpha=0.3, which="both")
 
   d.set_title("stage 2: training accuracy and evaluation (%)", fontsize=10)
-  for key, label in (("accuracy", "train ID accuracy"), ("eval_mAP", "mAP"), ("eval_R1", "Rank-1")):
+  for key, label in (("accuracy", "train accuracy"), ("eval_mAP", "mAP"), ("eval_R1", "Rank-1")):
     x, y = _series(stage2, key)
     if x:
       d.plot(x, [100 * v for v in y], marker="o" if key != "accuracy" else None, markersize=4, label=label)
