@@ -100,6 +100,10 @@ def test_from_clip_matches_official_construction(tmp_path):
     assert params["prompt_learner"]["cls_ctx"].shape == state["prompt_learner.cls_ctx"].shape
     assert np.all(params["bottleneck"]["bias"] == 0) and np.all(params["bottleneck"]["scale"] == 1)
     assert abs(float(np.std(params["classifier"]["kernel"])) - 0.001) < 0.0005
+    if "cv_embed" in params:  # timm's trunc_normal_(std=.02) cuts at +-2, i.e. 100 std: in effect N(0, 0.02^2)
+      sie = np.asarray(params["cv_embed"])
+      assert sie.shape == state["cv_embed"].shape and abs(float(np.std(sie)) - 0.02) < 0.003
+      assert np.abs(sie).max() > 0.045  # flax's truncated_normal(0.02) stops at 2 std, 0.04
     assert model.config.eot_index == 11
 
 

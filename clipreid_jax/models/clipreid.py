@@ -142,7 +142,8 @@ class CLIPReID(nn.Module):
     self.classifier = nn.Dense(cfg.num_classes, use_bias=False, kernel_init=init, dtype=jnp.float32)
     self.classifier_proj = nn.Dense(cfg.num_classes, use_bias=False, kernel_init=init, dtype=jnp.float32)
     if cfg.sie_rows:
-      self.cv_embed = self.param("cv_embed", nn.initializers.truncated_normal(0.02), (cfg.sie_rows, cfg.feature_dim))
+      # timm's trunc_normal_(std=.02) cuts at +-2 absolute, i.e. 100 std: a plain normal, not flax's +-2 std cut.
+      self.cv_embed = self.param("cv_embed", nn.initializers.normal(0.02), (cfg.sie_rows, cfg.feature_dim))
     if cfg.with_text:
       c = cfg.clip
       self.prompt_learner = PromptLearner(cfg.num_classes, c.text_width, c.context_length)
