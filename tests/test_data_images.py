@@ -77,6 +77,15 @@ def test_grayscale_is_replicated(tmp_path):
   assert np.all(np.asarray(data.read_image(tmp_path / "g.png")) == 77)
 
 
+def test_16_bit_gray_keeps_its_range(tmp_path):
+  """A 16-bit gray PNG becomes its top byte, not PIL's convert("RGB"), which clips every value above 255 to white."""
+  values = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)  # 0 .. 63,000
+  Image.fromarray(values).save(tmp_path / "g16.png")
+  out = np.asarray(data.read_image(tmp_path / "g16.png"))
+  np.testing.assert_array_equal(out[..., 0], values >> 8)
+  assert np.all(out[..., 0] == out[..., 2]) and out.max() == 63000 >> 8
+
+
 def test_truncated_jpeg_loads_with_a_warning(tmp_path):
   rng = np.random.default_rng(1)
   buf = io.BytesIO()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from clipreid_jax import data
 from clipreid_jax.data import __main__ as inspect_cli
-from clipreid_jax.data import published
+from clipreid_jax.data import published, registry
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def make_market(root: pathlib.Path) -> pathlib.Path:
                market_names(2, [1, 2]) + market_names(7, [3]) + market_names(10, [4, 5, 6]) + market_names(-1, [1]))
   touch_images(d / "query", market_names(3, [1]) + market_names(5, [2, 3]))
   touch_images(d / "bounding_box_test", market_names(3, [2, 4]) + market_names(5, [5]) + market_names(0, [1, 6])
-               + market_names(-1, [2, 3]) + ["bad_name.jpg"])
+               + market_names(-1, [2, 3]) + ["bad_name.jpg", "12-3_c1s1_000451_03.jpg"])
   (d / "bounding_box_test" / "Thumbs.db").write_bytes(b"x")
   return d
 
@@ -56,7 +56,9 @@ def test_market1501_rules(tmp_path):
     ds = data.get_dataset("market1501", tmp_path)
   messages = " | ".join(str(w.message) for w in record)
   assert "num_train_pids 3 (published 751)" in messages and "num_gallery_imgs 5 (published 15913)" in messages
-  assert "bad_name.jpg" in messages  # a .jpg not named <pid>_c<cam> is skipped with a warning
+  # .jpg files not named <pid>_c<cam> are skipped with a warning; '12-3_c1...' too (it matches the official
+  # pattern, then int() fails: it used to crash the reader).
+  assert "skipped 2 files in bounding_box_test" in messages
   assert ds.stats() == dict(num_train_pids=3, num_train_imgs=6, num_train_cams=6, num_train_views=1, num_query_pids=2,
                             num_query_imgs=3, num_gallery_pids=3, num_gallery_imgs=5)
   # Junk (-1) skipped everywhere, distractors (0) kept, train labels in sorted pid order, cameras 0-based.
@@ -162,6 +164,18 @@ def test_veri_without_keypoints_warns(tmp_path):
   assert len(ds.train) == 4 and len(ds.gallery) == 2 and set(ds.train.viewids.tolist()) == {0}
 
 
+def test_veri_keypoint_files_both_or_neither(tmp_path):
+  """One keypoint file without its pair would drop every image of the other split for lack of a view (the official
+  mirror ships keypoint_test.txt only): the missing file is named. An explicit keypoint_dir must hold them."""
+  d = make_veri(tmp_path, keypoints=True)
+  (d / "keypoint_train.txt").unlink()
+  with pytest.raises(data.DatasetNotFoundError, match="keypoint_train.txt is missing"):
+    data.get_dataset("veri", tmp_path)
+  with pytest.raises(data.DatasetNotFoundError, match="keypoint_dir .*empty holds neither"):
+    (tmp_path / "empty").mkdir()
+    data.get_dataset("veri", tmp_path, keypoint_dir=str(tmp_path / "empty"))
+
+
 def make_vehicleid(root: pathlib.Path) -> pathlib.Path:
   d = root / "VehicleID_V1.0"
   train = [(f"{i:07d}", pid) for i, pid in enumerate([7, 7, 3, 3, 3, 9])]
@@ -256,6 +270,11 @@ def test_registry_names_and_layouts():
     data.get_dataset("cuhk03", "/nonexistent")
   with pytest.raises(data.DataError, match="unexpected keyword"):
     data.get_dataset("market1501", "/nonexistent", test_size=800)
+  # Option values of the wrong type are refused before reading (a non-empty string used to count as true).
+  with pytest.raises(data.DataError, match="option check_counts: expected true or false, got 'maybe'"):
+    data.get_dataset("market1501", "/nonexistent", **registry.parse_options(["check_counts=maybe"]))
+  with pytest.raises(data.DataError, match="option gallery_seed: expected an integer >= 0, got -1"):
+    data.get_dataset("vehicleid", "/nonexistent", gallery_seed=-1)
 
 
 @pytest.mark.filterwarnings("ignore::clipreid_jax.data.errors.DataWarning")

@@ -65,10 +65,11 @@ def parse_folder(dataset_dir: str, sub: str, *, name: str, num_cams: int, skip_j
   records, unparsed = [], []
   for fname in list_images(os.path.join(dataset_dir, sub)):
     m = PID_CAM_PATTERN.search(fname)
-    if m is None:
+    try:  # the pattern's [-\d]+ (the official one) also takes '12-3'
+      pid, cam = int(m.group(1)), int(m.group(2))
+    except (AttributeError, ValueError):
       unparsed.append(fname)
       continue
-    pid, cam = int(m.group(1)), int(m.group(2))
     if pid == -1 and skip_junk:
       continue
     if not 1 <= cam <= num_cams:
@@ -78,8 +79,8 @@ def parse_folder(dataset_dir: str, sub: str, *, name: str, num_cams: int, skip_j
       continue
     records.append((f"{sub}/{fname}", pid, cam - 1, view))
   if unparsed:
-    warnings.warn(f"{name}: skipped {len(unparsed)} files in {sub} not named '<pid>_c<cam>...', e.g. {unparsed[0]}",
-                  errors.DataWarning, stacklevel=2)
+    warnings.warn(f"{name}: skipped {len(unparsed)} files in {sub} not named '<pid>_c<cam>...', e.g. "
+                  f"{', '.join(unparsed[:3])}", errors.DataWarning, stacklevel=2)
   return records
 
 

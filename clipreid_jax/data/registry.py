@@ -1,6 +1,7 @@
 """Dataset names -> readers: `get_dataset(name, root, **opts)`."""
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Callable, Sequence
 
@@ -59,12 +60,26 @@ def get_dataset(name: str, root: str | os.PathLike, **opts) -> ReidDataset:
     DataError (a subclass of ValueError) for an unknown name, a missing layout, an empty split or a bad list file.
   """
   reader = READERS[canonical_name(name)]
+  _check_option_types(name, reader, opts)
   try:
     return reader(root, **opts)
   except TypeError as e:
     if "unexpected keyword" in str(e):
       raise errors.DataError(f"{name}: {e}") from None
     raise
+
+
+def _check_option_types(name: str, reader, opts: dict) -> None:
+  """An option whose default is a bool or an int takes only that type ('maybe' is not a bool), seeds >= 0."""
+  params = inspect.signature(reader).parameters
+  for key, value in opts.items():
+    default = params[key].default if key in params else None
+    if isinstance(default, bool) and not isinstance(value, bool):
+      raise errors.DataError(f"{name}: option {key}: expected true or false, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool) and (
+        not isinstance(value, int) or isinstance(value, bool) or (key.endswith("seed") and value < 0)):
+      raise errors.DataError(f"{name}: option {key}: expected an integer{' >= 0' if key.endswith('seed') else ''}, "
+                             f"got {value!r}")
 
 
 def parse_options(items: Sequence[str]) -> dict:

@@ -36,14 +36,21 @@ def read_keypoint_views(path: str) -> dict[str, int]:
 def _keypoint_maps(search: list[str]) -> list[dict[str, int]] | None:
   for folder in search:
     paths = [os.path.join(folder, f) for f in KEYPOINT_FILES]
-    if any(os.path.isfile(p) for p in paths):
-      return [read_keypoint_views(p) for p in paths if os.path.isfile(p)]
+    found = [os.path.isfile(p) for p in paths]
+    if all(found):
+      return [read_keypoint_views(p) for p in paths]
+    if any(found):  # with one file only, every image of the other split lacks a view and would be dropped
+      missing = paths[found.index(False)]
+      raise errors.DatasetNotFoundError(f"{NAME}: {missing} is missing (its pair {paths[found.index(True)]} is "
+                                        "there); expected both keypoint files, or neither")
   return None
 
 
 def load(root: str | os.PathLike, *, keypoint_dir: str | None = None, check_counts: bool = True) -> ReidDataset:
   """Reads VeRi-776 from ROOT/VeRi (or ROOT itself), with views from the keypoint files when present."""
   d, _ = layouts.find_dataset_dir(root, NAME, ("VeRi", "VeRi-776", "veri"), [SPLIT_DIRS], LAYOUT)
+  if keypoint_dir and not any(os.path.isfile(os.path.join(keypoint_dir, f)) for f in KEYPOINT_FILES):
+    raise errors.DatasetNotFoundError(f"{NAME}: keypoint_dir {keypoint_dir} holds neither {' nor '.join(KEYPOINT_FILES)}")
   search = ([keypoint_dir] if keypoint_dir else []) + [d, os.fspath(root)]
   maps = _keypoint_maps(search)
   if maps is None:
