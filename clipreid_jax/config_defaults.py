@@ -27,7 +27,8 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   c.dataset.root = root
   c.dataset.check_counts = True  # warn when split counts differ from the published ones
   c.dataset.test_size = 800  # VehicleID test list: 800, 1600 or 2400
-  c.dataset.gallery_seed = 0  # VehicleID: seed of the one-image-per-identity gallery of the query/gallery split
+  # VehicleID: seed of the loaded query/gallery split (the metrics average eval.trials draws seeded from `seed`)
+  c.dataset.gallery_seed = 0
   c.dataset.keypoint_dir = ""  # VeRi: folder of keypoint_{train,test}.txt (default: the dataset root)
 
   c.model = ml_collections.ConfigDict()

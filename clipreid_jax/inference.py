@@ -1,6 +1,7 @@
 """Evaluation of a model directory, feature extraction to files, and the `FeatureExtractor` Python API."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -8,12 +9,13 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from PIL import Image
 
 from clipreid_jax import steps
 from clipreid_jax.data import images as image_io
 from clipreid_jax.models.clipreid import load_clipreid
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class FeatureExtractor:
@@ -22,15 +24,19 @@ class FeatureExtractor:
     extractor = clipreid_jax.FeatureExtractor("workdirs/msmt17_vit/model")
     feats = extractor(["a.jpg", "b.jpg"])   # (2, 1280) float32, not normalised (L2-normalise to compare)
 
-  Images may be paths, PIL images or uint8 HWC arrays; they are resized with PIL bilinear to the model's
-  input size (the official test transform). `cams`/`views` are needed only by SIE models. `flip=True`: the mean of
-  each image's features and its mirror image's (test-time flip, not in the official code).
+  Images may be paths, PIL images (any mode; converted to RGB as files are) or uint8 arrays (H, W, 3), (H, W) or
+  (H, W, 4) (gray is repeated, alpha dropped); they are resized with PIL bilinear to the model's input size (the
+  official test transform). SIE models need `cams` (and `views` when the table has views): one id per image,
+  numbered as in their training set; other models ignore them. `flip=True`: the mean of each image's features and
+  its mirror image's (test-time flip, not in the official code).
   """
 
   def __init__(self, checkpoint: str | os.PathLike, batch_size: int = 64, flip: bool = False):
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+      raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     self.model, variables = load_clipreid(checkpoint)
     self.variables = jax.device_put(variables)
-    self.batch_size = batch_size
+    self.batch_size = int(batch_size)
     self._fn = jax.jit(steps.make_feature_fn(self.model, "eval", flip=flip))
 
   @property
@@ -40,13 +46,33 @@ class FeatureExtractor:
   def _load(self, item) -> np.ndarray:
     if isinstance(item, (str, os.PathLike)):
       item = image_io.read_image(item)
+    elif isinstance(item, Image.Image):
+      item = item if item.mode == "RGB" else item.convert("RGB")
+    else:
+      item = _rgb_array(item)
     return image_io.resize(item, self.input_size, image_io.BILINEAR)
+
+  def _ids(self, ids, n: int, name: str, word: str, used: bool, num: int) -> np.ndarray:
+    """One SIE id per image, checked against the table (JAX would clamp an id past it silently)."""
+    if not used:
+      return np.zeros(n, np.int32)
+    if ids is None:
+      raise ValueError(f"{name}: this model uses SIE (one embedding per {word} of its training set, ids "
+                       f"0..{num - 1}); expected {name}= with one id per image")
+    ids = np.asarray(ids)
+    if ids.shape != (n,) or ids.dtype.kind not in "iu":
+      raise ValueError(f"{name}: expected {n} integer ids (one per image), got {ids.dtype} of shape {ids.shape}")
+    bad = ids[(ids < 0) | (ids >= num)]
+    if bad.size:
+      raise ValueError(f"{name}: expected ids in 0..{num - 1} (the model's SIE table), got {bad[0]}")
+    return ids.astype(np.int32)
 
   def __call__(self, images: Sequence, cams: Optional[Sequence[int]] = None,
                views: Optional[Sequence[int]] = None) -> np.ndarray:
     n = len(images)
-    cams = np.zeros(n, np.int32) if cams is None else np.asarray(cams, np.int32)
-    views = np.zeros(n, np.int32) if views is None else np.asarray(views, np.int32)
+    cfg = self.model.config
+    cams = self._ids(cams, n, "cams", "camera", bool(cfg.sie_rows) and cfg.sie_camera, cfg.camera_num)
+    views = self._ids(views, n, "views", "view", bool(cfg.sie_rows) and cfg.sie_view, cfg.view_num)
     out = []
     for lo in range(0, n, self.batch_size):
       chunk = [self._load(x) for x in images[lo:lo + self.batch_size]]
@@ -56,66 +82,161 @@ class FeatureExtractor:
            "viewid": np.pad(views[lo:lo + len(chunk)], (0, pad))}
       out.append(np.asarray(self._fn(self.variables, b))[:len(chunk)])
     if not out:
-      return np.zeros((0, self.model.config.feature_dim + self.model.config.clip.embed_dim), np.float32)
+      return np.zeros((0, cfg.feature_dim + cfg.clip.embed_dim), np.float32)
     return np.concatenate(out)
 
 
-def list_images(spec: str) -> list[str]:
-  """A folder (recursively, sorted) or a text file with one image path per line (relative to the file)."""
+def _rgb_array(x) -> np.ndarray:
+  x = np.asarray(x)
+  if x.dtype != np.uint8:
+    raise ValueError(f"images: expected uint8 image arrays (or paths or PIL images), got dtype {x.dtype}")
+  if x.ndim == 2 or (x.ndim == 3 and x.shape[2] == 1):
+    return np.repeat(x.reshape(x.shape[0], x.shape[1], 1), 3, axis=2)
+  if x.ndim == 3 and x.shape[2] in (3, 4):
+    return x[..., :3]  # as PIL's RGBA -> RGB: alpha dropped
+  raise ValueError(f"images: expected (H, W, 3), (H, W) or (H, W, 4) arrays, got shape {x.shape}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageList:
+  """Images to extract, with their SIE camera and view ids when the list gives them."""
+  files: list[str]
+  cams: Optional[np.ndarray] = None
+  views: Optional[np.ndarray] = None
+
+  def index_lines(self) -> list[str]:
+    """features_index.txt: one row per feature, in the list-file form (so it can be read back as a list)."""
+    cols = [c for c in (self.cams, self.views) if c is not None]
+    return [",".join([f, *(str(int(c[i])) for c in cols)]) for i, f in enumerate(self.files)]
+
+
+def _list_entry(line: str, base: pathlib.Path) -> tuple[pathlib.Path, list[int]]:
+  """A list-file line: a path, or `path,camera[,view]` (the path itself may hold commas)."""
+  resolve = lambda text: pathlib.Path(text) if pathlib.Path(text).is_absolute() else base / text
+  if resolve(line).is_file():
+    return resolve(line), []
+  fields = line.split(",")
+  ids = []
+  while len(fields) > 1 and len(ids) < 2 and fields[-1].strip().lstrip("-").isdigit():
+    ids.insert(0, int(fields.pop().strip()))
+  return resolve(",".join(fields).strip()), ids
+
+
+def list_images(spec: str) -> ImageList:
+  """A folder (recursively, sorted), one image file, or a text file with one image per line: `path` or
+  `path,camera[,view]` (SIE ids), paths relative to the list file; blank lines and lines starting with '#' skipped."""
+  from clipreid_jax.data.errors import DatasetNotFoundError, EmptySplitError, ListFileError
   p = pathlib.Path(spec)
   if p.is_dir():
-    files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-  elif p.is_file():
-    files = []
-    for line in p.read_text().splitlines():
-      line = line.strip().split(",")[0].strip()
-      if line and not line.startswith("#"):
-        f = pathlib.Path(line)
-        files.append(str(f if f.is_absolute() else p.parent / f))
-    for f in files:
-      if not pathlib.Path(f).is_file():
-        from clipreid_jax.data.errors import ListFileError
-        raise ListFileError(f"{p}: lists {f}, which does not exist")
-  else:
-    from clipreid_jax.data.errors import DatasetNotFoundError
-    raise DatasetNotFoundError(f"extract.input: {spec} is neither a folder of images nor a list file")
+    files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+      raise EmptySplitError(f"extract.input: {spec} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return ImageList(files)
+  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+    return ImageList([str(p)])
+  if not p.is_file():
+    raise DatasetNotFoundError(f"extract.input: {spec} is neither a folder of images, an image nor a list file")
+  try:
+    lines = p.read_text(encoding="utf-8").splitlines()
+  except UnicodeDecodeError:
+    raise ListFileError(f"{p}: expected a UTF-8 text list of image paths (or an image file named *"
+                        f"{', *'.join(IMAGE_SUFFIXES)}), got undecodable bytes") from None
+  files, ids, width = [], [], None
+  for number, line in enumerate(lines, 1):
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    path, row = _list_entry(line, p.parent)
+    if not path.is_file():
+      raise ListFileError(f"{p}:{number}: lists {path}, which does not exist")
+    if width is None:
+      width = len(row)
+    elif len(row) != width:
+      raise ListFileError(f"{p}:{number}: expected {width} id column(s) after the path, as the first entry, got "
+                          f"{len(row)}")
+    files.append(str(path))
+    ids.append(row)
   if not files:
-    from clipreid_jax.data.errors import EmptySplitError
-    raise EmptySplitError(f"extract.input: {spec} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-  return files
+    raise EmptySplitError(f"extract.input: {spec} lists no images")
+  ids = np.asarray(ids, np.int64).reshape(len(files), width)
+  return ImageList(files, ids[:, 0] if width >= 1 else None, ids[:, 1] if width == 2 else None)
 
 
-def extract_to_files(config) -> pathlib.Path:
-  """--config.mode=extract: features.npy + features_index.txt (one path per row) in extract.output."""
+def check_output_dir(path: str | os.PathLike, key: str) -> pathlib.Path:
+  """Refuses an output folder that cannot be written, before the work that fills it (which can take hours)."""
+  from clipreid_jax import train
+  out = pathlib.Path(path)
+  if out.exists() and not out.is_dir():
+    raise train.ConfigError(f"{key}: {out} exists and is not a folder; expected a folder (or a new name)")
+  parent = out
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    raise train.ConfigError(f"{key}: cannot create or write {out} ({parent} is not a writable folder)")
+  return out
+
+
+def check_overrides(config, model, overrides: frozenset) -> None:
+  """eval / extract take the geometry from the checkpoint; an explicit different value on the command line is an
+  error rather than silently ignored (a trained model cannot run at another input size or stride)."""
+  from clipreid_jax import train
+  cfg = model.config
+  have = {"model.input_size": tuple(cfg.input_size), "model.stride": cfg.clip.vision_stride}
+  for key, value in have.items():
+    wanted = train._get(config, key)
+    wanted = tuple(wanted) if key == "model.input_size" else wanted
+    if key in overrides and value is not None and wanted != value:
+      raise train.ConfigError(f"{key}: {wanted} contradicts the checkpoint {config.checkpoint}, which has {value}; "
+                              "eval and extract use the checkpoint's (convert with --input_size / --stride to "
+                              "change it)")
+
+
+def extract_to_files(config, overrides: frozenset = frozenset()) -> pathlib.Path:
+  """--config.mode=extract: features.npy + features_index.txt (one row per feature) in extract.output."""
   from clipreid_jax import train
   if not config.checkpoint:
     raise train.ConfigError("checkpoint: expected a model directory for mode=extract")
   if not config.extract.input or not config.extract.output:
     raise train.ConfigError("extract.input and extract.output: both are required for mode=extract")
-  files = list_images(config.extract.input)
+  out = check_output_dir(config.extract.output, "extract.output")
+  images = list_images(config.extract.input)
   train.use_attention(config)
-  feats = FeatureExtractor(config.checkpoint, batch_size=config.eval.batch_size, flip=config.eval.flip)(files)
-  out = pathlib.Path(config.extract.output)
+  extractor = FeatureExtractor(config.checkpoint, batch_size=config.eval.batch_size, flip=config.eval.flip)
+  check_overrides(config, extractor.model, overrides)
+  try:
+    feats = extractor(images.files, cams=images.cams, views=images.views)
+  except ValueError as e:  # SIE ids missing or outside the table
+    hint = "" if images.cams is not None else " (give extract.input as a list file of `path,camera[,view]` lines)"
+    raise train.ConfigError(f"extract.input: {config.extract.input}: {e}{hint}") from None
   out.mkdir(parents=True, exist_ok=True)
   tmp = out / ".features.npy.partial"
   with open(tmp, "wb") as f:
     np.save(f, feats)
   os.replace(tmp, out / "features.npy")
-  (out / "features_index.txt").write_text("\n".join(files) + "\n")
-  print(f"wrote {len(files)} features of width {feats.shape[1]} to {out / 'features.npy'}", flush=True)
+  train._write_atomic(out / "features_index.txt", "\n".join(images.index_lines()) + "\n")
+  print(f"wrote {len(images.files)} features of width {feats.shape[1]} to {out / 'features.npy'}", flush=True)
   return out
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict:
+def check_eval_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+  """Eval mode writes metrics.json: never over a training run's (its workdir holds config.json or checkpoints/)."""
+  from clipreid_jax import train
+  out = check_output_dir(workdir, "--workdir")
+  if (out / "config.json").exists() or (out / "checkpoints").exists():
+    raise train.ConfigError(f"--workdir: {out} holds a training run, whose metrics.json eval mode would overwrite; "
+                            "expected another workdir (the default for eval is the recipe's workdir + '_eval')")
+  return out
+
+
+def evaluate_checkpoint(config, workdir: str, overrides: frozenset = frozenset()) -> dict:
   """--config.mode=eval: a model directory on a dataset's query/gallery; metrics.json in the workdir."""
   from clipreid_jax import train
   if not config.checkpoint:
     raise train.ConfigError("checkpoint: expected a model directory for mode=eval")
+  out = check_eval_workdir(workdir)
   train.use_attention(config)
   model, variables = load_clipreid(config.checkpoint)
-  size = tuple(config.model.input_size)
-  if config.model.get("override_input_size", False) and size != tuple(model.config.input_size):
-    raise train.ConfigError(f"model.input_size {size} contradicts the checkpoint's {tuple(model.config.input_size)}")
+  check_overrides(config, model, overrides)
   dataset = train.load_dataset(config)
   if model.config.sie_rows:
     need = model.config.camera_num if model.config.sie_camera else 0
@@ -125,11 +246,14 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
                               f"{config.dataset.name} at {config.dataset.root} has {have}; expected the same cameras")
     train.check_sie_ids(dataset, model.config.sie_camera, model.config.sie_view, model.config.camera_num,
                         model.config.view_num)
+  train.check_valid_queries(dataset)
   mesh = train.make_mesh()
   variables = train.replicate(mesh, variables)
-  result = train.evaluate_model(config, mesh, model, variables, dataset)
-  out = pathlib.Path(workdir)
+  try:
+    result = train.evaluate_model(config, mesh, model, variables, dataset)
+  except ValueError as e:  # features that are not finite: a broken checkpoint
+    raise train.ConfigError(f"checkpoint: {config.checkpoint}: {e}") from None
   out.mkdir(parents=True, exist_ok=True)
-  (out / "metrics.json").write_text(json.dumps({"final": train.percent(result)}, indent=1) + "\n")
+  train._write_atomic(out / "metrics.json", json.dumps({"final": train.percent(result)}, indent=1) + "\n")
   print(f"final: {train.format_metrics(result)}", flush=True)
   return result

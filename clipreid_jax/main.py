@@ -15,7 +15,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs (default: config.workdir).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs (default: config.workdir; "
+                                "for mode=eval config.workdir + '_eval').")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-host: address of process 0 (see docs); on TPU pods leave unset.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
@@ -46,12 +47,22 @@ def run(config, workdir: str) -> int:
     if config.visualize and jax.process_index() == 0:
       render_pictures(config, workdir)
   elif mode == "eval":
-    inference.evaluate_checkpoint(config, workdir)
+    inference.evaluate_checkpoint(config, workdir, overrides=_overridden_keys())
   elif mode == "extract":
-    inference.extract_to_files(config)
+    inference.extract_to_files(config, overrides=_overridden_keys())
   else:
     raise train.ConfigError(f"mode: expected 'train', 'eval' or 'extract', got {mode!r}")
   return 0
+
+
+def _overridden_keys() -> frozenset:
+  """The config keys set on the command line (`--config.KEY=VALUE`), as opposed to the recipe's values."""
+  return frozenset(config_flags.get_override_values(flags.FLAGS["config"]))
+
+
+def default_workdir(config) -> str:
+  # An evaluation must not write its metrics.json over the training run of the same recipe.
+  return f"{config.workdir}_eval" if config.get("mode", "train") == "eval" else config.workdir
 
 
 def render_pictures(config, workdir: str) -> None:
@@ -81,7 +92,7 @@ def main(argv):
   from clipreid_jax.data.errors import DataError
   from clipreid_jax.train import ConfigError, TrainingStopped
   try:
-    return run(config, _WORKDIR.value or config.workdir)
+    return run(config, _WORKDIR.value or default_workdir(config))
   except (ConfigError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -86,14 +86,21 @@ def validate_config(config) -> None:
   _need(mode in ("train", "eval", "extract"), "mode", mode, "'train', 'eval' or 'extract'")
   _need(_is_int(config.eval.batch_size) and config.eval.batch_size > 0, "eval.batch_size", config.eval.batch_size,
         "a positive integer")
+  m = config.model
+  _need(m.get("attention", "xla") in _ATTENTION, "model.attention", m.get("attention"),
+        " or ".join(map(repr, _ATTENTION)))
+  if mode != "extract":  # the evaluation's keys (train mode evaluates at the end)
+    for key in ("eval.k1", "eval.k2", "eval.trials"):
+      v = _get(config, key)
+      _need(_is_int(v) and v > 0, key, v, "a positive integer")
+    _need(_is_real(config.eval.lambda_value) and 0 <= config.eval.lambda_value <= 1, "eval.lambda_value",
+          config.eval.lambda_value, "a number in [0, 1]")
+    _need(_is_int(config.seed) and config.seed >= 0, "seed", config.seed, "an integer >= 0")
   if mode != "train":
     return
-  m = config.model
   _need(isinstance(m.backbone, str) and m.backbone.startswith(("ViT", "RN")), "model.backbone", m.backbone,
         "a ViT-* or RN* CLIP name")
   _need(m.dtype in _DTYPES, "model.dtype", m.dtype, " or ".join(map(repr, _DTYPES)))
-  _need(m.get("attention", "xla") in _ATTENTION, "model.attention", m.get("attention"),
-        " or ".join(map(repr, _ATTENTION)))
   size = tuple(m.input_size)
   _need(len(size) == 2 and all(_is_int(v) and v > 0 for v in size), "model.input_size", size,
         "two positive integers (height, width)")
@@ -217,6 +224,19 @@ def check_data(config, dataset) -> None:
     raise type(e)(f"stage2.num_ids={s.num_ids}, stage2.num_instances={s.num_instances}: {e}") from None
   m = config.model
   check_sie_ids(dataset, m.sie_camera, m.sie_view, dataset.num_train_cams, dataset.num_train_views)
+  check_valid_queries(dataset)
+
+
+def check_valid_queries(dataset) -> None:
+  """The protocol skips queries without a gallery match from another camera; with none left there is nothing to
+  evaluate. Found before training, not after it."""
+  from clipreid_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+  if dataset.name == "vehicleid":  # its galleries are drawn per trial; the loader checks the identities
+    return
+  q, g = dataset.query, dataset.gallery
+  if metrics.num_valid_queries(q.pids, g.pids, q.camids, g.camids) == 0:
+    raise DataError(f"{dataset.name}: no query has a gallery image of its identity from another camera; expected "
+                    "at least one (the evaluation protocol drops same-identity same-camera gallery images)")
 
 
 def check_sie_ids(dataset, sie_camera: bool, sie_view: bool, camera_num: int, view_num: int) -> None:
@@ -759,16 +779,18 @@ def evaluate_model(config, mesh, model, variables, dataset, feature_fn=None) -> 
   feats = feats[order]
   nq = len(dataset.query)
   q, g = dataset.query, dataset.gallery
+  e = config.eval
+  rerank_args = dict(k1=e.k1, k2=e.k2, lambda_value=e.lambda_value) if e.rerank else None
   if dataset.name == "vehicleid":
     # VehicleID: 10 seeded draws of a one-image-per-identity gallery over all test images; mean (and std).
-    trials = evaluation.vehicleid_trials(feats, np.concatenate([q.pids, g.pids]), num_trials=config.eval.trials,
-                                         seed=config.seed)
+    trials = evaluation.vehicleid_trials(feats, np.concatenate([q.pids, g.pids]), num_trials=e.trials,
+                                         seed=config.seed, rerank_args=rerank_args)
     ms = trials.mean_std()
-    return {"mAP": ms["mAP"][0], "R1": ms["r1"][0], "R5": ms["r5"][0], "R10": float("nan"),
-            "mAP_std": ms["mAP"][1], "R1_std": ms["r1"][1], "R5_std": ms["r5"][1], "trials": int(config.eval.trials)}
-  if config.eval.rerank:
-    res = evaluation.evaluate_reranked(feats[:nq], feats[nq:], q.pids, g.pids, q.camids, g.camids,
-                                       k1=config.eval.k1, k2=config.eval.k2, lambda_value=config.eval.lambda_value)
+    return {"mAP": ms["mAP"][0], "R1": ms["r1"][0], "R5": ms["r5"][0], "R10": ms["r10"][0],
+            "mAP_std": ms["mAP"][1], "R1_std": ms["r1"][1], "R5_std": ms["r5"][1], "R10_std": ms["r10"][1],
+            "trials": int(e.trials)}
+  if rerank_args:
+    res = evaluation.evaluate_reranked(feats[:nq], feats[nq:], q.pids, g.pids, q.camids, g.camids, **rerank_args)
   else:
     res = evaluation.evaluate(feats[:nq], feats[nq:], q.pids, g.pids, q.camids, g.camids)
   return {"mAP": float(res.mAP), "mINP": float(res.mINP), "R1": res.rank(1), "R5": res.rank(5), "R10": res.rank(10),

@@ -2,6 +2,8 @@
 checkpoint (the golden tiny ViT) and a small Market-layout dataset, against a reference computation."""
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -30,6 +32,16 @@ def setup(tmp_path_factory):
   data = write_synthetic_market(root / "market", num_train_ids=6, num_test_ids=6, imgs_per_id=5, num_cams=3,
                                 size=(128, 64), seed=3)
   return root, model_dir, data
+
+
+@pytest.fixture(scope="module")
+def sie_model(setup):
+  """The golden camera-SIE tiny ViT (3 cameras), converted."""
+  root, _, _ = setup
+  variant = next(v for v in variants() if v.parent.name == "vit" and v.name == "c_sie_cam")
+  model_dir = root / "model_sie"
+  assert convert.main(convert_args(variant, model_dir)) == 0
+  return model_dir
 
 
 @pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip"])
@@ -90,6 +102,13 @@ def test_flip_is_the_mean_over_the_mirror_image(setup):
     (["--config.nonexistent_key=1"], "nonexistent_key"),
     (["--config.eval.batch_size=zero"], "batch_size"),
     (["--config.eval.batch_size=0"], "eval.batch_size"),
+    (["--config.eval.rerank=True", "--config.eval.k1=0"], "eval.k1: expected a positive integer, got 0"),
+    (["--config.eval.trials=0"], "eval.trials"),
+    (["--config.eval.lambda_value=1.5"], "eval.lambda_value"),
+    (["--config.seed=-1"], "seed: expected an integer >= 0"),
+    (["--config.model.attention=flash"], "model.attention"),
+    # The geometry comes from the checkpoint; a different one asked for on the command line is refused.
+    (["--config.model.input_size=(384, 128)"], "model.input_size: (384, 128) contradicts the checkpoint"),
 ])
 def test_eval_bad_input(setup, tmp_path, args, expected):
   root, model_dir, data = setup
@@ -100,3 +119,107 @@ def test_eval_bad_input(setup, tmp_path, args, expected):
   assert out.returncode == 2, (out.returncode, out.stderr[-1500:])
   assert expected in out.stderr.strip().splitlines()[-1]
   assert not (tmp_path / "w" / "metrics.json").exists()
+
+
+def test_eval_refuses_a_training_workdir_and_defaults_beside_it(setup, tmp_path):
+  """Eval mode writes metrics.json: never over a training run's (the recipe's workdir is the training run's)."""
+  root, model_dir, data = setup
+  work = tmp_path / "run"
+  (work / "checkpoints").mkdir(parents=True)
+  (work / "metrics.json").write_text('{"final": {"mAP": 90.0}}\n')
+  base = ["--config", "configs/market1501_vit.py", "--config.mode=eval", f"--config.checkpoint={model_dir}",
+          f"--config.dataset.root={data}", "--config.dataset.check_counts=False"]
+  out = _cli(*base, "--workdir", str(work))
+  assert out.returncode == 2 and "holds a training run" in out.stderr.strip().splitlines()[-1], out.stderr[-1500:]
+  assert json.loads((work / "metrics.json").read_text()) == {"final": {"mAP": 90.0}}
+  out = _cli(*base, "--dry_run")
+  assert out.returncode == 0 and "workdir workdirs/market1501_vit_clipreid_eval" in out.stdout, out.stdout[-500:]
+
+
+def test_eval_with_reranking_on_fewer_items_than_k1(setup, tmp_path):
+  """The default k1 = 50 on 33 query + gallery images: every list holds all items, as the official slices do."""
+  root, model_dir, data = setup
+  out = _cli("--config", "configs/market1501_vit.py", "--workdir", str(tmp_path / "w"), "--config.mode=eval",
+             f"--config.checkpoint={model_dir}", f"--config.dataset.root={data}",
+             "--config.dataset.check_counts=False", "--config.eval.batch_size=8", "--config.eval.rerank=True")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 0 < json.loads((tmp_path / "w" / "metrics.json").read_text())["final"]["mAP"] <= 100
+
+
+def test_eval_without_a_valid_query(setup, tmp_path):
+  """Every gallery image of each query's identity from the query's own camera: nothing left to evaluate."""
+  root, model_dir, data = setup
+  ds = get_dataset("market1501", data, check_counts=False)
+  rows = lambda split, cams: "".join(f"{split.path(i)},{split.pids[i]},{c}\n" for i, c in enumerate(cams))
+  custom = tmp_path / "custom"
+  custom.mkdir()
+  (custom / "train.csv").write_text(rows(ds.train, np.zeros(len(ds.train), int)))
+  (custom / "query.csv").write_text(rows(ds.query, np.zeros(len(ds.query), int)))
+  (custom / "gallery.csv").write_text(rows(ds.gallery, np.zeros(len(ds.gallery), int)))
+  out = _cli("--config", "configs/market1501_vit.py", "--workdir", str(tmp_path / "w"), "--config.mode=eval",
+             f"--config.checkpoint={model_dir}", "--config.dataset.name=custom", f"--config.dataset.root={custom}")
+  assert out.returncode == 2, out.stderr[-1500:]
+  assert "no query has a gallery image of its identity from another camera" in out.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "w").exists()
+
+
+def test_extract_sie_model_needs_cameras(setup, sie_model, tmp_path):
+  """An SIE model embeds each image with its camera's row: a folder gives none (refused); a list gives them."""
+  root, _, data = setup
+  base = ["--config", "configs/market1501_vit.py", "--config.mode=extract", f"--config.checkpoint={sie_model}"]
+  out = _cli(*base, f"--config.extract.input={data}/query", f"--config.extract.output={tmp_path / 'f1'}")
+  assert out.returncode == 2, out.stderr[-1500:]
+  assert "path,camera[,view]" in out.stderr.strip().splitlines()[-1] and not (tmp_path / "f1").exists()
+  ds = get_dataset("market1501", data, check_counts=False)
+  names, cams = [ds.query.path(i) for i in range(len(ds.query))], ds.query.camids
+  (tmp_path / "list.txt").write_text("".join(f"{n},{c}\n" for n, c in zip(names, cams)))
+  out = _cli(*base, f"--config.extract.input={tmp_path / 'list.txt'}", f"--config.extract.output={tmp_path / 'f2'}")
+  assert out.returncode == 0, out.stderr[-1500:]
+  feats = np.load(tmp_path / "f2" / "features.npy")
+  ext = FeatureExtractor(sie_model)
+  np.testing.assert_allclose(feats, ext(names, cams=cams), rtol=1e-5, atol=1e-6)
+  assert np.abs(feats - ext(names, cams=np.zeros_like(cams))).max() > 1e-3  # the camera matters
+  # The index is a list file again, ids included.
+  assert (tmp_path / "f2" / "features_index.txt").read_text().splitlines()[0] == f"{names[0]},{cams[0]}"
+  with pytest.raises(ValueError, match="this model uses SIE"):
+    ext(names[:2])
+  with pytest.raises(ValueError, match="expected ids in 0..2"):
+    ext(names[:2], cams=[0, 3])
+  with pytest.raises(ValueError, match="expected 2 integer ids"):
+    ext(names[:2], cams=[0])
+
+
+def test_extract_inputs(setup, tmp_path):
+  """One image file as the input; a path with a comma in a list; an output that is a file (refused before any
+  work); PIL images of any mode and gray / RGBA uint8 arrays, as their files would be read."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root, model_dir, data = setup
+  base = ["--config", "configs/market1501_vit.py", "--config.mode=extract", f"--config.checkpoint={model_dir}"]
+  image = sorted(pathlib.Path(data, "query").glob("*.jpg"))[0]
+  comma = tmp_path / "a,b.jpg"
+  shutil.copy(image, comma)
+  (tmp_path / "list.txt").write_text(f"{image}\n{comma}\n")
+  out = _cli(*base, f"--config.extract.input={image}", f"--config.extract.output={tmp_path / 'one'}")
+  assert out.returncode == 0 and np.load(tmp_path / "one" / "features.npy").shape[0] == 1, out.stderr[-1500:]
+  out = _cli(*base, f"--config.extract.input={tmp_path / 'list.txt'}", f"--config.extract.output={tmp_path / 'two'}")
+  assert out.returncode == 0, out.stderr[-1500:]
+  feats = np.load(tmp_path / "two" / "features.npy")
+  np.testing.assert_allclose(feats[0], feats[1], rtol=1e-6, atol=1e-7)  # the same picture
+  assert (tmp_path / "two" / "features_index.txt").read_text().splitlines() == [str(image), str(comma)]
+  (tmp_path / "taken").write_text("")
+  out = _cli(*base, f"--config.extract.input={image}", f"--config.extract.output={tmp_path / 'taken'}")
+  assert out.returncode == 2 and "exists and is not a folder" in out.stderr.strip().splitlines()[-1]
+
+  ext = FeatureExtractor(model_dir, batch_size=3)
+  rgb = Image.open(image).convert("RGB")
+  for mode in ("L", "RGBA", "P", "CMYK"):
+    converted = rgb.convert(mode)
+    np.testing.assert_allclose(ext([converted]), ext([converted.convert("RGB")]), rtol=1e-6, atol=1e-7)
+  gray = np.asarray(rgb.convert("L"))
+  np.testing.assert_allclose(ext([gray]), ext([np.repeat(gray[..., None], 3, axis=2)]), rtol=1e-6, atol=1e-7)
+  rgba = np.asarray(rgb.convert("RGBA"))
+  np.testing.assert_allclose(ext([rgba]), ext([np.asarray(rgb)]), rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="expected uint8"):
+    ext([np.zeros((8, 4, 3), np.float32)])
+  with pytest.raises(ValueError, match="batch_size: expected a positive integer"):
+    FeatureExtractor(model_dir, batch_size=0)

@@ -54,10 +54,28 @@ def test_trials_match_explicit_evaluation():
     dist = metrics.euclidean_distance(metrics.l2_normalize(feats[q]), metrics.l2_normalize(feats[g]))
     ref = metrics.eval_func(dist, pids[q], pids[g], np.zeros(q.sum(), int), np.ones(g.sum(), int))
     assert abs(res.mAP[t] - ref.mAP) <= 1e-9
-    assert res.r1[t] == ref.cmc[0] and res.r5[t] == ref.cmc[4]
+    assert res.r1[t] == ref.cmc[0] and res.r5[t] == ref.cmc[4] and res.r10[t] == ref.cmc[9]
     assert res.num_query[t] == q.sum() == pids.size - np.unique(pids).size
   stats = res.mean_std()
   assert stats["mAP"] == (pytest.approx(np.mean(res.mAP)), pytest.approx(np.std(res.mAP)))
+
+
+def test_trials_with_reranking_match_explicit_reranking():
+  """eval.rerank=True on VehicleID re-ranks each trial's split (it used to be ignored)."""
+  from clipreid_jax.evaluation import rerank_exact  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  feats, pids = _data(rng, noise=1.0)
+  args = dict(k1=6, k2=3, lambda_value=0.3)
+  res = vehicleid.vehicleid_trials(feats, pids, num_trials=2, seed=5, rerank_args=args)
+  plain = vehicleid.vehicleid_trials(feats, pids, num_trials=2, seed=5)
+  assert not np.array_equal(res.mAP, plain.mAP)
+  for t in range(2):
+    g = vehicleid.split_gallery(pids, np.random.default_rng(5 + t))
+    q = ~g
+    qf, gf = np.asarray(metrics.l2_normalize(feats[q])), np.asarray(metrics.l2_normalize(feats[g]))
+    dist = rerank_exact.re_ranking_exact(qf, gf, **args)
+    ref = metrics.eval_func(dist, pids[q], pids[g], np.zeros(q.sum(), int), np.ones(g.sum(), int))
+    assert abs(res.mAP[t] - ref.mAP) <= 1e-6 and res.r1[t] == ref.cmc[0]
 
 
 def test_separable_features_score_perfectly():

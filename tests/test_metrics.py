@@ -190,6 +190,8 @@ def test_max_rank_and_rank_accessor():
   res = metrics.evaluate(qf, gf, *labels, max_rank=10)
   assert res.cmc.shape == (10,) and res.rank(1) == res.cmc[0] and res.rank(50) == res.cmc[-1]
   assert np.all(np.diff(res.cmc) >= 0)
+  with pytest.raises(ValueError, match="k >= 1"):
+    res.rank(0)  # used to return the curve's last value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,6 +220,11 @@ def test_bad_inputs():
   _one_line_value_error(metrics.eval_func, np.ones((3, 0)), ids, [], cams, [], match="distmat")
   _one_line_value_error(metrics.eval_func, np.ones((3, 3)), ids, ids[:1], cams, cams, match="g_pids")
   _one_line_value_error(metrics.euclidean_distance, f, np.ones((2, 5)), match="widths differ")
+  _one_line_value_error(metrics.evaluate, f, f, ids, ids, cams, cams + 1, max_rank=0, match="max_rank")
+  d = np.arange(9, dtype=np.float32).reshape(3, 3)
+  d[1, 2] = np.nan  # no order: the host, device and sort rankings used to give three different answers
+  for ranking in ("host", "device", "sort"):
+    _one_line_value_error(metrics.evaluate_distmat, d, ids, ids, cams, cams + 1, ranking=ranking, match="NaN")
 
 
 def test_accelerator_path_untuned_and_in_pieces(monkeypatch):

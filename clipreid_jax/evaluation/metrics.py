@@ -84,7 +84,9 @@ class EvalResult:
     return int(self.per_query_ap.shape[0]) - self.num_valid_queries
 
   def rank(self, k: int) -> float:
-    """CMC at rank k (1-based), e.g. rank(1) is Rank-1 accuracy."""
+    """CMC at rank k (1-based), e.g. rank(1) is Rank-1 accuracy; past the curve's end, its last value."""
+    if k < 1 or len(self.cmc) == 0:
+      raise ValueError(f"rank: expected k >= 1 on a CMC curve of length >= 1, got k={k}, length {len(self.cmc)}")
     return float(self.cmc[min(k, len(self.cmc)) - 1])
 
 
@@ -330,6 +332,12 @@ def _find_matches(q_pids, g_pids, q_camids, g_camids) -> _Matches:
                   excl_ptr=_group_ptr(qrep[same_cam], nq), excl_idx=gidx[same_cam].astype(np.int32))
 
 
+def num_valid_queries(q_pids, g_pids, q_camids, g_camids) -> int:
+  """Queries with at least one true match left after the same-pid-same-camera filter."""
+  return int(np.count_nonzero(_find_matches(*_check_distmat_labels(
+      (len(q_pids), len(g_pids)), q_pids, g_pids, q_camids, g_camids)).count()))
+
+
 def _codes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Dense int32 codes of two label arrays over their joint vocabulary (int32 is all the device needs)."""
   _, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
@@ -439,6 +447,8 @@ def evaluate_rows(dist_rows: DistRows, num_gallery: int, q_pids, g_pids, q_camid
                                                              g_camids)
   if chunk is not None and chunk < 1:
     raise ValueError(f"chunk: expected a positive number of queries, got {chunk}")
+  if max_rank < 1:
+    raise ValueError(f"max_rank: expected a CMC length >= 1, got {max_rank}")
   ranking = _pick_ranking(ranking)
   max_rank = min(max_rank, num_gallery)
   m = _find_matches(q_pids, g_pids, q_camids, g_camids)
@@ -554,5 +564,7 @@ def evaluate_distmat(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int 
   """`evaluate` on a precomputed (num_query, num_gallery) distance matrix (e.g. a re-ranked one)."""
   distmat = np.asarray(distmat, np.float32)
   _check_distmat_labels(distmat.shape, q_pids, g_pids, q_camids, g_camids)
+  if np.isnan(distmat).any():  # +inf is a distance (ranks last); NaN has no order, and the rankings differ on it
+    raise ValueError("distmat: expected no NaN distances, got NaN")
   return evaluate_rows(lambda idx: distmat[idx], distmat.shape[1], q_pids, g_pids, q_camids, g_camids,
                        max_rank=max_rank, chunk=chunk, ranking=ranking)

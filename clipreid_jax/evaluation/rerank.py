@@ -298,12 +298,15 @@ def re_ranking(qf, gf, k1: int = 50, k2: int = 15, lambda_value: float = 0.3, bl
     raise ValueError(f"expected k1 >= 1 and k2 >= 1, got k1={k1}, k2={k2}")
   nq = qf.shape[0]
   x = jnp.concatenate([jnp.asarray(qf, jnp.float32), jnp.asarray(gf, jnp.float32)])
+  if not bool(jnp.isfinite(x).all()):
+    raise ValueError("features: expected finite values, got NaN or inf")
   n = x.shape[0]
-  if max(k1 + 1, k2) > n:
-    raise ValueError(f"expected k1 + 1 and k2 <= number of items ({n}), got k1={k1}, k2={k2}")
+  # The official slices (initial_rank[i, :k1 + 1], [:k2], ...) stop at the N items: on a small problem the lists
+  # are all N neighbours. The neighbour table is that wide at most; its slices below stop there the same way.
+  k2 = min(k2, n)
   sq = metrics._sq_norms(x)
   block = block or _block_rows(n)
-  k = max(k1 + 1, k2)
+  k = min(max(k1 + 1, k2), n)
   top = np.empty((n, k), np.int32)
   colmax = np.empty(n, np.float32)
   for lo in range(0, n, block):

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from clipreid_jax.evaluation import metrics
+from clipreid_jax.evaluation import metrics, rerank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,12 +24,13 @@ class VehicleIDResult:
   """Per-trial metrics and their mean / population std (ddof=0) over the trials."""
   r1: np.ndarray  # (num_trials,)
   r5: np.ndarray
+  r10: np.ndarray
   mAP: np.ndarray
   num_query: np.ndarray  # queries per trial (the gallery has one image per identity)
 
   def mean_std(self) -> dict[str, tuple[float, float]]:
     return {k: (float(np.mean(v)), float(np.std(v))) for k, v in
-            (("r1", self.r1), ("r5", self.r5), ("mAP", self.mAP))}
+            (("r1", self.r1), ("r5", self.r5), ("r10", self.r10), ("mAP", self.mAP))}
 
 
 def split_gallery(pids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -43,7 +44,8 @@ def split_gallery(pids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def vehicleid_trials(features, pids, num_trials: int = 10, seed: int = 0, max_rank: int = metrics.MAX_RANK,
-                     chunk: int | None = None, ranking: str = "auto") -> VehicleIDResult:
+                     chunk: int | None = None, ranking: str = "auto",
+                     rerank_args: dict | None = None) -> VehicleIDResult:
   """Runs the VehicleID protocol on the features of every test image.
 
   Args:
@@ -52,23 +54,31 @@ def vehicleid_trials(features, pids, num_trials: int = 10, seed: int = 0, max_ra
     num_trials: number of random gallery draws (official 10).
     seed: trial t uses np.random.default_rng(seed + t).
     max_rank, chunk, ranking: passed to `metrics.evaluate`.
+    rerank_args: k-reciprocal re-ranking of each trial's split (`rerank.evaluate_reranked` with these k1, k2,
+      lambda_value); None: plain distances (the official protocol).
   """
   features = metrics._as_features(features, "features")
   pids = metrics._as_labels(pids, "pids", features.shape[0])
   if num_trials < 1:
     raise ValueError(f"num_trials: expected at least 1, got {num_trials}")
   feats = np.asarray(metrics.l2_normalize(features))  # once; each trial only re-splits
-  r1, r5, maps, nqs = [], [], [], []
+  r1, r5, r10, maps, nqs = [], [], [], [], []
   for t in range(num_trials):
     gallery = split_gallery(pids, np.random.default_rng(seed + t))
     query = ~gallery
     if not query.any():
       raise ValueError("expected at least one identity with two or more images, got none")
-    res = metrics.evaluate(feats[query], feats[gallery], pids[query], pids[gallery],
-                           np.zeros(query.sum(), np.int64), np.ones(gallery.sum(), np.int64), max_rank=max_rank,
-                           chunk=chunk, normalize=False, ranking=ranking)
+    args = (feats[query], feats[gallery], pids[query], pids[gallery], np.zeros(query.sum(), np.int64),
+            np.ones(gallery.sum(), np.int64))
+    if rerank_args is None:
+      res = metrics.evaluate(*args, max_rank=max_rank, chunk=chunk, normalize=False, ranking=ranking)
+    else:
+      res = rerank.evaluate_reranked(*args, **rerank_args, max_rank=max_rank, chunk=chunk, normalize=False,
+                                     ranking=ranking)
     r1.append(res.rank(1))
     r5.append(res.rank(5))
+    r10.append(res.rank(10))
     maps.append(res.mAP)
     nqs.append(int(query.sum()))
-  return VehicleIDResult(r1=np.asarray(r1), r5=np.asarray(r5), mAP=np.asarray(maps), num_query=np.asarray(nqs))
+  return VehicleIDResult(r1=np.asarray(r1), r5=np.asarray(r5), r10=np.asarray(r10), mAP=np.asarray(maps),
+                         num_query=np.asarray(nqs))
