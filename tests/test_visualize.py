@@ -180,6 +180,8 @@ def test_rank_list_pictures_frame_the_true_matches(run, rendered):
 def test_cli_subcommands_on_the_run(run, tmp_path, capsys):
   root, _ = run
   work = root / "work"
+  (tmp_path / "r").mkdir()
+  (tmp_path / "r" / "keep.txt").write_text("mine")  # an existing --out folder keeps its files
   # --dataset/--root come from the run's config.json (the workdir that holds --checkpoint).
   assert cli.main(["ranks", "--checkpoint", str(work / "model"), "--out", str(tmp_path / "r"), "--num", "2",
                    "--worst", "--topk", "5"]) == 0
@@ -187,21 +189,117 @@ def test_cli_subcommands_on_the_run(run, tmp_path, capsys):
   printed = capsys.readouterr().out.split()
   assert len(printed) == 3 and all(pathlib.Path(p).is_file() for p in printed)
   assert len(list((tmp_path / "r").glob("worst*.png"))) == 2
+  assert sorted(p.name for p in (tmp_path / "r").iterdir() if not p.name.startswith("worst")) == ["keep.txt"]
   _assert_picture(tmp_path / "c.png", min_size=(600, 350))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["curves", "--workdir", "{tmp}/missing", "--out", "{tmp}/c.png"], "--workdir: .*missing is not a directory"),
-    (["tsne", "--workdir", "{tmp}/missing", "--out", "{tmp}/t"], "--workdir: .*missing is not a directory"),
-    (["ranks", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/r"], "--checkpoint: .*missing is not a directory"),
-    (["ranks", "--checkpoint", "{tmp}", "--out", "{tmp}/r"], "is not a model directory"),
-    (["curves", "--workdir", "{tmp}", "--out", "{tmp}/c.png"], "metrics.jsonl not found"),
-], ids=["curves-workdir", "tsne-workdir", "ranks-checkpoint", "ranks-not-a-model", "curves-no-metrics"])
-def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
+_RECORDS = ['{"stage": 1, "epoch": 1, "loss": 2.0, "lr": 0.001}',
+            '{"stage": 2, "epoch": 1, "loss": 3.0, "id_cls": 2.5, "lr": 0.0001, "accuracy": 0.4, "eval_mAP": 0.2}',
+            '{"final": true, "mAP": 0.25, "R1": 0.5}']
+
+
+def _write_files(root: pathlib.Path, files: dict) -> None:
+  for name, text in files.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text(text)
+
+
+@pytest.mark.parametrize("argv, files, message", [
+    (["curves", "--workdir", "{tmp}/missing", "--out", "{tmp}/c.png"], {}, "--workdir: .*missing is not a directory"),
+    (["tsne", "--workdir", "{tmp}/missing", "--out", "{tmp}/t"], {}, "--workdir: .*missing is not a directory"),
+    (["ranks", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/r"], {},
+     "--checkpoint: .*missing is not a directory"),
+    (["ranks", "--checkpoint", "{tmp}", "--out", "{tmp}/r"], {}, "is not a model directory"),
+    (["ranks", "--checkpoint", "{tmp}", "--out", "{tmp}/r", "--batch-size", "0"], {},
+     "--batch-size: expected a positive number, got 0"),
+    (["curves", "--workdir", "{tmp}", "--out", "{tmp}/c.png"], {}, "metrics.jsonl not found"),
+    # A line that is JSON but not a record, before the last line: an error, as a line that is not JSON.
+    (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/c.png"],
+     {"w/metrics.jsonl": "\n".join(["null"] + _RECORDS) + "\n"}, r"metrics\.jsonl: line 1 is not a JSON object"),
+    (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/c.png"],
+     {"w/metrics.jsonl": "\n".join([_RECORDS[0], "[1, 2]"] + _RECORDS[1:]) + "\n"},
+     r"metrics\.jsonl: line 2 is not a JSON object"),
+    (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/c.png"],
+     {"w/metrics.jsonl": '{"stage": 2, "epoch": "two", "loss": 1.0}\n'}, "epoch 'two', expected an integer"),
+    (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/c.pdf"], {"w/metrics.jsonl": "\n".join(_RECORDS)},
+     "--out: expected a .png file or a folder"),
+    (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/file/c.png"],
+     {"w/metrics.jsonl": "\n".join(_RECORDS), "file": ""}, "--out: .*file exists and is not a directory"),
+], ids=["curves-workdir", "tsne-workdir", "ranks-checkpoint", "ranks-not-a-model", "ranks-batch-size-0",
+        "curves-no-metrics", "curves-null-line", "curves-list-line", "curves-epoch-not-int", "curves-out-pdf",
+        "curves-out-under-a-file"])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, files, message):
+  _write_files(tmp_path, files)
+  before = sorted(tmp_path.rglob("*"))
   argv = [a.format(tmp=tmp_path) for a in argv]
   assert cli.main(argv) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("error: ") and re.search(message, err), err
+  assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_curves_skips_a_last_line_that_is_not_a_record(tmp_path, capsys):
+  _write_files(tmp_path, {"w/metrics.jsonl": "\n".join(_RECORDS + ["null"]) + "\n"})
+  assert cli.main(["curves", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "c.png")]) == 0
+  out, err = capsys.readouterr()
+  assert out == f"{tmp_path / 'c.png'}\n"
+  assert re.fullmatch(r"warning: .*metrics\.jsonl: skipping the last line, which is not a JSON object\n", err), err
+  _assert_picture(tmp_path / "c.png", min_size=(600, 350))
+
+
+@pytest.mark.parametrize("out, written", [
+    ("existing", "existing/curves.png"),  # an existing folder: curves.png in it
+    ("new/", "new/curves.png"),  # a trailing slash names a folder
+    ("plain", "plain.png"),  # no suffix: .png added (matplotlib would add it anyway)
+    ("C.PNG", "C.PNG"),
+], ids=["existing-folder", "trailing-slash", "no-suffix", "png"])
+def test_curves_out_prints_the_path_written(tmp_path, capsys, out, written):
+  _write_files(tmp_path, {"w/metrics.jsonl": "\n".join(_RECORDS) + "\n"})
+  (tmp_path / "existing").mkdir()
+  assert cli.main(["curves", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path) + "/" + out]) == 0
+  printed = capsys.readouterr().out
+  assert pathlib.Path(printed.strip()) == tmp_path / written and printed.count("\n") == 1
+  _assert_picture(tmp_path / written, min_size=(600, 350))
+  pictures = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+  assert pictures == sorted([written, "w/metrics.jsonl"])  # no stray or temporary file
+
+
+def _workdir_like(run, dest: pathlib.Path, metrics: bool = True, stage1: str = "link") -> pathlib.Path:
+  """A workdir sharing the trained run's model (links), with or without metrics.jsonl, and a stage1/ that is
+  the run's ('link') or a model directory whose variables cannot be restored ('broken')."""
+  work = run[0] / "work"
+  dest.mkdir()
+  for name in ["config.json", "model"] + (["metrics.jsonl"] if metrics else []):
+    (dest / name).symlink_to(work / name)
+  if stage1 == "link":
+    (dest / "stage1").symlink_to(work / "stage1")
+  else:
+    (dest / "stage1" / "variables").mkdir(parents=True)
+    (dest / "stage1" / "config.json").write_text((work / "stage1" / "config.json").read_text())
+  return dest
+
+
+def test_cli_all_fails_before_writing_anything(run, tmp_path, capsys):
+  # No metrics.jsonl: found missing before the features are extracted; the new --out folder is not created.
+  work = _workdir_like(run, tmp_path / "no_metrics", metrics=False)
+  assert cli.main(["all", "--workdir", str(work), "--out", str(tmp_path / "vis" / "deep"), "--num", "1"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and re.match(r"error: --workdir: .*metrics\.jsonl not found", err), err
+  assert not (tmp_path / "vis").exists()
+
+
+def test_cli_all_failing_midway_leaves_out_as_it_was(run, tmp_path, capsys):
+  # stage1/ cannot be restored: the t-SNE fails after the rank lists were drawn. An existing --out keeps its
+  # files, old pictures included, and gains nothing (no rank list, no staging folder).
+  work = _workdir_like(run, tmp_path / "broken_stage1", stage1="broken")
+  out = tmp_path / "vis"
+  _write_files(out, {"keep.txt": "mine", "tsne.png": "old"})
+  assert cli.main(["all", "--workdir", str(work), "--out", str(out), "--num", "1"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: ") and "stage1" in err, err
+  assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "tsne.png"]
+  assert (out / "tsne.png").read_text() == "old"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["broken_stage1", "vis"]
 
 
 def test_cli_process_exit_code():

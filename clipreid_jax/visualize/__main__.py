@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import warnings
 from typing import Optional, Sequence
 
 
@@ -38,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
   c = sub.add_parser("curves", help="losses, learning rate and evaluation metrics per epoch")
   c.add_argument("--workdir", required=True, help="training workdir (reads metrics.jsonl)")
-  c.add_argument("--out", required=True, help="output PNG file")
+  c.add_argument("--out", required=True,
+                 help="output PNG file (.png added to a name without a suffix), or a folder: writes curves.png there")
 
   a = sub.add_parser("all", help="all of the above into one folder (what the trainer writes)")
   a.add_argument("--workdir", required=True, help="training workdir")
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
   if args.command == "ranks":
     _positive("--num", args.num)
     _positive("--topk", args.topk)
+    _positive("--batch-size", args.batch_size)
     model_dir = inputs.require_model_dir(args.checkpoint, "--checkpoint")
     dataset = inputs.dataset_for(args.dataset, args.root, model_dir.resolve().parent)
     from clipreid_jax.visualize.render import rank_lists_of_model
@@ -86,7 +89,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from clipreid_jax.data.errors import DataError
   from clipreid_jax.visualize.inputs import VisualizeError
   try:
-    written = run(args)
+    with warnings.catch_warnings():  # one line each, as the errors, not Python's two with the source line
+      warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+      written = run(args)
   except (VisualizeError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

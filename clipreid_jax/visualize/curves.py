@@ -2,7 +2,8 @@
 training accuracy with the evaluation metrics, per epoch, in one PNG.
 
 Records are read as the trainer writes them; a resumed run logs the epochs after its checkpoint again, so the
-last record of each (stage, epoch) wins, and a torn last line (a run killed mid-write) is skipped.
+last record of each (stage, epoch) wins, and a torn last line (a run killed mid-write), or a last line that is
+JSON but not a record (not an object), is skipped with a warning; such a line elsewhere is an error.
 """
 from __future__ import annotations
 
@@ -21,30 +22,68 @@ def read_records(path: str | os.PathLike) -> list[dict]:
   path = pathlib.Path(path)
   if not path.is_file():
     raise VisualizeError(f"--workdir: {path} not found (written by training)")
+  try:
+    lines = path.read_text().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise VisualizeError(f"{path}: cannot read it as text ({type(e).__name__})") from None
   records = []
-  lines = path.read_text().splitlines()
   for i, line in enumerate(lines):
     if not line.strip():
       continue
     try:
-      records.append(json.loads(line))
+      record = json.loads(line)
+      problem = None if isinstance(record, dict) else "is not a JSON object"
     except json.JSONDecodeError:
-      if i != len(lines) - 1:
-        raise VisualizeError(f"{path}: line {i + 1} is not JSON") from None
-      warnings.warn(f"{path}: skipping a torn last line", stacklevel=2)
+      problem = "is not JSON"
+    if problem is None:
+      records.append(record)
+    elif i != len(lines) - 1:
+      raise VisualizeError(f"{path}: line {i + 1} {problem}")
+    else:
+      warnings.warn(f"{path}: skipping the last line, which {problem}", stacklevel=2)
   return records
 
 
-def by_epoch(records: list[dict]) -> tuple[dict[int, dict], dict[int, dict], Optional[dict]]:
+def by_epoch(records: list[dict], where: str = "metrics.jsonl") -> tuple[dict[int, dict], dict[int, dict],
+                                                                          Optional[dict]]:
   """(stage-1 records by epoch, stage-2 records by epoch, the last final record or None)."""
+  from clipreid_jax.visualize.inputs import VisualizeError
   stages: dict[int, dict[int, dict]] = {1: {}, 2: {}}
   final = None
   for r in records:
+    stage, epoch = r.get("stage"), r.get("epoch")
     if r.get("final"):
       final = r
-    elif r.get("stage") in stages and "epoch" in r:
-      stages[r["stage"]][int(r["epoch"])] = r
+    elif isinstance(stage, int) and stage in stages and "epoch" in r:  # isinstance: a list stage is unhashable
+      if not isinstance(epoch, int) or isinstance(epoch, bool):
+        raise VisualizeError(f"{where}: a stage-{stage} record has epoch {epoch!r}, expected an integer")
+      stages[stage][epoch] = r
   return dict(sorted(stages[1].items())), dict(sorted(stages[2].items())), final
+
+
+def curve_tables(workdir: str | os.PathLike) -> tuple[dict[int, dict], dict[int, dict], Optional[dict]]:
+  """`by_epoch` of WORKDIR/metrics.jsonl; raises VisualizeError where it is missing or holds no epoch records."""
+  from clipreid_jax.visualize.inputs import VisualizeError
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  stage1, stage2, final = by_epoch(read_records(path), str(path))
+  if not stage1 and not stage2:
+    raise VisualizeError(f"{path}: holds no epoch records")
+  return stage1, stage2, final
+
+
+def curves_path(out: str | os.PathLike) -> pathlib.Path:
+  """Where `--out` writes: OUT/curves.png for a folder (existing, or given with a trailing slash), OUT.png for a
+  name without a suffix (matplotlib would add it anyway), OUT for a .png name; any other suffix is an error."""
+  from clipreid_jax.visualize.inputs import VisualizeError
+  text = os.fspath(out)
+  out = pathlib.Path(text)
+  if out.is_dir() or text.endswith(("/", os.sep)):
+    return out / "curves.png"
+  if not out.suffix:
+    return out.with_name(out.name + ".png")
+  if out.suffix.lower() != ".png":
+    raise VisualizeError(f"--out: expected a .png file or a folder, got {out}")
+  return out
 
 
 def _series(table: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
@@ -73,14 +112,16 @@ def _plot_losses(ax, table: dict[int, dict], title: str) -> None:
   ax.grid(alpha=0.3)
 
 
-def plot_curves(workdir: str | os.PathLike, out: str | os.PathLike) -> pathlib.Path:
-  """Writes the curves of the run in `workdir` to the PNG `out`."""
+def plot_curves(workdir: str | os.PathLike, out: str | os.PathLike,
+                tables: Optional[tuple[dict[int, dict], dict[int, dict], Optional[dict]]] = None) -> pathlib.Path:
+  """Writes the curves of the run in `workdir` to the PNG `out` (see `curves_path`); returns the path written.
+  `tables`: `curve_tables(workdir)` where the caller has already read them."""
   from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-  from clipreid_jax.visualize.inputs import VisualizeError, require_dir
+  from clipreid_jax.visualize.inputs import output_anchor, require_dir, save_figure
   workdir = require_dir(workdir, "--workdir")
-  stage1, stage2, final = by_epoch(read_records(workdir / "metrics.jsonl"))
-  if not stage1 and not stage2:
-    raise VisualizeError(f"{workdir / 'metrics.jsonl'}: holds no epoch records")
+  out = curves_path(out)
+  output_anchor(out.parent, "--out")  # a bad destination fails before the drawing
+  stage1, stage2, final = tables if tables is not None else curve_tables(workdir)
   fig = Figure(figsize=(11, 7.5), dpi=80)
   (a, b), (c, d) = fig.subplots(2, 2)
   _plot_losses(a, stage1, "stage 1 (prompt learning): losses")
@@ -118,7 +159,4 @@ def plot_curves(workdir: str | os.PathLike, out: str | os.PathLike) -> pathlib.P
   d.grid(alpha=0.3)
   fig.suptitle(f"{workdir.resolve().name}: metrics per epoch", fontsize=11)
   fig.tight_layout()
-  out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, facecolor="white")
-  return out
+  return save_figure(fig, out, "--out")

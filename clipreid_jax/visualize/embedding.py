@@ -73,6 +73,7 @@ def plot_panels(panels: Sequence[Panel], labels: Sequence[int], out: str | os.Pa
   """Side-by-side t-SNE panels in one PNG; colours follow the identities across panels."""
   from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
   from matplotlib.lines import Line2D
+  from clipreid_jax.visualize.inputs import save_figure
   colors = _identity_colors(len(labels))
   fig = Figure(figsize=(4.2 * len(panels) + 1.6, 4.4), dpi=90)
   axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -94,10 +95,7 @@ def plot_panels(panels: Sequence[Panel], labels: Sequence[int], out: str | os.Pa
   if caption:
     fig.suptitle(caption, fontsize=10)
   fig.tight_layout(rect=(0, 0, 1 - 1.4 / fig.get_figwidth(), 1))
-  out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, facecolor="white")
-  return out
+  return save_figure(fig, out, "--out")
 
 
 def _identity_colors(n: int) -> np.ndarray:
@@ -108,9 +106,8 @@ def _identity_colors(n: int) -> np.ndarray:
   return colormaps["hsv"](np.arange(n) / n)
 
 
-def render_tsne(workdir: str | os.PathLike, dataset: ReidDataset, out: str | os.PathLike, num_ids: int = 10,
-                max_per_id: int = 40, seed: int = 0) -> pathlib.Path:
-  """WORKDIR/stage1 and WORKDIR/model (those present) as t-SNE panels of `num_ids` training identities."""
+def tsne_stages(workdir: str | os.PathLike) -> list[tuple[pathlib.Path, str]]:
+  """(model directory, panel title) of WORKDIR/stage1 and WORKDIR/model, those present; VisualizeError if none."""
   from clipreid_jax.visualize.inputs import VisualizeError
   workdir = pathlib.Path(workdir)
   stages = [(workdir / "stage1", "after stage 1 (prompts learned)"),
@@ -118,6 +115,15 @@ def render_tsne(workdir: str | os.PathLike, dataset: ReidDataset, out: str | os.
   stages = [(d, t) for d, t in stages if (d / "config.json").is_file()]
   if not stages:
     raise VisualizeError(f"--workdir: {workdir} holds neither stage1/ nor model/ (a model directory)")
+  return stages
+
+
+def render_tsne(workdir: str | os.PathLike, dataset: ReidDataset, out: str | os.PathLike, num_ids: int = 10,
+                max_per_id: int = 40, seed: int = 0) -> pathlib.Path:
+  """WORKDIR/stage1 and WORKDIR/model (those present) as t-SNE panels of `num_ids` training identities."""
+  from clipreid_jax.visualize.inputs import output_anchor
+  stages = tsne_stages(workdir)
+  output_anchor(pathlib.Path(out).parent, "--out")  # a bad destination fails before the t-SNE
   sample = sample_identities(dataset.train, num_ids, max_per_id, seed)
   options = tsne_lib.TSNEOptions(seed=seed)
   panels = [embed_model(d, dataset.train, sample, t, options) for d, t in stages]

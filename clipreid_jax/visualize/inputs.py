@@ -1,10 +1,14 @@
-"""What the pictures are drawn from: workdirs, model directories and datasets, checked with one-line errors."""
+"""What the pictures are drawn from (workdirs, model directories, datasets) and where they go (output folders
+written all at once, figures written whole), checked with one-line errors."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
-from typing import Optional
+import shutil
+import tempfile
+from typing import Iterator, Optional
 
 from clipreid_jax.data.records import ReidDataset
 
@@ -62,3 +66,76 @@ def dataset_for(name: Optional[str], root: Optional[str], workdir: Optional[str 
     where = f" ({pathlib.Path(workdir) / 'config.json'} names no training dataset)" if workdir is not None else ""
     raise VisualizeError(f"--dataset and --root: both are needed{where}")
   return open_dataset(name or settings["name"], root or settings["root"], settings.get("options"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Outputs: a failure leaves the destination as it was.
+
+
+def output_anchor(out: str | os.PathLike, option: str) -> pathlib.Path:
+  """The folder `out` is (or will be) created in: `out` itself where it exists, else its nearest existing ancestor.
+
+  Raises VisualizeError, before anything is computed, where `out` or that ancestor is not a folder.
+  """
+  out = pathlib.Path(out).resolve()
+  if out.exists():
+    if not out.is_dir():
+      raise VisualizeError(f"{option}: {out} exists and is not a directory")
+    return out
+  anchor = out.parent
+  while not anchor.exists():
+    anchor = anchor.parent
+  if not anchor.is_dir():
+    raise VisualizeError(f"{option}: cannot create {out}: {anchor} is not a directory")
+  return anchor
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike, option: str) -> Iterator[pathlib.Path]:
+  """Yields an empty staging folder whose files land in `out` only when the block finishes without error.
+
+  On an error `out` is left as it was (not created where it did not exist). Files already in `out` stay, except
+  those the block wrote again, which are replaced. The staging folder sits on `out`'s file system, so the final
+  moves are renames.
+  """
+  out = pathlib.Path(out).resolve()
+  anchor = output_anchor(out, option)
+  try:
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=anchor))
+  except OSError as e:
+    raise VisualizeError(f"{option}: cannot write in {anchor}: {e.strerror or e}") from None
+  try:
+    yield stage
+    if not out.exists():
+      out.parent.mkdir(parents=True, exist_ok=True)
+      os.rename(stage, out)
+      return
+    moves = [(src, out / src.relative_to(stage)) for src in sorted(stage.rglob("*")) if not src.is_dir()]
+    for _, dst in moves:  # all checked before the first move, so a clash moves nothing
+      folders = [out / p for p in reversed(dst.relative_to(out).parents)][1:]  # those between out and dst
+      in_way = [f for f in folders if f.exists() and not f.is_dir()] + ([dst] if dst.is_dir() else [])
+      if in_way:
+        raise VisualizeError(f"{option}: cannot write {dst}: {in_way[0]} is in the way")
+    for src, dst in moves:
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      os.replace(src, dst)
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def save_figure(fig, out: str | os.PathLike, option: str) -> pathlib.Path:
+  """Saves a matplotlib figure as the PNG `out` through a temporary file, so `out` is never half-written."""
+  out = pathlib.Path(out)
+  output_anchor(out.parent, option)
+  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+      raise IsADirectoryError(21, "is a directory")
+    fig.savefig(tmp, format="png", facecolor="white")  # explicit format: the temporary name has no .png suffix
+    os.replace(tmp, out)
+  except OSError as e:
+    raise VisualizeError(f"{option}: cannot write {out}: {e.strerror or e}") from None
+  finally:
+    tmp.unlink(missing_ok=True)
+  return out
