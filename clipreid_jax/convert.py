@@ -11,6 +11,8 @@ exit code 2, and nothing is written to DST.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import re
 import sys
 from typing import Callable, Optional
@@ -79,39 +81,64 @@ def _count(sd: dict, pattern: str) -> int:
   return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
 
 
+def tensor_shape(sd: dict, key: str, ndim: int, layout: str) -> tuple[int, ...]:
+  """Shape of sd[key], checked to have `ndim` non-zero dims before sizes are read from it (a wrong rank would
+  otherwise give an IndexError, or a model built from a data dimension: a 1-D conv1.weight asked for TiBs)."""
+  shape = tuple(np.shape(sd[key]))
+  if len(shape) != ndim or 0 in shape:
+    raise CheckpointError(f"tensor {key!r} has shape {shape}, expected a non-empty {ndim}-D tensor {layout}")
+  return shape
+
+
+def _grid_rows(sd: dict, key: str, square: bool) -> int:
+  """Token-grid rows of a (1 + grid, width) positional table; `square`: the grid must be g x g (OpenAI's)."""
+  shape = tensor_shape(sd, key, 2, "(1 + grid tokens, width)")
+  n = shape[0] - 1
+  if n < 1:
+    raise CheckpointError(f"tensor {key!r} has shape {shape}: a class row but no token-grid rows")
+  if square and math.isqrt(n) ** 2 != n:
+    raise CheckpointError(f"tensor {key!r} has shape {shape}: its {n} grid rows do not form a square token grid "
+                          "(OpenAI's build_model knows only square grids)")
+  return n
+
+
 def infer_clip_config(sd: dict, prefix: str = "", *, vision_prefix: str = "visual.", text_prefix: Optional[str] = "",
-                      token_embedding_key: str = "token_embedding.weight") -> CLIPConfig:
+                      token_embedding_key: str = "token_embedding.weight", square_grid: bool = True) -> CLIPConfig:
   """Sizes of a CLIP model from its state dict (OpenAI's `build_model` rules).
 
   `text_prefix=None`: a vision-only state dict (CLIP-ReID's baseline): the embedding width comes from the image
   projection and the text sizes keep CLIPConfig's defaults (no text tower is built from them).
+  `square_grid=False`: a non-square image grid is returned as (n, 1) for the caller to reshape (a ReID checkpoint,
+  whose grid follows from its input size); otherwise it is refused. Raises CheckpointError without the file name.
   """
   v = prefix + vision_prefix
   try:
     if text_prefix is None:
-      common = dict(embed_dim=sd[v + "proj"].shape[1] if v + "proj" in sd else
-                    sd[v + "attnpool.c_proj.weight"].shape[0])
+      common = dict(embed_dim=tensor_shape(sd, v + "proj", 2, "(width, embed_dim)")[1] if v + "proj" in sd else
+                    tensor_shape(sd, v + "attnpool.c_proj.weight", 2, "(embed_dim, width)")[0])
     else:
       t = prefix + text_prefix
-      text_width = sd[t + "ln_final.weight"].shape[0]
+      text_width = tensor_shape(sd, t + "ln_final.weight", 1, "(text_width,)")[0]
       common = dict(
-          embed_dim=sd[t + "text_projection"].shape[1],
-          context_length=sd[t + "positional_embedding"].shape[0],
-          vocab_size=sd[token_embedding_key].shape[0] if token_embedding_key in sd else 49408,
+          embed_dim=tensor_shape(sd, t + "text_projection", 2, "(text_width, embed_dim)")[1],
+          context_length=tensor_shape(sd, t + "positional_embedding", 2, "(context_length, text_width)")[0],
+          vocab_size=(tensor_shape(sd, token_embedding_key, 2, "(vocab_size, text_width)")[0]
+                      if token_embedding_key in sd else 49408),
           text_width=text_width, text_heads=text_width // 64,
           text_layers=_count(sd, re.escape(t) + r"transformer\.resblocks\.(\d+)\."))
     if v + "proj" in sd:
-      conv = sd[v + "conv1.weight"]
-      n = sd[v + "positional_embedding"].shape[0] - 1
-      g = int(round(n ** 0.5))
+      conv = tensor_shape(sd, v + "conv1.weight", 4, "(width, 3, patch, patch)")
+      n = _grid_rows(sd, v + "positional_embedding", square_grid)
+      g = math.isqrt(n)
       return CLIPConfig(vision_layers=_count(sd, re.escape(v) + r"transformer\.resblocks\.(\d+)\."),
-                        vision_width=conv.shape[0], vision_patch_size=conv.shape[-1], vision_stride=conv.shape[-1],
+                        vision_width=conv[0], vision_patch_size=conv[-1], vision_stride=conv[-1],
                         vision_grid=(g, g) if g * g == n else (n, 1), **common)
     if v + "attnpool.positional_embedding" in sd:
       layers = tuple(_count(sd, re.escape(v) + rf"layer{b}\.(\d+)\.") for b in (1, 2, 3, 4))
-      n = sd[v + "attnpool.positional_embedding"].shape[0] - 1
-      g = int(round(n ** 0.5))
-      return CLIPConfig(vision_layers=layers, vision_width=sd[v + "layer1.0.conv1.weight"].shape[0],
+      n = _grid_rows(sd, v + "attnpool.positional_embedding", square_grid)
+      g = math.isqrt(n)
+      return CLIPConfig(vision_layers=layers,
+                        vision_width=tensor_shape(sd, v + "layer1.0.conv1.weight", 4, "(width, in, kh, kw)")[0],
                         vision_grid=(g, g) if g * g == n else (n, 1), **common)
   except KeyError as e:
     raise CheckpointError(f"unknown architecture: missing tensor {e.args[0]!r}, not a CLIP state dict") from None
@@ -232,29 +259,73 @@ def grid_for(cfg: CLIPConfig, input_size: tuple[int, int], stride: Optional[int]
   return (h // down, w // down)
 
 
+_EXPECTED = {"input_size": "a positive height and width, at least one patch", "stride": "a positive stride",
+             "camera_num": "a positive count", "view_num": "a positive count"}
+
+
+def check_options(**options) -> None:
+  """Raises ValueError naming the command-line option of a given input size, stride or count below 1.
+
+  Checked up front because 0 would otherwise read as "not given" or divide by zero in `grid_for`.
+  """
+  for name, value in options.items():
+    values = () if value is None else tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if any(x < 1 for x in values):
+      raise ValueError(f"--{name} {' '.join(map(str, values))}: expected {_EXPECTED[name]}")
+
+
+def check_grid(src, cfg: CLIPConfig, input_size: tuple[int, int], grid: tuple[int, int]) -> None:
+  """Refuses an input size below one patch (ResNet: one output cell), which would give a model with no tokens."""
+  if min(grid) >= 1:
+    return
+  unit = cfg.vision_patch_size if cfg.is_vit else (32 if cfg.resnet_last_stride == 2 else 16)
+  what = "patch" if cfg.is_vit else "cell of the ResNet's output grid"
+  raise CheckpointError(f"{src}: --input_size {input_size[0]} {input_size[1]} is smaller than one {unit}x{unit} {what} "
+                        f"(it would give a {grid[0]}x{grid[1]} token grid); expected H and W >= {unit}")
+
+
+@contextlib.contextmanager
+def naming_file(path):
+  """Last resort for malformed files that the shape checks do not anticipate: an unexpected error while reading
+  or inferring becomes one CheckpointError naming the file instead of a traceback."""
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # numpy, jax and torch raise many types for malformed data
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise CheckpointError(f"{path}: not a usable checkpoint ({type(e).__name__}{': ' + first if first else ''})"
+                          ) from None
+
+
 def convert_clip(src: str, dst: str, *, input_size=None, stride=None, resnet_last_stride: int = 2,
                  trust: bool = False, overwrite: bool = False) -> str:
   import dataclasses
   import jax
   from clipreid_jax.models.clip import CLIP
-  sd = read_state_dict(src, trust=trust)
-  try:
-    cfg = infer_clip_config(sd)
-  except CheckpointError as e:
-    raise CheckpointError(f"{src}: {e}") from None
-  if not cfg.is_vit:
-    cfg = dataclasses.replace(cfg, resnet_last_stride=resnet_last_stride)
-  if stride is not None:
+  check_options(input_size=input_size, stride=stride)
+  with naming_file(src):
+    sd = read_state_dict(src, trust=trust)
+    try:
+      cfg = infer_clip_config(sd)
+    except CheckpointError as e:
+      raise CheckpointError(f"{src}: {e}") from None
     if not cfg.is_vit:
-      raise CheckpointError(f"{src}: --stride applies to ViT checkpoints only; this is a ResNet")
-    cfg = dataclasses.replace(cfg, vision_stride=stride)
-  grid = grid_for(cfg, input_size, stride) if input_size else None
-  cfg, variables = clip_variables(sd, cfg, grid=grid)
-  model = CLIP(cfg)
-  h, w = cfg.input_size()
-  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, h, w, 3), np.float32),
-                                               np.zeros((1, 4), np.int32)))
-  check_variables(src, variables, expected)
+      cfg = dataclasses.replace(cfg, resnet_last_stride=resnet_last_stride)
+    if stride is not None:
+      if not cfg.is_vit:
+        raise CheckpointError(f"{src}: --stride applies to ViT checkpoints only; this is a ResNet")
+      cfg = dataclasses.replace(cfg, vision_stride=stride)
+    grid = None
+    if input_size:
+      grid = grid_for(cfg, input_size, stride)
+      check_grid(src, cfg, input_size, grid)
+    cfg, variables = clip_variables(sd, cfg, grid=grid)
+    model = CLIP(cfg)
+    h, w = cfg.input_size()
+    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, h, w, 3), np.float32),
+                                                 np.zeros((1, 4), np.int32)))
+    check_variables(src, variables, expected)
   save_model_dir(dst, variables, {"kind": "clip", "clip": json_config(cfg), "source": str(src)}, overwrite=overwrite)
   return dst
 

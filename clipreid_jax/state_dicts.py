@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pathlib
 import struct
@@ -60,6 +61,9 @@ def _to_numpy(sd: dict, path: pathlib.Path) -> dict[str, np.ndarray]:
   import torch
   out = {}
   for k, v in sd.items():
+    if not isinstance(k, str):
+      raise CheckpointError(f"{path}: key {k!r} is not a string ({type(k).__name__}), expected tensor names; "
+                            "not a plain state dict")
     if isinstance(v, torch.Tensor):
       v = v.detach().cpu()
       out[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
@@ -114,21 +118,39 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   if len(data) < 8:
     raise CheckpointError(f"{path}: truncated safetensors file ({len(data)} bytes)")
   (n,) = struct.unpack("<Q", data[:8])
+  if 8 + n > len(data):
+    raise CheckpointError(f"{path}: truncated or corrupt safetensors header (it claims {n} bytes, "
+                          f"the file has {len(data)})")
   try:
     header = json.loads(data[8:8 + n])
-  except (json.JSONDecodeError, UnicodeDecodeError):
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
     raise CheckpointError(f"{path}: not a safetensors file (bad header)") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object")
   base, out = 8 + n, {}
   for k, info in header.items():
     if k == "__metadata__":
       continue
+    if not isinstance(info, dict):
+      raise CheckpointError(f"{path}: tensor {k!r} has a header entry that is a JSON {type(info).__name__}, "
+                            "expected an object with dtype, shape and data_offsets")
     if info.get("dtype") not in _SAFETENSORS_DTYPES:
       raise CheckpointError(f"{path}: tensor {k!r} has unsupported dtype {info.get('dtype')}")
-    start, end = info["data_offsets"]
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+      raise CheckpointError(f"{path}: tensor {k!r} has shape {shape!r}, expected a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+      raise CheckpointError(f"{path}: tensor {k!r} has data_offsets {offsets!r}, expected [start, end] with "
+                            "0 <= start <= end")
+    start, end = offsets
     if base + end > len(data):
       raise CheckpointError(f"{path}: truncated (tensor {k!r} ends past the end of the file)")
-    arr = np.frombuffer(data[base + start:base + end], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-    out[k] = arr.reshape(info["shape"]).copy()
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+    if end - start != math.prod(shape) * dtype.itemsize:
+      raise CheckpointError(f"{path}: tensor {k!r} has {end - start} bytes, but shape {tuple(shape)} of "
+                            f"{info['dtype']} needs {math.prod(shape) * dtype.itemsize}")
+    out[k] = np.frombuffer(data[base + start:base + end], dtype=dtype).reshape(shape).copy()
   return out
 
 

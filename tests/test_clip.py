@@ -243,6 +243,54 @@ def test_bad_inputs_exit_2_and_write_nothing(small, tmp_path):
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def _safetensors(header, data=b""):
+  h = json.dumps(header).encode()
+  return len(h).to_bytes(8, "little") + h + data
+
+
+def _npz_with(**changes):
+  """Writer of the small ViT's state dict with some tensors replaced (key -> function of the original)."""
+  def write(path, sd):
+    np.savez(path, **{k: changes[k](v) if k in changes else v for k, v in sd.items()})
+  return write
+
+
+# name -> (command, file name, writer(path, ViT state dict), words the error must contain)
+MALFORMED = {
+    "header_list": ("clip", "a.safetensors", lambda p, sd: p.write_bytes(_safetensors([1, 2])), "expected an object"),
+    "entry_not_object": ("clip", "a.safetensors", lambda p, sd: p.write_bytes(_safetensors({"a": 5})),
+                         "expected an object"),
+    "no_data_offsets": ("clip", "a.safetensors",
+                        lambda p, sd: p.write_bytes(_safetensors({"a": {"dtype": "F32", "shape": [2]}}, bytes(8))),
+                        "data_offsets"),
+    "size_mismatch": ("clip", "a.safetensors", lambda p, sd: p.write_bytes(
+        _safetensors({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8))), "needs 12"),
+    "header_length_2**63": ("clip", "a.safetensors", lambda p, sd: p.write_bytes((2**63).to_bytes(8, "little") + b"{}"),
+                            "truncated or corrupt"),
+    "text_projection_1d": ("clip", "a.npz", _npz_with(text_projection=np.ravel), "2-D"),
+    "ln_final_0d": ("clip", "a.npz", _npz_with(**{"ln_final.weight": lambda v: v[0]}), "1-D"),
+    "conv1_1d": ("clip", "a.npz", _npz_with(**{"visual.conv1.weight": np.ravel}), "4-D"),  # once asked for TiBs
+    "grid_not_square": ("clip", "a.npz", _npz_with(**{"visual.positional_embedding": lambda v: v[:-1]}), "square"),
+    "int_keys": ("clipreid", "a.pth", lambda p, sd: torch.save({1: torch.zeros(2)}, p), "not a string"),
+}
+
+
+@pytest.fixture(scope="module")
+def vit_sd():
+  return state_dict_numpy(random_clip(3, **SMALL["vit"]))
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_files_exit_2_with_one_line(vit_sd, tmp_path, capsys, case):
+  kind, name, write, expected = MALFORMED[case]
+  src, dst = tmp_path / name, tmp_path / "out"
+  write(src, vit_sd)
+  assert convert.main([kind, str(src), str(dst)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"error: {src}: ") and expected in err[0], err
+  assert not dst.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_existing_destination_is_kept(small, tmp_path):
   _, _, sd = small
   src = tmp_path / "clip.npz"

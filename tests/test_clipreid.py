@@ -165,6 +165,30 @@ def test_convert_bad_inputs(tmp_path, capsys):
     assert not (tmp_path / d).exists()
 
 
+# (command, options, words the error must contain): sizes, strides and counts below 1 are refused by name,
+# not read as "not given" (0) or turned into a model without image tokens.
+BAD_OPTIONS = [
+    ("clip", ["--input_size", "0", "0"], "--input_size 0 0: expected a positive height and width, at least one patch"),
+    ("clip", ["--input_size", "8", "8"], "--input_size 8 8 is smaller than one"),  # patch (ViT) / output cell (ResNet)
+    ("clip", ["--input_size", "-16", "64"], "--input_size -16 64: expected a positive"),
+    ("clip", ["--stride", "0"], "--stride 0: expected a positive stride"),
+    ("clip", ["--stride", "-4"], "--stride -4: expected a positive stride"),
+    ("clipreid", ["--input_size", "64", "32", "--stride", "0"], "--stride 0: expected a positive stride"),
+    ("clipreid", ["--input_size", "64", "32", "--sie", "camera_view", "--camera_num", "0", "--view_num", "0"],
+     "--camera_num 0: expected a positive count"),
+]
+
+
+@pytest.mark.parametrize("kind,options,expected", BAD_OPTIONS, ids=[f"{k} {' '.join(o)}" for k, o, _ in BAD_OPTIONS])
+def test_convert_bad_options(tmp_path, capsys, kind, options, expected):
+  variant = next(v for v in VARIANTS if (v / "model_state.npz").is_file())
+  src = variant / "model_state.npz" if kind == "clipreid" else variant.parent / "clip_openai_layout.npz"
+  assert convert.main([kind, str(src), str(tmp_path / "out"), *options]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+  assert not (tmp_path / "out").exists()
+
+
 def test_loading_wrong_kind_fails(tmp_path):
   variant = VARIANTS[0]
   assert convert.main(["clip", str(variant.parent / "clip_openai_layout.npz"), str(tmp_path / "clip")]) == 0

@@ -305,12 +305,19 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
                       sie_coe: float = 1.0) -> ReIDConfig:
   """Infers a ReIDConfig from an official CLIP-ReID / baseline state dict (tensor shapes + file name)."""
   from clipreid_jax.checkpoints import CheckpointError
-  from clipreid_jax.convert import grid_for, infer_clip_config
+  from clipreid_jax.convert import check_options, grid_for, infer_clip_config, tensor_shape
+  check_options(input_size=input_size, stride=stride, camera_num=camera_num, view_num=view_num)
   with_text = "text_encoder.ln_final.weight" in sd
   if "classifier.weight" not in sd or not any(k.startswith("image_encoder.") for k in sd):
     raise CheckpointError(f"{path}: no 'classifier.weight' / 'image_encoder.*' tensors; not a CLIP-ReID or baseline checkpoint")
-  clip_cfg = infer_clip_config(sd, vision_prefix="image_encoder.", text_prefix="text_encoder." if with_text else None,
-                               token_embedding_key="")  # baseline: no text side
+  try:
+    # The ReID grid is not square; it is recomputed below from the input size and stride.
+    clip_cfg = infer_clip_config(sd, vision_prefix="image_encoder.", text_prefix="text_encoder." if with_text else None,
+                                 token_embedding_key="", square_grid=False)  # baseline: no text side
+    num_classes = tensor_shape(sd, "classifier.weight", 2, "(identities, feature width)")[0]
+    n_rows = tensor_shape(sd, "cv_embed", 2, "(SIE rows, width)")[0] if "cv_embed" in sd else 0
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
   clip_cfg = dataclasses.replace(clip_cfg, vision_stride=clip_cfg.vision_patch_size, resnet_last_stride=1)
   pos_key = "image_encoder.positional_embedding" if clip_cfg.is_vit else "image_encoder.attnpool.positional_embedding"
   rows = sd[pos_key].shape[0]
@@ -331,7 +338,7 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
       raise CheckpointError(f"{path}: {pos_key} has {rows} rows, which fits none of the official input sizes; "
                             "pass --input_size H W (and --stride)")
     input_size, stride = matches[0]
-  stride = stride or 16
+  stride = 16 if stride is None else stride
   cfg_s = dataclasses.replace(clip_cfg, vision_stride=stride if clip_cfg.is_vit else 16)
   grid = grid_for(cfg_s, tuple(input_size), stride if clip_cfg.is_vit else None)
   if int(np.prod(grid)) + 1 != rows:
@@ -341,11 +348,12 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
   sie_camera = sie_view = False
   cams, views = 1, 1
   if "cv_embed" in sd:
-    n_rows = sd["cv_embed"].shape[0]
     mode = sie or ("camera_view" if (dataset in _SIE_TABLES and n_rows == np.prod(_SIE_TABLES[dataset])) else "camera")
     sie_camera, sie_view = mode in ("camera", "camera_view"), mode in ("view", "camera_view")
     if mode == "camera_view":
-      cams, views = camera_num or _SIE_TABLES.get(dataset, (None, None))[0], view_num or _SIE_TABLES.get(dataset, (None, None))[1]
+      default_cams, default_views = _SIE_TABLES.get(dataset, (None, None))
+      cams = default_cams if camera_num is None else camera_num
+      views = default_views if view_num is None else view_num
       if cams is None or views is None:
         raise CheckpointError(f"{path}: a camera x view SIE table needs --camera_num and --view_num")
     elif mode == "camera":
@@ -361,7 +369,7 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
   noun = prompt_noun_for(dataset or "")
   from clipreid_jax.tokenizer import tokenize
   eot = int(tokenize(PERSON_TEMPLATE if noun == "person" else VEHICLE_TEMPLATE)[0].argmax())
-  return ReIDConfig(clip=clip_cfg, num_classes=int(sd["classifier.weight"].shape[0]), sie_camera=sie_camera,
+  return ReIDConfig(clip=clip_cfg, num_classes=int(num_classes), sie_camera=sie_camera,
                     sie_view=sie_view, camera_num=int(cams), view_num=int(views), sie_coe=float(sie_coe),
                     prompt_noun=noun, with_text=with_text, eot_index=eot, image_size=tuple(input_size))
 
@@ -370,14 +378,16 @@ def convert_clipreid(src: str, dst: str, *, dataset=None, input_size=None, strid
                      camera_num=None, view_num=None, sie_coe: float = 1.0, overwrite: bool = False) -> ReIDConfig:
   """Converts an official CLIP-ReID / baseline `.pth` (or `.npz`) into a model directory."""
   from clipreid_jax.checkpoints import save_model_dir
-  from clipreid_jax.convert import check_variables, convert_state_dict
+  from clipreid_jax.convert import check_options, check_variables, convert_state_dict, naming_file
   from clipreid_jax.state_dicts import read_state_dict
-  sd = read_state_dict(src)
-  sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-  cfg = infer_reid_config(sd, src, input_size=input_size, stride=stride, dataset=dataset, sie=sie,
-                          camera_num=camera_num, view_num=view_num, sie_coe=sie_coe)
-  variables = convert_state_dict(sd, OFFICIAL_RENAMES)
-  expected = jax.eval_shape(lambda: init_variables(CLIPReID(cfg), jax.random.PRNGKey(0)))
-  check_variables(src, variables, expected)
+  check_options(input_size=input_size, stride=stride, camera_num=camera_num, view_num=view_num)
+  with naming_file(src):
+    sd = read_state_dict(src)
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    cfg = infer_reid_config(sd, src, input_size=input_size, stride=stride, dataset=dataset, sie=sie,
+                            camera_num=camera_num, view_num=view_num, sie_coe=sie_coe)
+    variables = convert_state_dict(sd, OFFICIAL_RENAMES)
+    expected = jax.eval_shape(lambda: init_variables(CLIPReID(cfg), jax.random.PRNGKey(0)))
+    check_variables(src, variables, expected)
   save_model_dir(dst, variables, {"kind": "clipreid", "reid": cfg.to_dict(), "source": str(src)}, overwrite=overwrite)
   return cfg
