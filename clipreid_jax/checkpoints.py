@@ -28,9 +28,12 @@ def read_config(path: str | os.PathLike) -> dict:
   if not cfg_file.is_file():
     raise CheckpointError(f"{cfg_file}: not found; expected a directory written by `python -m clipreid_jax.convert`")
   try:
-    return json.loads(cfg_file.read_text())
-  except json.JSONDecodeError as e:
+    meta = json.loads(cfg_file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(meta).__name__}")
+  return meta
 
 
 def _checkpointer():

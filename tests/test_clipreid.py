@@ -11,7 +11,7 @@ import pytest
 from clipreid_jax import convert
 from clipreid_jax.checkpoints import CheckpointError
 from clipreid_jax.models import clipreid
-from golden_reid import close, converted_loader, meta, sie_inputs, variants
+from golden_reid import close, convert_args, converted_loader, meta, sie_inputs, variants
 
 VARIANTS = variants()
 FWD = dict(rtol=5e-5, atol=1e-6)  # golden README section 10: forward features, logits, text features
@@ -194,3 +194,25 @@ def test_loading_wrong_kind_fails(tmp_path):
   assert convert.main(["clip", str(variant.parent / "clip_openai_layout.npz"), str(tmp_path / "clip")]) == 0
   with pytest.raises(CheckpointError, match="kind 'clip'"):
     clipreid.load_clipreid(tmp_path / "clip")
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda meta: [1, 2], "expected a JSON object, got list"),
+    (lambda meta: {k: v for k, v in meta.items() if k != "reid"}, "not a usable CLIP-ReID configuration"),
+    (lambda meta: {**meta, "reid": {**meta["reid"], "foo": 1}}, "not a usable CLIP-ReID configuration"),
+    (lambda meta: {**meta, "reid": {**meta["reid"], "image_size": [128, 64]}}, "gives a 8x4 token grid"),
+    (lambda meta: {**meta, "reid": {**meta["reid"], "clip": {**meta["reid"]["clip"], "vision_width": 256}}},
+     "has shape"),
+])
+def test_loading_a_config_that_does_not_fit_fails(tmp_path, edit, expected):
+  """A model directory whose config.json is valid JSON but not a configuration, or not the saved tensors' (it used
+  to fail with a traceback, some only inside the first forward pass)."""
+  import json  # pylint: disable=g-import-not-at-top
+  variant = next(v for v in VARIANTS if v.parent.name == "vit")
+  model_dir = tmp_path / "model"
+  assert convert.main(convert_args(variant, model_dir)) == 0
+  meta = json.loads((model_dir / "config.json").read_text())
+  (model_dir / "config.json").write_text(json.dumps(edit(meta)))
+  with pytest.raises(CheckpointError, match=expected) as err:
+    clipreid.load_clipreid(model_dir)
+  assert str(model_dir) in str(err.value) and "\n" not in str(err.value)

@@ -278,8 +278,19 @@ def load_clipreid(path: str | pathlib.Path, dtype: Dtype = jnp.float32):
   if meta.get("kind") != "clipreid":
     raise checkpoints.CheckpointError(f"{path}: expected a CLIP-ReID model directory (config.json kind 'clipreid'), "
                                       f"got kind {meta.get('kind')!r}")
-  cfg = ReIDConfig.from_dict(meta["reid"])
-  return CLIPReID(cfg, dtype), checkpoints.restore_variables(path)
+  try:
+    cfg = ReIDConfig.from_dict(meta["reid"])
+    # The shapes it describes; a config.json that does not fit the saved tensors would fail deep inside the first
+    # forward pass (or build a model that cannot run, e.g. an image size its positional embedding lacks).
+    expected = jax.eval_shape(lambda: init_variables(CLIPReID(cfg), jax.random.PRNGKey(0)))
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise checkpoints.CheckpointError(f"{path / 'config.json'}: not a usable CLIP-ReID configuration "
+                                      f"({type(e).__name__}: {first})") from None
+  variables = checkpoints.restore_variables(path)
+  from clipreid_jax.convert import check_variables  # pylint: disable=g-import-not-at-top
+  check_variables(str(path), variables, expected)
+  return CLIPReID(cfg, dtype), variables
 
 
 # Released checkpoints store no input size; these are the official recipes' (input size, stride) pairs.
