@@ -225,6 +225,9 @@ def test_bad_inputs():
   d[1, 2] = np.nan  # no order: the host, device and sort rankings used to give three different answers
   for ranking in ("host", "device", "sort"):
     _one_line_value_error(metrics.evaluate_distmat, d, ids, ids, cams, cams + 1, ranking=ranking, match="NaN")
+    # Rows from elsewhere (re-ranking) are checked as they come.
+    _one_line_value_error(metrics.evaluate_rows, lambda idx: d[idx], 3, ids, ids, cams, cams + 1, ranking=ranking,
+                          match="distances: expected no NaN")
 
 
 def test_accelerator_path_untuned_and_in_pieces(monkeypatch):

@@ -126,7 +126,8 @@ def test_bad_inputs():
   for args, kwargs, match in [((np.ones((0, 4)), f), {}, "query features"),
                               ((f, np.ones((3, 5))), {}, "widths differ"),
                               ((f, f), {"k1": 0}, "k1"),
-                              ((f, np.full((3, 4), np.nan, np.float32)), {}, "finite")]:
+                              ((f, np.full((3, 4), np.nan, np.float32)), {}, "finite"),
+                              ((f, f), {"k1": 2}, "all features identical")]:  # the official code: NaN everywhere
     with pytest.raises(ValueError, match=match) as err:
       re_ranking(*args, **kwargs)
     assert "\n" not in str(err.value) and "expected" in str(err.value)

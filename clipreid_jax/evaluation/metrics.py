@@ -388,6 +388,11 @@ def _device_sorted_ranks(d: Array, q_pid: Array, q_cam: Array, g_pid: Array, g_c
   return _padded(jnp.take_along_axis(pos, midx, axis=1) + 1, mcount)
 
 
+@jax.jit
+def _has_nan(d: Array) -> Array:
+  return jnp.isnan(d).any()
+
+
 def _host_row_ranks(row: np.ndarray, midx: np.ndarray, excl: np.ndarray) -> np.ndarray:
   row = np.array(row, dtype=np.float32)  # private copy: excluded entries become +inf
   row[excl] = np.inf
@@ -478,7 +483,7 @@ def evaluate_rows(dist_rows: DistRows, num_gallery: int, q_pids, g_pids, q_camid
     d = dist_rows(padded)
     n = counts[rows]
     if ranking == "host":
-      return rows, n, d
+      return rows, n, np.isnan(d).any() if isinstance(d, np.ndarray) else _has_nan(d), d
     midx = np.zeros((c, width), np.int32)
     midx[np.repeat(np.arange(rows.size), n), _ragged_take(np.zeros_like(n), n)] = (
         m.match_idx[_ragged_take(m.match_ptr[rows], n)])
@@ -487,15 +492,20 @@ def evaluate_rows(dist_rows: DistRows, num_gallery: int, q_pids, g_pids, q_camid
     qp[:rows.size], qc[:rows.size] = qp_code[rows], qc_code[rows]
     mc = np.zeros(c, np.int32)
     mc[:rows.size] = n
+    d = jnp.asarray(d)
+    nan = _has_nan(d)  # NaN has no order: each ranking would count it differently
     if ranking == "sort":
-      return rows, n, _device_sorted_ranks(jnp.asarray(d), jnp.asarray(qp), jnp.asarray(qc), gp_dev, gc_dev,
-                                           jnp.asarray(midx), jnp.asarray(mc))
+      return rows, n, nan, _device_sorted_ranks(d, jnp.asarray(qp), jnp.asarray(qc), gp_dev, gc_dev,
+                                                jnp.asarray(midx), jnp.asarray(mc))
     num_blocks = int(np.ceil(n.max() / _MATCH_BLOCK))
-    r = _device_ranks(jnp.asarray(d), jnp.asarray(qp), jnp.asarray(qc), gp_dev, gc_dev, jnp.asarray(midx),
+    r = _device_ranks(d, jnp.asarray(qp), jnp.asarray(qc), gp_dev, gc_dev, jnp.asarray(midx),
                       jnp.asarray(mc), jnp.int32(num_blocks))
-    return rows, n, r
+    return rows, n, nan, r
 
-  def finish(rows, n, out):
+  def finish(rows, n, nan, out):
+    if bool(nan):
+      raise ValueError("distances: expected no NaN, got NaN (from non-finite features, or a re-ranking of identical "
+                       "ones)")
     if ranking == "host":
       d = np.asarray(out)
       fn = lambda i: _host_row_ranks(d[i], m.match_idx[m.match_ptr[rows[i]]:m.match_ptr[rows[i] + 1]],

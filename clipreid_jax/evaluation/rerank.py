@@ -314,6 +314,9 @@ def re_ranking(qf, gf, k1: int = 50, k2: int = 15, lambda_value: float = 0.3, bl
     t, mx = _knn_block(x[idx], x, sq[idx], sq, k)
     hi = min(lo + block, n)
     top[lo:hi], colmax[lo:hi] = np.asarray(t)[:hi - lo], np.asarray(mx)[:hi - lo]
+  if not np.all(colmax > 0):  # the official scaling divides by it: 0/0 = NaN everywhere (a collapsed model)
+    raise ValueError(f"features: expected items that differ, got {int(np.sum(colmax <= 0))} whose distance to "
+                     "every item is 0 (all features identical); re-ranking divides by the largest distance")
   host_block = min(block, 1024)
   v = _weights(x, sq, jnp.asarray(colmax), _expansion_sets(top, k1, host_block))
   if k2 != 1:
