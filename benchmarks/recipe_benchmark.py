@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     sums = None
     # As the trainer feeds stage 2: each batch sent to the device two steps ahead of its step.
     batches = prefetch(iter(host2[i % len(host2)] for i in range(run)), jax.device_put, depth=2)
-    for i, (batch, _) in enumerate(batches):
+    for i, batch in enumerate(batches):
       state, metrics = compiled(state, batch, jax.random.fold_in(key2, i))
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       if (i + 1) % LOG_EVERY == 0:
