@@ -37,8 +37,13 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def _checkpointer():
+  # A model directory is written by one process and read by any, alone: orbax's default waits at barriers for
+  # every process of a multi-host run, which the others never reach (the training state has its own manager).
+  import jax
   import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer()
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(
+      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
 
 
 def restore_variables(path: str | os.PathLike) -> dict:

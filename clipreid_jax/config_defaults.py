@@ -30,6 +30,8 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   # VehicleID: seed of the loaded query/gallery split (the metrics average eval.trials draws seeded from `seed`)
   c.dataset.gallery_seed = 0
   c.dataset.keypoint_dir = ""  # VeRi: folder of keypoint_{train,test}.txt (default: the dataset root)
+  # Read the dataset from its packed copy (python -m clipreid_jax.data.prepare ... --data_dir DIR) instead of root
+  c.dataset.packed_dir = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = backbone

@@ -36,6 +36,8 @@ def run(config, workdir: str) -> int:
     return 0
   train.validate_config(config)  # before anything is started, read or written
   if _DISTRIBUTED.value or _COORDINATOR.value:
+    # Cross-process collectives of the CPU backend (tests, CPU clusters) need gloo; GPU and TPU ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if _COORDINATOR.value:  # explicit; otherwise JAX discovers Cloud TPU pods and SLURM jobs itself
       kwargs = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
@@ -70,7 +72,7 @@ def render_pictures(config, workdir: str) -> None:
   from clipreid_jax import train
   from clipreid_jax.visualize import render_all
   try:
-    render_all(workdir, train.load_dataset(config), flip=config.eval.flip)
+    render_all(workdir, train.load_dataset(config, everywhere=False), flip=config.eval.flip)
     print(f"pictures: {workdir}/visualizations/", flush=True)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("could not render the pictures: %s: %s", type(e).__name__, e)

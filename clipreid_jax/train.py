@@ -182,15 +182,18 @@ def to_host(x) -> np.ndarray:
 # Data.
 
 
-def load_dataset(config):
+def load_dataset(config, everywhere: bool = True):
+  """The configured dataset. `everywhere`: every process calls this together (synthetic data is written by process
+  0 while the others wait); False on one process alone, once the data exists (the pictures after training)."""
   from clipreid_jax.data import get_dataset
   ds = config.dataset
   if ds.name == "synthetic":
     from clipreid_jax.data.synthetic import write_synthetic_market
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 or not everywhere:
       write_synthetic_market(ds.root, num_train_ids=ds.num_train_ids, num_test_ids=ds.num_test_ids,
                              imgs_per_id=ds.imgs_per_id, num_cams=ds.num_cams, seed=ds.seed)
-    multihost_utils.sync_global_devices("synthetic data written")
+    if everywhere and jax.process_count() > 1:
+      multihost_utils.sync_global_devices("synthetic data written")
     return get_dataset("market1501", ds.root, check_counts=False)
   from clipreid_jax.data.registry import canonical_name
   name = canonical_name(ds.name)
@@ -199,6 +202,9 @@ def load_dataset(config):
     opts.update(test_size=ds.test_size, gallery_seed=ds.gallery_seed)
   if name == "veri" and ds.keypoint_dir:
     opts["keypoint_dir"] = ds.keypoint_dir
+  if ds.get("packed_dir"):  # the splits and the options chosen at packing time are in the pack
+    from clipreid_jax.data.packed import load_packed  # pylint: disable=g-import-not-at-top
+    return load_packed(name, ds.packed_dir, **({"test_size": ds.test_size} if name == "vehicleid" else {}))
   return get_dataset(name, ds.root, **opts)
 
 
@@ -347,6 +353,17 @@ class Run:
   def _on_sigterm(self, *_):
     log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
     self.preempted = True
+
+  def stop_agreed(self) -> bool:
+    """Whether any process was asked to stop (SIGTERM). Saving is collective, so hosts act on the flag only
+    together: in a multi-host run this is a collective itself, called at the same point on every process."""
+    if jax.process_count() == 1:
+      return self.preempted
+    flags = multihost_utils.process_allgather(np.asarray([self.preempted], np.int32))
+    agreed = bool(np.any(flags))
+    # Only ever set here: a SIGTERM handled while the flags were being gathered must stay for the next agreement.
+    self.preempted = self.preempted or agreed
+    return agreed
 
   def _check_config(self) -> None:
     """A workdir belongs to one training configuration; another one must not overwrite or resume it."""
@@ -636,9 +653,10 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
     run.log_metrics({"stage": 1, "epoch": epoch, "lr": float(lr(epoch)), "time_s": time.time() - t, **metrics})
     if epoch % s.log_every_epochs == 0 or epoch == s.max_epochs:
       log.info("stage 1 epoch %d/%d: loss %.4f lr %.2e", epoch, s.max_epochs, metrics["loss"], lr(epoch))
-    if epoch % s.checkpoint_every_epochs == 0 or epoch == s.max_epochs or run.preempted:
+    stop = run.stop_agreed()
+    if epoch % s.checkpoint_every_epochs == 0 or epoch == s.max_epochs or stop:
       run.save(epoch, state, {"stage": 1, "epoch": epoch})
-    if run.preempted:
+    if stop:
       run.wait()
       raise SystemExit(143)
   run.wait()  # a stage's last checkpoint is on disk before the next stage starts
@@ -728,8 +746,10 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
         check_steps()
         m = {k: float(v) / count for k, v in jax.device_get(sums).items()}
         log.info("stage 2 epoch %d step %d/%d: loss %.4f", epoch, count, len(loader), m["loss"])
+      # One host stops at the next step; several agree on it every log_every_steps steps (a collective).
+      check_stop = jax.process_count() == 1 or count % config.log_every_steps == 0
       # PK epochs differ in length: compare with this epoch's, not with epoch 1's `steps_per_epoch`.
-      if run.preempted and count < len(loader):
+      if check_stop and run.stop_agreed() and count < len(loader):
         check_steps()  # never save a non-finite state
         # The batches consumed, not the loader's position: it runs ahead by the prefetch depth.
         run.save(counter(), state, {"stage": 2, "epoch": epoch - 1, "next_batch": count,
@@ -749,9 +769,10 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
       res = evaluate_fn({"params": state.params, "batch_stats": state.batch_stats})
       record.update({f"eval_{k}": v for k, v in res.items()})
     run.log_metrics(record)
-    if epoch % config.checkpoint_every_epochs == 0 or epoch == s.max_epochs or run.preempted:
+    stop = run.stop_agreed()
+    if epoch % config.checkpoint_every_epochs == 0 or epoch == s.max_epochs or stop:
       run.save(counter(), state, {"stage": 2, "epoch": epoch})
-    if run.preempted:
+    if stop:
       run.wait()
       raise SystemExit(143)
   run.wait()
@@ -825,6 +846,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise
 
 
+def save_model(path: pathlib.Path, variables, model, overwrite: bool = False) -> None:
+  """stage1/ or model/: written by process 0 alone (atomically), then every process goes on together."""
+  if jax.process_index() == 0:
+    try:
+      checkpoints.save_model_dir(path, variables, {"kind": "clipreid", "reid": model.config.to_dict()},
+                                 overwrite=overwrite)
+    except (OSError, checkpoints.CheckpointError) as e:  # a full disk, a vanished mount: the checkpoints are kept
+      raise TrainingStopped(f"{path}: cannot save ({type(e).__name__}: {e}); the training checkpoints are kept, "
+                            "rerun the same command once it can be written") from None
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"{path.name}/ written")
+
+
 def _train_and_evaluate(config, run: Run) -> dict:
   dataset = load_dataset(config)
   check_data(config, dataset)
@@ -841,8 +875,7 @@ def _train_and_evaluate(config, run: Run) -> dict:
       _, variables = clipreid.load_clipreid(stage1_dir)
     else:
       variables = run_stage1(config, run, mesh, model, variables, dataset, meta)
-      if jax.process_index() == 0:
-        checkpoints.save_model_dir(stage1_dir, variables, {"kind": "clipreid", "reid": model.config.to_dict()})
+      save_model(stage1_dir, variables, model)
       meta = {}
   elif model.config.with_text and stage1_dir.is_dir():
     _, variables = clipreid.load_clipreid(stage1_dir)  # stage 2 resumes from its own checkpoint below
@@ -850,9 +883,7 @@ def _train_and_evaluate(config, run: Run) -> dict:
   eval_features = jax.jit(steps.make_feature_fn(model, "eval", flip=config.eval.flip))
   evaluate_fn = lambda v: evaluate_model(config, mesh, model, v, dataset, eval_features)
   variables = run_stage2(config, run, mesh, model, variables, dataset, meta, evaluate_fn)
-  if jax.process_index() == 0:
-    checkpoints.save_model_dir(run.dir / "model", variables, {"kind": "clipreid", "reid": model.config.to_dict()},
-                               overwrite=True)
+  save_model(run.dir / "model", variables, model, overwrite=True)
   result = evaluate_fn(variables)
   summary = {"final": percent(result)}
   if config.eval.untrained:  # the model as built, before stage 1 (deterministic: rebuilt from the seed)

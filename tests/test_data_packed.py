@@ -82,3 +82,33 @@ def test_prepare_cli_prints_stats(market, capsys):
   assert prepare.main(["market1501", "--manual_dir", str(root), "--data_dir", str(out)]) == 0  # already prepared
   stats = json.loads(capsys.readouterr().out)
   assert stats["tfds_name"] == "reid_packed/market1501" and stats["num_train_pids"] == 6
+
+
+def test_trainer_reads_the_packed_copy(market):
+  """--config.dataset.packed_dir: training and evaluation read the pack (no folder needed on the hosts)."""
+  from clipreid_jax import config_defaults, train  # pylint: disable=g-import-not-at-top
+  root, out = market
+  config = config_defaults.official("market1501", config_defaults.VIT)
+  config.dataset.root, config.dataset.packed_dir = "/nonexistent", str(out)
+  pack, folder = train.load_dataset(config), data.get_dataset("market1501", root)
+  assert all(getattr(pack, s).same_records(getattr(folder, s)) for s in ("train", "query", "gallery"))
+  assert pack.train.images is not None  # images come from the array_record files
+
+
+def test_prepare_cli_unknown_test_size(tmp_path, capsys):
+  from clipreid_jax.data import prepare
+  argv = ["vehicleid", "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path), "--opt", "test_size=1200"]
+  assert prepare.main(argv) == 2  # was a KeyError traceback
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "no packed configuration 'vehicleid_1200'" in err[0]
+
+
+def test_prepare_refuses_a_stale_pack(tmp_path):
+  """tfds keeps an existing pack: packing a changed folder again must not report the old pack as this one."""
+  root = tmp_path / "m"
+  data.write_synthetic_market(root, num_train_ids=4, num_test_ids=2, imgs_per_id=4, num_cams=2, size=(32, 16), seed=2)
+  packed.prepare("market1501", root, tmp_path / "tfds")
+  victim = sorted((root / "bounding_box_train").iterdir())[0]
+  victim.unlink()
+  with pytest.raises(data.DataError, match="holds other records than .* in split train .*delete it to pack again"):
+    packed.prepare("market1501", root, tmp_path / "tfds")

@@ -3,9 +3,12 @@ both write one checkpoint that restores exactly."""
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 
@@ -43,3 +46,49 @@ def test_two_hosts_equal_one(tmp_path):
   assert multi["local_batch"] * 2 == ref["local_batch"]  # each host loaded half of the global batch
   assert abs(multi["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
   np.testing.assert_allclose(np.asarray(multi["kernel"]), np.asarray(ref["kernel"]), rtol=0, atol=1e-6)
+
+
+class _Host:
+  """One process of a 2-process CLI run; its output lines are collected as they come."""
+
+  def __init__(self, index: int, port: int, data, work, extra=()):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    args = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(index),
+            "--config", f"{HERE / 'tiny_run_config.py'}:{data}", "--workdir", str(work), *extra]
+    self.p = subprocess.Popen([sys.executable, "-m", "clipreid_jax.main", *args], cwd=HERE.parent, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.lines: list = []
+    self._reader = threading.Thread(target=lambda: self.lines.extend(self.p.stdout), daemon=True)
+    self._reader.start()
+
+  def saw(self, text: str) -> bool:
+    return any(text in line for line in list(self.lines))
+
+  def wait(self) -> int:
+    code = self.p.wait(timeout=600)
+    self._reader.join(timeout=10)
+    return code
+
+
+def test_two_hosts_train_through_the_cli_and_resume_after_sigterm_to_one(tmp_path):
+  """The trainer on 2 processes: stage1/ and model/ are written by process 0 while the others wait (they used to
+  deadlock in orbax's barriers), and a SIGTERM that reaches one host only is agreed on by both, which save the
+  same checkpoint and exit 143 (each used to act alone: a deadlock, nothing saved); the same command resumes and
+  finishes, pictures included (their dataset read used to wait for the other host)."""
+  data, work = tmp_path / "data", tmp_path / "work"
+  port = _free_port()
+  hosts = [_Host(i, port, data, work) for i in range(2)]
+  end = time.time() + 600
+  while not hosts[0].saw("stage 2 epoch 1 step 2/") and time.time() < end:
+    assert hosts[0].p.poll() is None and hosts[1].p.poll() is None, "".join(hosts[0].lines[-30:])
+    time.sleep(0.01)
+  hosts[1].p.send_signal(signal.SIGTERM)
+  codes = [h.wait() for h in hosts]
+  assert codes == [143, 143], (codes, "".join(hosts[0].lines[-20:]), "".join(hosts[1].lines[-20:]))
+  assert (work / "stage1" / "config.json").is_file() and any((work / "checkpoints").iterdir())
+  port = _free_port()
+  hosts = [_Host(i, port, data, work, ["--config.visualize=True"]) for i in range(2)]
+  codes = [h.wait() for h in hosts]
+  assert codes == [0, 0], (codes, "".join(hosts[0].lines[-20:]), "".join(hosts[1].lines[-20:]))
+  assert (work / "model" / "config.json").is_file() and (work / "visualizations" / "curves.png").is_file()
+  assert json.loads((work / "metrics.json").read_text())["final"]["mAP"] > 0

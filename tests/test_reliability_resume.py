@@ -222,6 +222,33 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(env, reference):
   _assert_same_run(work, reference)
 
 
+_STAGE1_DISK_FULL = """
+import errno, os
+from clipreid_jax import checkpoints
+_save = checkpoints.save_model_dir
+
+def _full_at_stage1(dst, *args, **kwargs):
+  if os.path.basename(str(dst)) == "stage1":
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  return _save(dst, *args, **kwargs)
+
+checkpoints.save_model_dir = _full_at_stage1
+"""
+
+
+def test_disk_full_while_writing_stage1_is_one_line_and_resumes(env, reference):
+  """The model directories (stage1/, model/) fail like the checkpoints: one line, exit 1 (it was a traceback)."""
+  work = env["root"] / "stage1_full"
+  out = _run(env, work, code=_STAGE1_DISK_FULL)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  line = out.stderr.strip().splitlines()[-1]
+  assert line.startswith(f"error: {work / 'stage1'}: cannot save (OSError: ") and "No space left" in line, line
+  assert "the training checkpoints are kept" in line and not (work / "stage1").exists() and not _leftovers(work)
+  out = _run(env, work)  # space freed: stage 1 is not trained again, its checkpoint becomes stage1/
+  assert out.returncode == 0, out.stderr[-3000:]
+  _assert_same_run(work, reference)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, reference):
   work = env["root"] / "diverged"
   out = _run(env, work, "--config.stage2.base_lr=1e30")

@@ -124,12 +124,21 @@ def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLik
     DataError: the folder does not hold the dataset (the message shows the expected layout), or a bad image.
   """
   config = config_name(name, **opts)
+  if config not in CONFIGS:
+    raise errors.DataError(f"{name}: no packed configuration {config!r}; expected one of {', '.join(CONFIGS)}")
   dataset_name, config_opts = CONFIGS[config]
   # Read (and check) the folder first, so a wrong layout gets our one-line error, not tfds' assertion.
   dataset = registry.get_dataset(dataset_name, manual_dir, **{**opts, **config_opts})
   builder = ReidPacked(config=config, data_dir=os.fspath(data_dir), dataset=dataset)
   builder.download_and_prepare(file_format="array_record",
                                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+  # tfds keeps a pack that exists: make sure it is this folder's (a changed folder or option is not repacked).
+  pack = load_packed(config, data_dir)
+  stale = [s for s in SPLITS if not getattr(pack, s).same_records(getattr(dataset, s))]
+  if stale:
+    raise errors.DataError(f"packed {config}: {builder.data_dir} holds other records than {os.fspath(manual_dir)} "
+                           f"in split {stale[0]} ({len(getattr(pack, stale[0]))} packed, "
+                           f"{len(getattr(dataset, stale[0]))} now); expected the same: delete it to pack again")
   return f"reid_packed/{config}"
 
 
