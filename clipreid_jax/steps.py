@@ -153,8 +153,12 @@ def make_feature_fn(model: CLIPReID, kind: str, flip: bool = False) -> Callable:
 
   `flip` ('eval' only): the mean of the features of each image and of its mirror image (left-right), the usual ReID
   test-time flip; not in the official code, off by default (`eval.flip`).
+  'eval' computes in float32 whatever the model's compute dtype: the official evaluation runs without autocast (its
+  stage-1 bank, like its training, under fp16 autocast), and eval mode, which loads float32, gives the same numbers.
   """
   cfg = model.config
+  if kind == "eval":
+    model = model.clone(dtype=jnp.float32)
 
   def fn(variables, batch):
     images = normalize(batch["image"], cfg.pixel_mean, cfg.pixel_std)

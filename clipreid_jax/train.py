@@ -296,11 +296,14 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
     clip_vars = jax.tree.map(np.asarray, clip_vars)
   else:
     raise ConfigError("init.clip: expected a converted CLIP directory (python -m clipreid_jax.convert clip ...)")
-  return clipreid.from_clip(
-      clip_cfg, clip_vars, num_classes=dataset.num_train_pids, input_size=tuple(m.input_size), stride=m.stride,
-      sie_camera=m.sie_camera, sie_view=m.sie_view, camera_num=max(dataset.num_train_cams, 1),
-      view_num=max(dataset.num_train_views, 1), sie_coe=m.sie_coe, dataset=config.dataset.name,
-      with_text=not m.baseline, rng=jax.random.PRNGKey(config.seed), dtype=dtype)
+  try:
+    return clipreid.from_clip(
+        clip_cfg, clip_vars, num_classes=dataset.num_train_pids, input_size=tuple(m.input_size), stride=m.stride,
+        sie_camera=m.sie_camera, sie_view=m.sie_view, camera_num=max(dataset.num_train_cams, 1),
+        view_num=max(dataset.num_train_views, 1), sie_coe=m.sie_coe, dataset=config.dataset.name,
+        with_text=not m.baseline, rng=jax.random.PRNGKey(config.seed), dtype=dtype)
+  except checkpoints.CheckpointError as e:
+    raise ConfigError(f"init.clip: {config.init.clip}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -132,6 +132,9 @@ def test_inference_from_tensors_official_names(tmp_path):
   cfg = clipreid.infer_reid_config(fake, "VeRi_clipreid_12x12sie_ViT-B-16_60.pth")
   assert tuple(cfg.clip.vision_grid) == (21, 21) and cfg.prompt_noun == "vehicle"
   assert (cfg.sie_camera, cfg.sie_view, cfg.camera_num, cfg.view_num) == (True, True, 20, 8)
+  # --dataset as the official DATASETS.NAMES spells it: the camera x view table is still recognised.
+  cfg = clipreid.infer_reid_config(fake, "trained.pth", dataset="VeRi", input_size=(256, 256), stride=12)
+  assert (cfg.sie_camera, cfg.sie_view, cfg.camera_num, cfg.view_num) == (True, True, 20, 8)
   # A file named after a dataset whose identity count it contradicts: one line naming both numbers.
   fake["classifier.weight"] = np.zeros((751, 768), np.float32)
   with pytest.raises(CheckpointError, match="751 identities.*veri.*576"):
@@ -216,3 +219,32 @@ def test_loading_a_config_that_does_not_fit_fails(tmp_path, edit, expected):
   with pytest.raises(CheckpointError, match=expected) as err:
     clipreid.load_clipreid(model_dir)
   assert str(model_dir) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_from_clip_refuses_a_grid_resized_for_another_geometry(tmp_path):
+  """The official code resizes OpenAI's square positional table once. A CLIP converted with --input_size for one
+  geometry and trained at another would be resized twice (silently different): refused, naming both grids."""
+  from clipreid_jax.models.clip import load_clip  # pylint: disable=g-import-not-at-top
+  variant = next(v for v in VARIANTS if v.parent.name == "vit")
+  src = str(variant.parent / "clip_openai_layout.npz")
+  assert convert.main(["clip", src, str(tmp_path / "c"), "--input_size", "64", "32"]) == 0
+  clip_model, clip_vars = load_clip(tmp_path / "c")
+  kw = dict(num_classes=5, input_size=(64, 32), dataset="market1501")
+  clipreid.from_clip(clip_model.config, clip_vars, stride=16, **kw)  # the geometry it was converted for
+  with pytest.raises(CheckpointError, match="4x2 token grid .* needs 5x2"):
+    clipreid.from_clip(clip_model.config, clip_vars, stride=12, **kw)
+
+
+def test_evaluation_features_are_float32_with_bfloat16_compute(converted):
+  """Training computes in bfloat16 on accelerators; its evaluations, like the official (no autocast) and eval mode
+  (which loads float32), compute the test feature in float32."""
+  from clipreid_jax import steps  # pylint: disable=g-import-not-at-top
+  variant = next(v for v in VARIANTS if v.parent.name == "vit")
+  model, variables = converted(variant)
+  h, w = model.config.input_size
+  batch = {"image": np.random.default_rng(0).integers(0, 256, (2, h, w, 3), dtype=np.uint8),
+           "camid": np.zeros(2, np.int32), "viewid": np.zeros(2, np.int32)}
+  bf16 = steps.make_feature_fn(model.clone(dtype=jnp.bfloat16), "eval")(variables, batch)
+  fp32 = steps.make_feature_fn(model, "eval")(variables, batch)
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(bf16), np.asarray(fp32))

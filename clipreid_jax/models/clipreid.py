@@ -236,6 +236,7 @@ def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, i
   The image positional embedding is resized to the ReID grid; heads, SIE and prompt tokens are drawn
   fresh from `rng`; the prompt's prefix/suffix come from CLIP's token embedding.
   """
+  from clipreid_jax.checkpoints import CheckpointError
   from clipreid_jax.convert import grid_for, resize_pos_embed
   from clipreid_jax.tokenizer import tokenize
   if not clip_cfg.is_vit:
@@ -243,6 +244,13 @@ def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, i
   else:
     clip_cfg = dataclasses.replace(clip_cfg, vision_stride=stride)
   grid = grid_for(clip_cfg, input_size, stride if clip_cfg.is_vit else None)
+  have = tuple(clip_cfg.vision_grid)
+  if have != tuple(grid) and have[0] != have[1]:
+    # The official code resizes OpenAI's square table once; from a grid already resized for another geometry the
+    # second resize would be silently different (up to the table's whole range).
+    raise CheckpointError(f"the converted CLIP has a {have[0]}x{have[1]} token grid (converted with --input_size for "
+                          f"another geometry), this model needs {grid[0]}x{grid[1]}; expected OpenAI's square grid: "
+                          "convert without --input_size, or with this input size and stride")
   noun = prompt_noun_for(dataset)
   tokens = tokenize(PERSON_TEMPLATE if noun == "person" else VEHICLE_TEMPLATE)[0]
   cfg = ReIDConfig(clip=dataclasses.replace(clip_cfg, vision_grid=grid), num_classes=num_classes,
@@ -333,6 +341,12 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
   pos_key = "image_encoder.positional_embedding" if clip_cfg.is_vit else "image_encoder.attnpool.positional_embedding"
   rows = sd[pos_key].shape[0]
   name = pathlib.Path(path).name.lower()
+  if dataset is not None:  # 'VeRi' as the official DATASETS.NAMES spells it: the SIE table lookup is by lower case
+    from clipreid_jax.data.registry import canonical_name  # pylint: disable=g-import-not-at-top
+    try:
+      dataset = canonical_name(dataset)
+    except ValueError:
+      dataset = dataset.lower()
   if dataset is None:
     for cand in ("msmt17", "market1501", "occ_duke", "duke", "veri", "vehicleid"):
       if name.startswith(cand.replace("_", "")) or name.startswith(cand):
