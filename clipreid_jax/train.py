@@ -586,14 +586,17 @@ def extract_features(mesh, feature_fn, variables, loader) -> tuple[np.ndarray, n
   `feature_fn` is a jitted `steps.make_feature_fn`; callers keep one per model so repeated evaluations
   (periodic, final, untrained) compile it once.
   """
-  feats = []
+  feats, idx, valid = [], [], []
   for batch in iter(loader):
-    g = to_global(mesh, {k: batch[k] for k in ("image", "camid", "viewid")})
+    # Each row's record index and mask travel with its image: where the mesh does not order the devices by host,
+    # a global row is not at the plan's position (the rows of host h are where its devices sit).
+    g = to_global(mesh, {"image": batch["image"], "camid": batch["camid"], "viewid": batch["viewid"],
+                         "index": batch["index"].astype(np.int32), "mask": batch["mask"]})
     feats.append(feature_fn(variables, g))
-  feats = np.concatenate([to_host(f) for f in feats])
-  idx = np.asarray(loader.plan).reshape(-1)
-  valid = np.asarray(loader.mask).reshape(-1)
-  return feats[valid], idx[valid]
+    idx.append(g["index"])
+    valid.append(g["mask"])
+  feats, idx, valid = (np.concatenate([to_host(x) for x in xs]) for xs in (feats, idx, valid))
+  return feats[valid], idx[valid].astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------

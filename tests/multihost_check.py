@@ -41,10 +41,20 @@ abstract = jax.eval_shape(lambda: steps.create_state(variables["params"], variab
 restored = train.Run(out + ".work", config)
 assert restored.resume() == {"stage": 2, "epoch": 1}
 restored_kernel = np.asarray(restored.restore_state(abstract).params["classifier"]["kernel"])
+# Evaluation features over a mesh whose device order interleaves the hosts (process 1's first device second), as
+# an accelerator topology may order them: each feature must still come back with its own record index.
+local_rank = lambda d: [x for x in jax.devices() if x.process_index == d.process_index].index(d)
+interleaved = train.Mesh(np.asarray(sorted(jax.devices(), key=lambda d: (local_rank(d), d.process_index))), ("data",))
+eval_loader = train.pipelines.eval_loader(dataset.query, dataset.gallery, image_size=model.config.input_size,
+                                          batch_size=8, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+feats, idx = train.extract_features(interleaved, jax.jit(steps.make_feature_fn(model, "eval")),
+                                    train.replicate(interleaved, variables), eval_loader)
+eval_features = feats[np.argsort(idx, kind="stable")]
 result = {"restored_equal": bool(np.array_equal(restored_kernel, kernel)), "devices": jax.device_count(),
           "processes": jax.process_count(), "local_batch": int(local["image"].shape[0]),
           "loss": float(metrics["loss"]), "kernel_sum": float(np.sum(kernel, dtype=np.float64)),
-          "kernel": kernel.tolist()}
+          "kernel": kernel.tolist(), "eval_index": np.sort(idx).tolist(), "eval_features": eval_features.tolist()}
 if jax.process_index() == 0:
   with open(out, "w") as f:
     json.dump(result, f)

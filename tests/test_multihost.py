@@ -46,6 +46,10 @@ def test_two_hosts_equal_one(tmp_path):
   assert multi["local_batch"] * 2 == ref["local_batch"]  # each host loaded half of the global batch
   assert abs(multi["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
   np.testing.assert_allclose(np.asarray(multi["kernel"]), np.asarray(ref["kernel"]), rtol=0, atol=1e-6)
+  # Evaluation over a mesh that interleaves the hosts' devices: every feature still pairs with its own image.
+  assert multi["eval_index"] == ref["eval_index"]
+  np.testing.assert_allclose(np.asarray(multi["eval_features"]), np.asarray(ref["eval_features"]), rtol=1e-5,
+                             atol=1e-6)
 
 
 class _Host:
