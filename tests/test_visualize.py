@@ -307,3 +307,20 @@ def test_cli_process_exit_code():
                          "--out", "/tmp/unused"], capture_output=True, text=True, cwd=REPO, timeout=60)
   assert proc.returncode == 2
   assert proc.stderr == "error: --checkpoint: /nonexistent/m is not a directory\n"
+
+
+def test_rank_lists_need_a_valid_query(run, tmp_path, capsys):
+  """A dataset whose queries all lose their matches to the same-camera rule: one line, exit 2, nothing written
+  (the evaluation's ValueError used to end in a traceback)."""
+  root, dataset = run
+  rows = lambda split: "".join(f"{split.path(i)},{split.pids[i]},0\n" for i in range(len(split)))
+  custom = tmp_path / "one_camera"
+  custom.mkdir()
+  for name in ("train", "query", "gallery"):
+    (custom / f"{name}.csv").write_text(rows(getattr(dataset, name)))
+  out = tmp_path / "r"
+  assert cli.main(["ranks", "--checkpoint", str(root / "work" / "model"), "--dataset", "custom", "--root",
+                   str(custom), "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "no query has a gallery image of its identity from another camera" in err[0], err
+  assert not out.exists()

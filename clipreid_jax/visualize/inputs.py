@@ -57,6 +57,15 @@ def open_dataset(name: str, root: str | os.PathLike, options: Optional[dict] = N
   return get_dataset(name, root, **dict(options or {}))
 
 
+def require_valid_queries(dataset: ReidDataset) -> None:
+  """Rank lists choose among the queries with a true match from another camera: there must be one."""
+  from clipreid_jax.evaluation import metrics
+  q, g = dataset.query, dataset.gallery
+  if metrics.num_valid_queries(q.pids, g.pids, q.camids, g.camids) == 0:
+    raise VisualizeError(f"{dataset.name}: no query has a gallery image of its identity from another camera; "
+                         "expected at least one for the rank lists")
+
+
 def dataset_for(name: Optional[str], root: Optional[str], workdir: Optional[str | os.PathLike]) -> ReidDataset:
   """The dataset given by --dataset/--root, or else the one the run in `workdir` was trained on."""
   if name and root:

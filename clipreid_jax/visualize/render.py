@@ -18,8 +18,9 @@ def rank_lists_of_model(model_dir: str | os.PathLike, dataset: ReidDataset, out_
   unless given as (query, gallery). The PNGs reach `out_dir` together at the end, or not at all on an error."""
   from clipreid_jax.inference import FeatureExtractor
   from clipreid_jax.visualize import features as feats
-  from clipreid_jax.visualize.inputs import staged_folder
+  from clipreid_jax.visualize.inputs import require_valid_queries, staged_folder
   from clipreid_jax.visualize.ranks import render_rank_lists
+  require_valid_queries(dataset)
   out = pathlib.Path(out_dir)
   with staged_folder(out, "--out") as stage:
     extractor = FeatureExtractor(model_dir, batch_size=batch_size, flip=flip)
@@ -51,12 +52,13 @@ def render_all(workdir: str | os.PathLike, dataset: ReidDataset, out_dir: Option
   from clipreid_jax.inference import FeatureExtractor
   from clipreid_jax.visualize import curves, embedding
   from clipreid_jax.visualize import features as feats
-  from clipreid_jax.visualize.inputs import require_dir, require_model_dir, staged_folder
+  from clipreid_jax.visualize.inputs import require_dir, require_model_dir, require_valid_queries, staged_folder
   from clipreid_jax.visualize.ranks import render_rank_lists
   workdir = require_dir(workdir, "--workdir")
   out = pathlib.Path(out_dir) if out_dir is not None else workdir / "visualizations"
   model_dir = require_model_dir(workdir / "model", "--workdir")
   tables = curves.curve_tables(workdir)  # before the long work: a bad metrics.jsonl fails first
+  require_valid_queries(dataset)
   embedding.tsne_stages(workdir)
   with staged_folder(out, "--out") as stage:
     extractor = FeatureExtractor(model_dir, flip=flip)
