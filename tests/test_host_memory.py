@@ -23,10 +23,14 @@ x = jnp.arange(12_000_000, dtype=jnp.float32) / 12_000_000
 first = float(f(x))
 for _ in range(5):  # warm: the heap settles at the size the executions need
   float(f(x))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-out = [float(f(x)) for _ in range(5)]
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-print(json.dumps(dict(applied=applied, cpu_only=host_memory.cpu_only(), faults=faults, same=out == [first] * 5)))
+out, counts = [], []
+for _ in range(9):  # per execution; the median ignores the one where thread timing grew the heap
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  out.append(float(f(x)))
+  counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = sorted(counts)[len(counts) // 2]
+print(json.dumps(dict(applied=applied, cpu_only=host_memory.cpu_only(), faults=faults, counts=counts,
+                      same=out == [first] * 9)))
 """
 
 
@@ -41,7 +45,7 @@ def test_step_buffers_are_reused_not_mapped_afresh():
   assert on["applied"] and on["cpu_only"] and not off["applied"]
   assert on["same"] and off["same"]
   # Off: ~3 x 48 MB of fresh pages per execution (36k faults); on: the freed blocks are reused (0 faults in most
-  # runs; thread timing can still grow the heap now and then).
+  # executions; thread timing can still grow the heap in one now and then, under load: hence the median of 9).
   assert off["faults"] > 10_000 and on["faults"] < off["faults"] / 4, (off, on)
 
 
