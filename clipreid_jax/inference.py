@@ -47,7 +47,7 @@ class FeatureExtractor:
     if isinstance(item, (str, os.PathLike)):
       item = image_io.read_image(item)
     elif isinstance(item, Image.Image):
-      item = item if item.mode == "RGB" else item.convert("RGB")
+      item = image_io.to_rgb(item)
     else:
       item = _rgb_array(item)
     return image_io.resize(item, self.input_size, image_io.BILINEAR)
@@ -181,10 +181,9 @@ def check_overrides(config, model, overrides: frozenset) -> None:
   error rather than silently ignored (a trained model cannot run at another input size or stride)."""
   from clipreid_jax import train
   cfg = model.config
-  have = {"model.input_size": tuple(cfg.input_size), "model.stride": cfg.clip.vision_stride}
-  for key, value in have.items():
-    wanted = train._get(config, key)
-    wanted = tuple(wanted) if key == "model.input_size" else wanted
+  pairs = {"model.input_size": (tuple(config.model.input_size), tuple(cfg.input_size)),
+           "model.stride": (config.model.stride, cfg.clip.vision_stride)}
+  for key, (wanted, value) in pairs.items():
     if key in overrides and value is not None and wanted != value:
       raise train.ConfigError(f"{key}: {wanted} contradicts the checkpoint {config.checkpoint}, which has {value}; "
                               "eval and extract use the checkpoint's (convert with --input_size / --stride to "

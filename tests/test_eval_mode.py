@@ -215,6 +215,10 @@ def test_extract_inputs(setup, tmp_path):
   for mode in ("L", "RGBA", "P", "CMYK"):
     converted = rgb.convert(mode)
     np.testing.assert_allclose(ext([converted]), ext([converted.convert("RGB")]), rtol=1e-6, atol=1e-7)
+  # A 16-bit gray image in memory is converted as its file is (one rule, `images.to_rgb`), not clipped to white.
+  deep = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
+  deep.save(tmp_path / "deep.png")
+  np.testing.assert_allclose(ext([deep]), ext([str(tmp_path / "deep.png")]), rtol=1e-6, atol=1e-7)
   gray = np.asarray(rgb.convert("L"))
   np.testing.assert_allclose(ext([gray]), ext([np.repeat(gray[..., None], 3, axis=2)]), rtol=1e-6, atol=1e-7)
   rgba = np.asarray(rgb.convert("RGBA"))

@@ -69,6 +69,11 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     if "truncated" not in str(e).lower():
       raise errors.ImageReadError(f"cannot decode image {name}: {e}") from None
     img = _load_truncated(data, name, e)
+  return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+  """A PIL image of any mode as RGB (gray repeated, alpha dropped, palette and CMYK converted)."""
   if img.mode.startswith("I;16"):
     # 16-bit gray: PIL's convert("RGB") (the official path) clips at 255 and whitens the picture; keep the top byte.
     img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), "L")
