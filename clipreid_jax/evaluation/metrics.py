@@ -574,7 +574,5 @@ def evaluate_distmat(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int 
   """`evaluate` on a precomputed (num_query, num_gallery) distance matrix (e.g. a re-ranked one)."""
   distmat = np.asarray(distmat, np.float32)
   _check_distmat_labels(distmat.shape, q_pids, g_pids, q_camids, g_camids)
-  if np.isnan(distmat).any():  # +inf is a distance (ranks last); NaN has no order, and the rankings differ on it
-    raise ValueError("distmat: expected no NaN distances, got NaN")
   return evaluate_rows(lambda idx: distmat[idx], distmat.shape[1], q_pids, g_pids, q_camids, g_camids,
                        max_rank=max_rank, chunk=chunk, ranking=ranking)
