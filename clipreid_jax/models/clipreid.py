@@ -224,6 +224,11 @@ def init_variables(model: CLIPReID, rng, batch: int = 2) -> dict:
   return model.init(rng, jnp.zeros((batch, h, w, 3)), zeros, zeros, zeros, method=CLIPReID.init_all)
 
 
+def expected_variables(cfg: ReIDConfig) -> dict:
+  """The variables' structure and shapes that `cfg` describes (abstract: nothing is computed)."""
+  return jax.eval_shape(lambda: init_variables(CLIPReID(cfg), jax.random.PRNGKey(0)))
+
+
 # --------------------------------------------------------------------------------------------------
 # Building from CLIP, loading and converting official checkpoints.
 
@@ -290,7 +295,7 @@ def load_clipreid(path: str | pathlib.Path, dtype: Dtype = jnp.float32):
     cfg = ReIDConfig.from_dict(meta["reid"])
     # The shapes it describes; a config.json that does not fit the saved tensors would fail deep inside the first
     # forward pass (or build a model that cannot run, e.g. an image size its positional embedding lacks).
-    expected = jax.eval_shape(lambda: init_variables(CLIPReID(cfg), jax.random.PRNGKey(0)))
+    expected = expected_variables(cfg)
   except (KeyError, TypeError, ValueError, AttributeError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise checkpoints.CheckpointError(f"{path / 'config.json'}: not a usable CLIP-ReID configuration "
@@ -412,7 +417,6 @@ def convert_clipreid(src: str, dst: str, *, dataset=None, input_size=None, strid
     cfg = infer_reid_config(sd, src, input_size=input_size, stride=stride, dataset=dataset, sie=sie,
                             camera_num=camera_num, view_num=view_num, sie_coe=sie_coe)
     variables = convert_state_dict(sd, OFFICIAL_RENAMES)
-    expected = jax.eval_shape(lambda: init_variables(CLIPReID(cfg), jax.random.PRNGKey(0)))
-    check_variables(src, variables, expected)
+    check_variables(src, variables, expected_variables(cfg))
   save_model_dir(dst, variables, {"kind": "clipreid", "reid": cfg.to_dict(), "source": str(src)}, overwrite=overwrite)
   return cfg
