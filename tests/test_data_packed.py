@@ -112,3 +112,41 @@ def test_prepare_refuses_a_stale_pack(tmp_path):
   victim.unlink()
   with pytest.raises(data.DataError, match="holds other records than .* in split train .*delete it to pack again"):
     packed.prepare("market1501", root, tmp_path / "tfds")
+
+
+_SLOW_PREPARE = """
+import sys, time
+from clipreid_jax.data import images, prepare
+read = images.read_bytes
+images.read_bytes = lambda path: (time.sleep(0.2), read(path))[1]  # slow enough to be killed mid-pack
+sys.exit(prepare.main(sys.argv[1:]))
+"""
+
+
+def test_prepare_killed_removes_its_partial_pack(tmp_path):
+  """SIGTERM mid-pack: exit 143, one line, no `incomplete.*` folder left (a SIGKILL'ed one is named next time)."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  root, out = tmp_path / "m", tmp_path / "tfds"
+  data.write_synthetic_market(root, num_train_ids=4, num_test_ids=2, imgs_per_id=4, num_cams=2, size=(32, 16), seed=2)
+  proc = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE, "market1501", "--manual_dir", str(root),
+                           "--data_dir", str(out)], stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not list(out.glob("reid_packed/market1501/incomplete.*")) and time.time() < deadline:
+    time.sleep(0.1)
+  time.sleep(0.5)  # inside the split generators
+  proc.send_signal(signal.SIGTERM)
+  err = proc.communicate(timeout=120)[1]
+  assert proc.returncode == 143, err
+  assert err.strip().splitlines()[-1].startswith("error: interrupted; the partial pack under")
+  assert not list(out.glob("reid_packed/market1501/incomplete.*"))
+  with pytest.raises(data.DatasetNotFoundError, match="not prepared"):
+    packed.load_packed("market1501", out)
+  # A folder left by a kill that could not clean up (SIGKILL) is named, not deleted: another host may own it.
+  left = out / "reid_packed" / "market1501" / "incomplete.ABC123_1.0.0"
+  left.mkdir(parents=True)
+  with pytest.warns(data.DataWarning, match=r"incomplete.ABC123_1.0.0: left by an interrupted prepare"):
+    packed.prepare("market1501", root, out)
+  assert left.is_dir() and packed.load_packed("market1501", out).stats() == data.get_dataset("market1501", root).stats()

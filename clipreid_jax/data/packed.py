@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,11 @@ def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLik
   # Read (and check) the folder first, so a wrong layout gets our one-line error, not tfds' assertion.
   dataset = registry.get_dataset(dataset_name, manual_dir, **{**opts, **config_opts})
   builder = ReidPacked(config=config, data_dir=os.fspath(data_dir), dataset=dataset)
+  # tfds writes into `incomplete.*` beside the pack and removes it on any exception; only a kill leaves one. It may
+  # also be another host's pack in progress, so it is named, not deleted.
+  for left in sorted(builder.data_path.parent.glob(f"incomplete.*_{builder.data_path.name}")):
+    warnings.warn(f"{left}: left by an interrupted prepare (or one still running elsewhere); delete it to free "
+                  "the space", errors.DataWarning, stacklevel=2)
   builder.download_and_prepare(file_format="array_record",
                                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
   # tfds keeps a pack that exists: make sure it is this folder's (a changed folder or option is not repacked).
