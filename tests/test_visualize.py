@@ -212,6 +212,8 @@ def _write_files(root: pathlib.Path, files: dict) -> None:
     (["ranks", "--checkpoint", "{tmp}", "--out", "{tmp}/r"], {}, "is not a model directory"),
     (["ranks", "--checkpoint", "{tmp}", "--out", "{tmp}/r", "--batch-size", "0"], {},
      "--batch-size: expected a positive number, got 0"),
+    # `all --num 0` drew no rank lists without a word; refused as `ranks --num 0` is.
+    (["all", "--workdir", "{tmp}", "--out", "{tmp}/v", "--num", "0"], {}, "--num: expected a positive number, got 0"),
     (["curves", "--workdir", "{tmp}", "--out", "{tmp}/c.png"], {}, "metrics.jsonl not found"),
     # A line that is JSON but not a record, before the last line: an error, as a line that is not JSON.
     (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/c.png"],
@@ -226,8 +228,8 @@ def _write_files(root: pathlib.Path, files: dict) -> None:
     (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/file/c.png"],
      {"w/metrics.jsonl": "\n".join(_RECORDS), "file": ""}, "--out: .*file exists and is not a directory"),
 ], ids=["curves-workdir", "tsne-workdir", "ranks-checkpoint", "ranks-not-a-model", "ranks-batch-size-0",
-        "curves-no-metrics", "curves-null-line", "curves-list-line", "curves-epoch-not-int", "curves-out-pdf",
-        "curves-out-under-a-file"])
+        "all-num-0", "curves-no-metrics", "curves-null-line", "curves-list-line", "curves-epoch-not-int",
+        "curves-out-pdf", "curves-out-under-a-file"])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, files, message):
   _write_files(tmp_path, files)
   before = sorted(tmp_path.rglob("*"))

@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
     from clipreid_jax.visualize.render import rank_lists_of_model
     return rank_lists_of_model(model_dir, dataset, args.out, num=args.num, worst=args.worst, topk=args.topk,
                                seed=args.seed, batch_size=args.batch_size, flip=args.flip)
+  if args.command == "all":
+    _positive("--num", args.num)
   workdir = inputs.require_dir(args.workdir, "--workdir")
   dataset = inputs.dataset_for(args.dataset, args.root, workdir)
   if args.command == "tsne":
