@@ -389,6 +389,7 @@ class Run:
     """Creates the workdir on first use (collective: every host calls it at the same point)."""
     if self._resumed_from is not None and jax.process_index() == 0:
       self._trim_metrics(self._resumed_from)
+      self._rebuild_tensorboard()
     self._resumed_from = None
     if self.manager is not None:
       return
@@ -445,6 +446,16 @@ class Run:
     trimmed = "".join(l + "\n" for l in keep)
     if trimmed != text:
       _write_atomic(f, trimmed)
+
+  def _rebuild_tensorboard(self) -> None:
+    """Rewrites tensorboard/ from the trimmed metrics.jsonl: events of epochs lost to a kill would otherwise stay
+    beside their re-run (TensorBoard's purge_step cannot do it: it would also hide the other stage's epochs)."""
+    tb, records = self.dir / "tensorboard", self.dir / "metrics.jsonl"
+    if not tb.is_dir():
+      return
+    shutil.rmtree(tb)
+    for line in records.read_text().splitlines() if records.is_file() else []:
+      self._tensorboard(json.loads(line))
 
   def log_metrics(self, record: dict) -> None:
     self._create()
