@@ -6,7 +6,7 @@ dataset under data/ (data/README.md gives the layout), then:
   python -m clipreid_jax.main --config configs/vehicleid_vit.py --config.init.clip=converted/vit
       paper: R1 85.3 / R5 97.6
   python -m clipreid_jax.main --config configs/vehicleid_vit.py:sie_olp --config.init.clip=converted/vit
-      paper: R1 85.5 / R5 97.2
+      paper: R1 85.5 / R5 97.2 (OLP only: VehicleID's training set has one camera, so no SIE)
   python -m clipreid_jax.main --config configs/vehicleid_vit.py:baseline --config.init.clip=converted/vit
       paper: R1 84.2 / R5 96.6
 

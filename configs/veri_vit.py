@@ -6,7 +6,7 @@ dataset under data/ (data/README.md gives the layout), then:
   python -m clipreid_jax.main --config configs/veri_vit.py --config.init.clip=converted/vit
       paper: mAP 83.3 / R1 97.4
   python -m clipreid_jax.main --config configs/veri_vit.py:sie_olp --config.init.clip=converted/vit
-      paper: mAP 84.5 / R1 97.3
+      paper: mAP 84.5 / R1 97.3 (SIE on camera x view, as the released VeRi checkpoint)
   python -m clipreid_jax.main --config configs/veri_vit.py:baseline --config.init.clip=converted/vit
       paper: mAP 79.3 / R1 95.7
 
