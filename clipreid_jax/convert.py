@@ -15,6 +15,7 @@ import contextlib
 import math
 import re
 import sys
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -362,19 +363,25 @@ def main(argv=None) -> int:
   r.add_argument("--sie_coe", type=float, default=1.0, help="SIE scale (the official SIE recipe uses 1.0)")
   args = parser.parse_args(argv)
   try:
-    if args.kind == "clip":
-      convert_clip(args.src, args.dst, input_size=args.input_size, stride=args.stride,
-                   resnet_last_stride=args.resnet_last_stride, trust=args.trust, overwrite=args.overwrite)
-    else:
-      from clipreid_jax.models import clipreid
-      clipreid.convert_clipreid(args.src, args.dst, dataset=args.dataset, input_size=args.input_size,
-                                stride=args.stride, sie=args.sie, camera_num=args.camera_num,
-                                view_num=args.view_num, sie_coe=args.sie_coe, overwrite=args.overwrite)
+    with warnings.catch_warnings():  # one line each, as the errors
+      warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+      _convert(args)
   except (CheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {args.dst}")
   return 0
+
+
+def _convert(args: argparse.Namespace) -> None:
+  if args.kind == "clip":
+    convert_clip(args.src, args.dst, input_size=args.input_size, stride=args.stride,
+                 resnet_last_stride=args.resnet_last_stride, trust=args.trust, overwrite=args.overwrite)
+  else:
+    from clipreid_jax.models import clipreid  # pylint: disable=g-import-not-at-top
+    clipreid.convert_clipreid(args.src, args.dst, dataset=args.dataset, input_size=args.input_size,
+                              stride=args.stride, sie=args.sie, camera_num=args.camera_num,
+                              view_num=args.view_num, sie_coe=args.sie_coe, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Data-driven over every variant folder in $CLIPREID_GOLDEN (vit/*, rn50/*, and wh
 no sizes, seeds or class counts are assumed beyond what meta.json and the arrays state.
 """
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -157,7 +158,10 @@ def test_convert_bad_inputs(tmp_path, capsys):
   assert convert.main(["clipreid", str(src), str(tmp_path / "b"), "--input_size", "512", "512", "--stride", "16"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "rows" in err and "512" in err
-  # An SIE table that contradicts the requested cameras.
+  # An SIE table that contradicts the requested cameras (a ViT's: RN50 never reads the table, see below).
+  variant = next(v for v in VARIANTS if v.parent.name == "vit" and (v / "model_state.npz").is_file())
+  sd, m = dict(np.load(variant / "model_state.npz")), meta(variant)
+  size = [str(s) for s in m["SIZE_TRAIN"]]
   sd_sie = dict(sd, cv_embed=np.zeros((6, sd["classifier.weight"].shape[1]), np.float32))
   np.savez(tmp_path / "sie.npz", **sd_sie)
   assert convert.main(["clipreid", str(tmp_path / "sie.npz"), str(tmp_path / "c"), "--input_size", *size,
@@ -248,3 +252,20 @@ def test_evaluation_features_are_float32_with_bfloat16_compute(converted):
   fp32 = steps.make_feature_fn(model, "eval")(variables, batch)
   assert bf16.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(bf16), np.asarray(fp32))
+
+
+def test_convert_rn50_drops_the_sie_table_the_official_model_never_reads(tmp_path, capsys):
+  """The official model builds cv_embed for RN50 too (SIE flags on) but only ViT reads it: dropped, with a warning."""
+  variant = next(v for v in VARIANTS if v.parent.name == "rn50")
+  sd = dict(np.load(variant / "model_state.npz"))
+  np.savez(tmp_path / "sie.npz", cv_embed=np.ones((6, sd["classifier.weight"].shape[1]), np.float32), **sd)
+  plain = convert_args(variant, tmp_path / "plain")
+  assert convert.main(plain) == 0
+  capsys.readouterr()
+  assert convert.main([plain[0], str(tmp_path / "sie.npz"), str(tmp_path / "sie"), *plain[3:]]) == 0
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("warning: ") and "cv_embed dropped" in err[0], err
+  (_, a), (_, b) = clipreid.load_clipreid(tmp_path / "plain"), clipreid.load_clipreid(tmp_path / "sie")
+  chex.assert_trees_all_equal(a, b)
+  assert convert.main([plain[0], str(tmp_path / "sie.npz"), str(tmp_path / "c"), *plain[3:], "--sie", "camera"]) == 2
+  assert "SIE is ViT-only" in capsys.readouterr().err and not (tmp_path / "c").exists()

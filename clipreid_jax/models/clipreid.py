@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import warnings
 from typing import Any, Optional
 
 import chex
@@ -407,13 +408,19 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
 def convert_clipreid(src: str, dst: str, *, dataset=None, input_size=None, stride=None, sie=None,
                      camera_num=None, view_num=None, sie_coe: float = 1.0, overwrite: bool = False) -> ReIDConfig:
   """Converts an official CLIP-ReID / baseline `.pth` (or `.npz`) into a model directory."""
-  from clipreid_jax.checkpoints import save_model_dir
+  from clipreid_jax.checkpoints import CheckpointError, save_model_dir
   from clipreid_jax.convert import check_options, check_variables, convert_state_dict, naming_file
   from clipreid_jax.state_dicts import read_state_dict
   check_options(input_size=input_size, stride=stride, camera_num=camera_num, view_num=view_num)
   with naming_file(src):
     sd = read_state_dict(src)
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if "cv_embed" in sd and "image_encoder.attnpool.positional_embedding" in sd:
+      # The official model builds the SIE table for RN50 too but reads it only for ViT: the table changes nothing.
+      if sie is not None:
+        raise CheckpointError(f"{src}: --sie {sie}: SIE is ViT-only; the official RN50 model never reads cv_embed")
+      warnings.warn(f"{src}: cv_embed dropped; the official RN50 model never reads it (SIE is ViT-only)", stacklevel=2)
+      sd = {k: v for k, v in sd.items() if k != "cv_embed"}
     cfg = infer_reid_config(sd, src, input_size=input_size, stride=stride, dataset=dataset, sie=sie,
                             camera_num=camera_num, view_num=view_num, sie_coe=sie_coe)
     variables = convert_state_dict(sd, OFFICIAL_RENAMES)
