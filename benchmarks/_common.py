@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 import time
 import types
@@ -234,4 +235,20 @@ def fmt_gib(b) -> str:
 
 def goal_line(name: str, measured: float, target: float, *, at_most: bool, unit: str = "") -> str:
   met = measured <= target if at_most else measured >= target
-  return f"goal {name}: measured {measured:.3g}{unit} target {target:g}{unit} {'met' if met else 'not met'}"
+  shown = f"{measured:,.0f}" if abs(measured) >= 1000 else f"{measured:.3g}"  # 3,346 img/s, not 3.35e+03
+  return f"goal {name}: measured {shown}{unit} target {target:g}{unit} {'met' if met else 'not met'}"
+
+
+class Cut(BaseException):
+  """SIGTERM (gpu_all.sh's `timeout`): the benchmark stops and prints what it has measured (BaseException, so no
+  `except Exception` swallows it)."""
+
+
+def _raise_cut(signum, frame):
+  del signum, frame
+  raise Cut
+
+
+def cut_on_sigterm() -> None:
+  """From now on SIGTERM raises Cut in the main thread (a subprocess.run in progress kills its child first)."""
+  signal.signal(signal.SIGTERM, _raise_cut)

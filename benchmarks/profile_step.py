@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py                                   # GPU: ViT-B/16 batch 64, default + cudnn
     python benchmarks/profile_step.py --variants default,b128,autotune0 --trace_dir /tmp/prof
-    python benchmarks/profile_step.py --batch 2 --steps 2 --variants default   # CPU smoke run (slow, full size)
+    python benchmarks/profile_step.py --batch 8 --steps 2 --variants default   # CPU smoke run (slow, full size)
 
 Each variant builds our stage-2 step as step_benchmark.py does (full-size ViT-B/16 with random weights, the
 trainer's optimizer, on-device augmentation, donated state) and reports:
@@ -316,6 +316,8 @@ def main(argv=None) -> int:
   parser.add_argument("--trace_dir", default=os.path.join(os.environ.get("OUT", "/tmp"), "profile_step"))
   parser.add_argument("--json", help="write every variant's result here")
   args = parser.parse_args(argv)
+  if args.batch < 8 or args.batch % 4:
+    parser.error(f"--batch {args.batch}: expected a multiple of 4 (P identities x K = 4), at least 8")
   from clipreid_jax import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.keep_step_buffers_mapped()  # as the trainer does, before JAX starts its backend
   results = []

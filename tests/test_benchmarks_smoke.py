@@ -99,3 +99,25 @@ def test_recipe_counts_background_saves():
   assert recipe_benchmark.checkpoint_cost_s(3, blocking=0.2, written=2.0, between_s=10.0) == pytest.approx(2.4)
   assert recipe_benchmark.checkpoint_cost_s(3, blocking=0.2, written=2.0, between_s=1.0) == pytest.approx(4.0)
   assert recipe_benchmark.checkpoint_cost_s(1, blocking=0.2, written=2.0, between_s=1.0) == pytest.approx(2.0)
+
+
+def test_eval_benchmark_cut_by_sigterm_prints_what_it_measured():
+  """gpu_all.sh runs each part under `timeout`: SIGTERM mid-run must still print the table and the goal lines of
+  what finished (the goal pair runs first), and exit 143."""
+  import signal  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, "benchmarks/eval_benchmark.py", "--scale", "0.05", "--skip-rerank", "--device-features-too",
+         "--one-arena-too", "--lazy-cuda-too"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if "running ours_device_features" in line:  # ours and the reference have finished
+      proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 143, "".join(lines)
+  text = "".join(lines)
+  assert "stopped by SIGTERM: not run: ours_device_features, ours_lazy_cuda, ours_one_arena" in text, text
+  assert "| reference: numpy eval_func" in text and "features already in device memory" not in text, text
+  goals = [l for l in lines if l.startswith("goal ")]
+  assert [g.split(":")[0] for g in goals] == ["goal speedup_vs_reference", "goal ours_peak_rss",
+                                              "goal metrics_vs_reference"], goals
