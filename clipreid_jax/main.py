@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -29,9 +30,10 @@ def run(config, workdir: str) -> int:
   import jax
   from clipreid_jax import inference, train
   if _DRY_RUN.value:
-    if hasattr(train, "validate_config"):
-      train.validate_config(config)
-    print(config.to_json_best_effort(indent=1, sort_keys=True))
+    train.validate_config(config)
+    shown = config.copy_and_resolve_references()
+    shown.workdir = workdir  # the one the run would use (--workdir, or the mode's default)
+    print(shown.to_json_best_effort(indent=1, sort_keys=True))
     print(f"config OK: mode {config.mode}, workdir {workdir}", flush=True)
     return 0
   train.validate_config(config)  # before anything is started, read or written
@@ -91,8 +93,17 @@ def main(argv):
   from clipreid_jax import host_memory
   host_memory.keep_step_buffers_mapped()  # before JAX starts its backend
   from clipreid_jax.checkpoints import CheckpointError
-  from clipreid_jax.data.errors import DataError
+  from clipreid_jax.data.errors import DataError, DataWarning
   from clipreid_jax.train import ConfigError, TrainingStopped
+  show = warnings.showwarning
+
+  def one_line(message, category, *args, **kwargs):  # data warnings read like the errors: one line each
+    if issubclass(category, DataWarning):
+      print(f"warning: {message}", file=sys.stderr)
+    else:
+      show(message, category, *args, **kwargs)
+
+  warnings.showwarning = one_line
   try:
     return run(config, _WORKDIR.value or default_workdir(config))
   except (ConfigError, DataError, CheckpointError) as e:
@@ -106,9 +117,19 @@ def main(argv):
 def parse_flags(argv):
   """absl's parsing, but a bad flag, config file, key or value is one line on stderr and exit code 2."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    config = flags.FLAGS["config"].value
+    if config is not None:
+      config.get("mode")  # ml_collections defers a config file that failed to load to the first access
+    return rest
   except flags.Error as e:
     message = str(e)
+    if "Traceback (most recent call last)" in message:  # an exception inside get_config: its own line is the news
+      head = message.split(": Error whilst parsing config file", 1)[0]
+      message = f"{head}: {message.strip().splitlines()[-1].strip()}"
+  except OSError as e:  # the config file: not found, not readable
+    text = " ".join(str(e).split())
+    message = f"--config: cannot load the config file: {text[text.find('[Errno'):] if '[Errno' in text else text}"
   except (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError, SyntaxError) as e:
     message = f"{type(e).__name__}: {e}"
     if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an override of a key the config lacks

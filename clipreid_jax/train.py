@@ -132,6 +132,22 @@ def validate_config(config) -> None:
   milestones = tuple(config.stage2.steps)
   _need(all(_is_int(v) and v > 0 for v in milestones) and list(milestones) == sorted(milestones), "stage2.steps",
         milestones, "increasing positive epoch numbers")
+  _need(config.stage2.warmup_method in ("linear", "constant"), "stage2.warmup_method", config.stage2.warmup_method,
+        "'linear' or 'constant'")
+  if not config.init.clip:  # a random CLIP needs its sizes (the demo and tests set them; recipes leave them 0)
+    _need(_random_clip_sizes(m) is not None, "init.clip", config.init.clip,
+          "a converted CLIP directory (python -m clipreid_jax.convert clip ViT-B-16.pt DIR), or model.random_clip "
+          "sizes > 0 for a random CLIP")
+
+
+def _random_clip_sizes(m) -> dict | None:
+  """The model.random_clip sizes when they describe a CLIP (all > 0), else None."""
+  rc = m.get("random_clip")
+  if not rc:
+    return None
+  sizes = {k: rc.get(k, 0) for k in ("embed_dim", "vision_layers", "vision_width", "text_width", "text_layers")}
+  flat = [v for s in sizes.values() for v in (s if isinstance(s, (tuple, list)) else [s])]
+  return sizes if flat and all(_is_int(v) and v > 0 for v in flat) else None
 
 
 def _get(config, dotted: str):
@@ -284,7 +300,7 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
                         f"but model.backbone is {m.backbone!r}")
     clip_model, clip_vars = load_clip(config.init.clip)
     clip_cfg = clip_model.config
-  elif m.get("random_clip"):
+  elif _random_clip_sizes(m):
     rc = m.random_clip
     vit = m.backbone.startswith("ViT")
     clip_cfg = CLIPConfig(embed_dim=rc.embed_dim, vision_layers=rc.vision_layers if vit else tuple(rc.vision_layers),
@@ -372,6 +388,9 @@ class Run:
     """A workdir belongs to one training configuration; another one must not overwrite or resume it."""
     f = self.dir / "config.json"
     if not f.is_file():
+      if (self.dir / "metrics.json").is_file():  # eval mode's workdir: training would overwrite its metrics.json
+        raise ConfigError(f"--workdir: {self.dir} holds an evaluation's metrics.json (and no training run); "
+                          "expected a new workdir for training")
       return
     try:
       theirs = json.loads(f.read_text())

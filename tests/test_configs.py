@@ -29,6 +29,10 @@ def test_recipe_loads_and_validates(path):
   variants = [None] if path.stem == "demo" else [None, "clipreid", "baseline"] + (["sie_olp"] if "vit" in path.stem else [])
   for arg in variants:
     config = mod.get_config() if arg is None else mod.get_config(arg)
+    if path.stem != "demo":  # recipes start from a converted CLIP, named on the command line (their docstrings)
+      with pytest.raises(train.ConfigError, match=r"^init.clip: expected a converted CLIP directory"):
+        train.validate_config(config)  # was a ZeroDivisionError traceback in the model's constructor
+      config.init.clip = "converted/vit"
     train.validate_config(config)
     resolved = config.copy_and_resolve_references()
     assert resolved.model.backbone in (config_defaults.VIT, config_defaults.RN50)

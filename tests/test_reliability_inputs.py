@@ -194,6 +194,21 @@ def test_bad_config_value(tmp_path, override, expected):
   assert not work.exists() and not (tmp_path / "synthetic").exists()  # not even the synthetic data
 
 
+@pytest.mark.parametrize("config,expected", [
+    # ml_collections defers a file that failed to load to the first access: it was a 40-line traceback, exit 1.
+    ("configs/no_such_recipe.py", ["--config: cannot load the config file", "No such file or directory"]),
+    # An exception inside get_config was flattened into one 700-character line of traceback; its message is the news.
+    ("configs/market1501_cnn.py:sie_olp", ["--config=configs/market1501_cnn.py:sie_olp", "SIE and OLP are ViT-only"]),
+    # A recipe without the converted CLIP it starts from: was a ZeroDivisionError traceback.
+    ("configs/market1501_vit.py", ["init.clip: expected a converted CLIP directory"]),
+])
+def test_bad_config_file(tmp_path, config, expected):
+  out = _cli("--config", config, "--workdir", tmp_path / "work", "--dry_run")
+  line = _error(out, *expected)
+  assert "Traceback" not in line and len(line) < 300, line
+  assert not (tmp_path / "work").exists()
+
+
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 

@@ -98,6 +98,15 @@ def test_workdir_accepts_keys_that_do_not_change_the_numbers(finished, tmp_path)
     train.Run(str(root / "work"), c)
 
 
+def test_training_refuses_an_eval_workdir(finished, tmp_path):
+  """Eval mode's workdir holds its metrics.json and no config.json: training there would overwrite the result."""
+  config, _, _ = finished
+  (tmp_path / "metrics.json").write_text('{"final": {"mAP": 22.3}}\n')
+  with pytest.raises(train.ConfigError, match=r"^--workdir: .* holds an evaluation's metrics.json"):
+    train.Run(str(tmp_path), config)
+  assert (tmp_path / "metrics.json").read_text() == '{"final": {"mAP": 22.3}}\n'
+
+
 class _Stop(Exception):
   pass
 
