@@ -24,11 +24,13 @@ class FeatureExtractor:
     extractor = clipreid_jax.FeatureExtractor("workdirs/msmt17_vit/model")
     feats = extractor(["a.jpg", "b.jpg"])   # (2, 1280) float32, not normalised (L2-normalise to compare)
 
-  Images may be paths, PIL images (any mode; converted to RGB as files are) or uint8 arrays (H, W, 3), (H, W) or
-  (H, W, 4) (gray is repeated, alpha dropped); they are resized with PIL bilinear to the model's input size (the
-  official test transform). SIE models need `cams` (and `views` when the table has views): one id per image,
-  numbered as in their training set; other models ignore them. `flip=True`: the mean of each image's features and
-  its mirror image's (test-time flip, not in the official code).
+  `images`: a list or tuple of images, or a uint8 batch (N, H, W, C), gives one row per image; one image alone gives
+  (1, D). An image is a path, a PIL image (any mode; converted to RGB as files are) or a uint8 array (H, W, 3),
+  (H, W, 1), (H, W) or (H, W, 4) (gray is repeated, alpha dropped); a 3-D array is always one image, so N gray
+  images are a list of (H, W) arrays or an (N, H, W, 1) batch. Images are resized with PIL bilinear to the model's
+  input size (the official test transform). SIE models need `cams` (and `views` when the table has views): one id
+  per image, numbered as in their training set; other models ignore them. `flip=True`: the mean of each image's
+  features and its mirror image's (test-time flip, not in the official code).
   """
 
   def __init__(self, checkpoint: str | os.PathLike, batch_size: int = 64, flip: bool = False):
@@ -67,8 +69,9 @@ class FeatureExtractor:
       raise ValueError(f"{name}: expected ids in 0..{num - 1} (the model's SIE table), got {bad[0]}")
     return ids.astype(np.int32)
 
-  def __call__(self, images: Sequence, cams: Optional[Sequence[int]] = None,
+  def __call__(self, images, cams: Optional[Sequence[int]] = None,
                views: Optional[Sequence[int]] = None) -> np.ndarray:
+    images = _as_batch(images)
     n = len(images)
     cfg = self.model.config
     cams = self._ids(cams, n, "cams", "camera", bool(cfg.sie_rows) and cfg.sie_camera, cfg.camera_num)
@@ -84,6 +87,29 @@ class FeatureExtractor:
     if not out:
       return np.zeros((0, cfg.feature_dim + cfg.clip.embed_dim), np.float32)
     return np.concatenate(out)
+
+
+def _as_batch(images) -> Sequence:
+  """`images` as a sequence of images: one image alone is not iterated (a path per character, an array per row)."""
+  if isinstance(images, (str, os.PathLike, Image.Image)):
+    return [images]
+  if isinstance(images, (list, tuple)):
+    return images
+  if hasattr(images, "__array__") or hasattr(images, "__array_interface__"):  # numpy, JAX, torch, pandas
+    arr = np.asarray(images)
+    if arr.ndim == 4 and arr.shape[3] in (1, 3, 4):
+      return arr
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4)):
+      return [arr]
+    if arr.ndim == 1 and arr.dtype.kind in "OU":  # paths or images, one per element
+      return list(arr)
+    raise ValueError(f"images: expected one image (H, W, C) / (H, W) or a batch (N, H, W, C) with C in 1, 3, 4, "
+                     f"got an array of shape {arr.shape}; N gray images: (N, H, W, 1) or a list of (H, W) arrays")
+  try:
+    return list(images)  # any other iterable of images, e.g. a generator of crops
+  except TypeError:
+    raise TypeError(f"images: expected a list of images (paths, PIL images or uint8 arrays) or one image, "
+                    f"got {type(images).__name__}") from None
 
 
 def _rgb_array(x) -> np.ndarray:

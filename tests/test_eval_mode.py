@@ -227,3 +227,59 @@ def test_extract_inputs(setup, tmp_path):
     ext([np.zeros((8, 4, 3), np.float32)])
   with pytest.raises(ValueError, match="batch_size: expected a positive integer"):
     FeatureExtractor(model_dir, batch_size=0)
+
+
+def test_extractor_single_images_and_batches(setup):
+  """`ext(x)`: a list, tuple, iterable or (N, H, W, C) uint8 batch gives one row per image; one path, PIL image or
+  (H, W, C) / (H, W) array alone gives one row, not one per character or pixel row; an ambiguous array is refused."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  _, model_dir, data = setup
+  ext = FeatureExtractor(model_dir, batch_size=3)
+  dim = 128 + 64
+  paths = [str(p) for p in sorted(pathlib.Path(data, "query").glob("*.jpg"))[:4]]
+  pils = [Image.open(p).convert("RGB") for p in paths]
+  arrays = np.stack([np.asarray(im) for im in pils])  # (4, 128, 64, 3): all the same size
+  grays = np.stack([np.asarray(im.convert("L")) for im in pils])
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  listed = ext(paths)
+  assert listed.shape == (4, dim)
+  for one in (paths[0], pathlib.Path(paths[0]), pils[0], arrays[0], np.asarray(pils[0].convert("RGBA"))):
+    assert ext(one).shape == (1, dim), type(one)
+    close(ext(one), listed[:1])
+  close(ext(grays[0]), ext([grays[0]]))  # (H, W): one gray image
+  close(ext(grays[0][..., None]), ext([grays[0]]))  # (H, W, 1)
+  close(ext(arrays), listed)  # (N, H, W, 3) batch, over two batches of 3
+  close(ext(tuple(paths)), listed)
+  close(ext(iter(paths)), listed)
+  close(ext(np.asarray(paths)), listed)  # a numpy array of paths
+  gray_rows = ext(list(grays))
+  assert gray_rows.shape == (4, dim)
+  close(ext(grays[..., None]), gray_rows)  # (N, H, W, 1): N gray images
+  # (N, H, W) reads as N gray images or one (H, W, C) image: refused, saying how to pass either.
+  with pytest.raises(ValueError, match=r"\(N, H, W, 1\) or a list of \(H, W\) arrays"):
+    ext(grays)
+  with pytest.raises(ValueError, match=r"got an array of shape \(128,\)"):
+    ext(arrays[0, :, 0, 0])
+  with pytest.raises(TypeError, match="expected a list of images"):
+    ext(3)
+  # As before: empty inputs, a list mixing kinds, a gray (H, W) array in a list.
+  assert ext([]).shape == (0, dim) and ext([]).dtype == np.float32
+  assert ext(arrays[:0]).shape == (0, dim)
+  mixed = ext([paths[0], arrays[1], pils[2], grays[3]])
+  close(mixed[:3], listed[:3])
+  close(mixed[3:], gray_rows[3:])
+
+
+def test_data_warnings_are_one_line_each(setup, tmp_path):
+  """A data warning (here: a file whose name is not a Market name, skipped) reads like the errors, not as Python's
+  `file.py:LINE: DataWarning:` pair of lines with the source line."""
+  root, model_dir, data = setup
+  copy = shutil.copytree(data, tmp_path / "data")
+  shutil.copy(next((copy / "query").iterdir()), copy / "query" / "notes_c1.jpg")
+  out = _cli("--config", "configs/market1501_vit.py", "--workdir", str(tmp_path / "w"), "--config.mode=eval",
+             f"--config.checkpoint={model_dir}", f"--config.dataset.root={copy}", "--config.eval.batch_size=8",
+             "--config.dataset.check_counts=False")
+  assert out.returncode == 0, out.stderr[-2000:]
+  warned = [l for l in out.stderr.splitlines() if "notes_c1.jpg" in l]
+  assert warned and all(l.startswith("warning: market1501: skipped 1 files") for l in warned), out.stderr[-2000:]
+  assert "DataWarning" not in out.stderr, out.stderr[-2000:]
