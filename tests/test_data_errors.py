@@ -140,7 +140,10 @@ def test_uneven_host_split():
 @pytest.mark.parametrize("argv,match", [(["market1501", "{root}/missing"], "expected layout"),
                                         (["cuhk03", "{root}"], "unknown dataset"),
                                         (["market1501", "{root}", "--opt", "nonsense"], "expected KEY=VALUE"),
-                                        (["vehicleid", "{root}", "--opt", "test_size=5"], "test_size 5 is not one of")])
+                                        (["vehicleid", "{root}", "--opt", "test_size=5"], "test_size 5 is not one of"),
+                                        (["market1501", "{root}", "--opt", "foo=1"],
+                                         "market1501: unknown option foo; valid options: check_counts"),
+                                        (["synthetic", "{root}"], "no synthetic data")])
 def test_cli_exit_code_2(tmp_path, capsys, argv, match):
   code = inspect_cli.main([a.format(root=tmp_path) for a in argv])
   out = capsys.readouterr()

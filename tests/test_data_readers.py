@@ -266,10 +266,16 @@ def test_custom_integer_identities_are_kept(tmp_path):
 def test_registry_names_and_layouts():
   assert data.DATASET_NAMES == ("market1501", "msmt17", "dukemtmc", "occ_duke", "veri", "vehicleid", "custom")
   assert data.canonical_name("VehicleID") == "vehicleid" and data.canonical_name("Market") == "market1501"
-  with pytest.raises(data.UnknownDatasetError, match="unknown dataset 'cuhk03'"):
+  # The error lists every name get_dataset takes, 'synthetic' included (data/README.md lists it too).
+  with pytest.raises(data.UnknownDatasetError, match="unknown dataset 'cuhk03'; known: market1501, .*, custom, "
+                     "synthetic$"):
     data.get_dataset("cuhk03", "/nonexistent")
-  with pytest.raises(data.DataError, match="unexpected keyword"):
+  # An unknown option names the valid ones, before anything is read.
+  with pytest.raises(data.DataError, match="^market1501: unknown option test_size; valid options: check_counts$"):
     data.get_dataset("market1501", "/nonexistent", test_size=800)
+  with pytest.raises(data.DataError, match="^VehicleID: unknown options foo, bar; valid options: test_size, "
+                     "gallery_seed, check_counts, check_files$"):
+    data.get_dataset("VehicleID", "/nonexistent", foo=1, bar=2)
   # Option values of the wrong type are refused before reading (a non-empty string used to count as true).
   with pytest.raises(data.DataError, match="option check_counts: expected true or false, got 'maybe'"):
     data.get_dataset("market1501", "/nonexistent", **registry.parse_options(["check_counts=maybe"]))

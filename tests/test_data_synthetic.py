@@ -1,16 +1,33 @@
 """Synthetic Market-layout data: layout and naming, determinism, query/gallery protocol, idempotence, CLI."""
 import collections
 import os
+import pathlib
 import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from clipreid_jax import data
+from clipreid_jax.data import __main__ as inspect_cli
 from clipreid_jax.data import synthetic
 
 KW = dict(num_train_ids=6, num_test_ids=4, imgs_per_id=6, num_cams=3, size=(32, 16), seed=11)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _snapshot(root) -> dict:
+  """Every file under `root` with its bytes and modification time."""
+  out = {}
+  for d, _, names in os.walk(root):
+    for n in names:
+      path = os.path.join(d, n)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = (f.read(), os.stat(path).st_mtime_ns)
+  return out
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +99,35 @@ def test_idempotent_and_rewrites_on_new_settings(tmp_path):
   mtime = {n: os.stat(os.path.join(q, n)).st_mtime_ns for n in os.listdir(q)}
   data.write_synthetic_market(tmp_path, **KW)
   assert {n: os.stat(os.path.join(q, n)).st_mtime_ns for n in os.listdir(q)} == mtime
-  data.write_synthetic_market(tmp_path, **{**KW, "num_test_ids": 2})
+  with pytest.warns(data.DataWarning, match=r"rewriting .* \(num_test_ids 4 -> 2, "):  # not silently
+    data.write_synthetic_market(tmp_path, **{**KW, "num_test_ids": 2})
   assert len(os.listdir(q)) == 4
+
+
+@pytest.mark.parametrize("foreign", ["query/mine.jpg", "bounding_box_train/notes", "bounding_box_test/sub/x.jpg",
+                                     "duplicate", "bounding_box_train/0001_c1s1_000999_01.jpg"])
+def test_rewrite_refuses_files_it_did_not_write(tmp_path, foreign):
+  # New settings replace the generated images; a user's file among them would be lost, so the rewrite is refused.
+  data.write_synthetic_market(tmp_path, **KW)
+  if foreign == "duplicate":  # a generated name copied into another split: frame numbers are used once
+    name = sorted(os.listdir(tmp_path / "query"))[0]
+    shutil.copy(tmp_path / "query" / name, tmp_path / "bounding_box_train" / name)
+  else:
+    (tmp_path / foreign).parent.mkdir(exist_ok=True)
+    (tmp_path / foreign).write_bytes(b"user data")
+  before = _snapshot(tmp_path)
+  with pytest.raises(data.DataError, match="files this generator did not write") as e:
+    data.write_synthetic_market(tmp_path, **{**KW, "num_test_ids": 2})
+  assert "\n" not in str(e.value) and _snapshot(tmp_path) == before
+
+
+def test_rewrite_refuses_a_broken_marker(tmp_path):
+  data.write_synthetic_market(tmp_path, **KW)
+  (tmp_path / "synthetic.json").write_text("{not json")
+  before = _snapshot(tmp_path)
+  with pytest.raises(data.DataError, match="not a settings file"):
+    data.write_synthetic_market(tmp_path, **KW)
+  assert _snapshot(tmp_path) == before
 
 
 def test_refuses_foreign_folders_and_bad_settings(tmp_path):
@@ -94,9 +138,41 @@ def test_refuses_foreign_folders_and_bad_settings(tmp_path):
     data.write_synthetic_market(tmp_path / "x", **{**KW, "num_cams": 7})
 
 
-def test_registry_synthetic_writes_then_reads(tmp_path):
-  ds = data.get_dataset("synthetic", tmp_path / "demo", **KW)
-  assert ds.name == "market1501" and ds.num_train_pids == 6 and os.path.isfile(tmp_path / "demo" / "synthetic.json")
+def test_registry_synthetic_reads_and_never_writes(tmp_path):
+  # The registry's readers only read: no folder, no data, and other settings are an error, not a rewrite.
+  with pytest.raises(data.DatasetNotFoundError, match="no synthetic data .*python -m clipreid_jax.data.synthetic"):
+    data.get_dataset("synthetic", tmp_path / "demo", **KW)
+  assert not (tmp_path / "demo").exists()
+  data.write_synthetic_market(tmp_path / "demo", **KW)
+  before = _snapshot(tmp_path / "demo")
+  for opts in ({}, KW, {"num_train_ids": 6, "num_distractors": None}):
+    ds = data.get_dataset("synthetic", tmp_path / "demo", **opts)
+    assert ds.name == "market1501" and ds.num_train_pids == 6
+  with pytest.raises(data.DataError, match=r"other settings \(num_train_ids 6, not 32; seed 11, not 0\)"):
+    data.get_dataset("synthetic", tmp_path / "demo", num_train_ids=32, seed=0)
+  assert _snapshot(tmp_path / "demo") == before
+
+
+def test_stats_cli_reads_synthetic_data_without_writing(tmp_path, capsys):
+  root = data.write_synthetic_market(tmp_path / "demo", **KW)
+  before = _snapshot(root)
+  assert inspect_cli.main(["synthetic", root]) == 0
+  assert '"num_train_pids": 6' in capsys.readouterr().out and _snapshot(root) == before
+  # No synthetic data: one line saying how to write it, and nothing written.
+  (tmp_path / "empty").mkdir()
+  for where in (tmp_path / "empty", tmp_path / "missing"):
+    assert inspect_cli.main(["synthetic", str(where)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "python -m clipreid_jax.data.synthetic" in err[0]
+  assert not os.listdir(tmp_path / "empty") and not (tmp_path / "missing").exists()
+
+
+def test_module_cli_runs_without_runpy_warning(tmp_path):
+  # The package does not import the module, so `python -m` runs it without runpy's 'found in sys.modules' warning.
+  out = subprocess.run([sys.executable, "-m", "clipreid_jax.data.synthetic", str(tmp_path), "--ids", "2",
+                        "--test-ids", "1", "--imgs", "4", "--cams", "2", "--height", "16", "--width", "8"],
+                       capture_output=True, text=True, cwd=REPO, check=False)
+  assert out.returncode == 0 and out.stdout.strip() == str(tmp_path) and out.stderr == "", out.stderr
 
 
 def test_cli(tmp_path, capsys):

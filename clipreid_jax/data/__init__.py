@@ -18,13 +18,14 @@ from clipreid_jax.data.images import PIXEL_STATS, load_resized, pixel_stats, rea
 from clipreid_jax.data.records import Record, ReidDataset, Split
 from clipreid_jax.data.registry import DATASET_NAMES, VEHICLE_DATASETS, canonical_name, get_dataset
 from clipreid_jax.data.sampler import pk_epoch_plan
-from clipreid_jax.data.synthetic import write_synthetic_market
 
 _LAZY = {
     "augment": "device_augment", "flip_pad_crop": "device_augment", "normalize": "device_augment",
     "random_erasing": "device_augment",
     "FolderImages": "image_sources", "Loader": "pipelines", "eval_loader": "pipelines", "stage1_loader": "pipelines",
     "train_loader": "pipelines",
+    # Lazy also so that `python -m clipreid_jax.data.synthetic` does not find its module already imported.
+    "write_synthetic_market": "synthetic",
 }
 
 
@@ -38,5 +39,5 @@ __all__ = [
     "DATASET_NAMES", "PIXEL_STATS", "VEHICLE_DATASETS", "DataError", "DataWarning", "DatasetNotFoundError",
     "EmptySplitError", "ImageReadError", "ListFileError", "NotEnoughIdentitiesError", "Record", "ReidDataset", "Split",
     "UnknownDatasetError", "canonical_name", "get_dataset", "load_resized", "pixel_stats", "pk_epoch_plan",
-    "read_image", "resize", "test_transform", "write_synthetic_market", *_LAZY,
+    "read_image", "resize", "test_transform", *_LAZY,
 ]

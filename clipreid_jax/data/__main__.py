@@ -15,7 +15,7 @@ from clipreid_jax.data import errors, registry
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m clipreid_jax.data", description=__doc__.splitlines()[0])
-  parser.add_argument("name", help=f"one of {', '.join(registry.DATASET_NAMES)}")
+  parser.add_argument("name", help=f"one of {', '.join(registry.KNOWN_NAMES)}")
   parser.add_argument("root", help="dataset root (see data/README.md)")
   parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="reader option, repeatable")
   args = parser.parse_args(argv)

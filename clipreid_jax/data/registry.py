@@ -5,7 +5,7 @@ import inspect
 import os
 from typing import Callable, Sequence
 
-from clipreid_jax.data import custom, dukemtmc, errors, market1501, msmt17, synthetic, vehicleid, veri
+from clipreid_jax.data import custom, dukemtmc, errors, market1501, msmt17, vehicleid, veri
 from clipreid_jax.data.records import ReidDataset
 
 READERS: dict[str, Callable[..., ReidDataset]] = {
@@ -18,8 +18,19 @@ READERS: dict[str, Callable[..., ReidDataset]] = {
     "custom": custom.load,
 }
 DATASET_NAMES = tuple(READERS)
-# Not a dataset on disk: writes the synthetic Market-layout data (configs/demo.py) if needed, then reads it.
-READERS["synthetic"] = synthetic.load
+
+
+def _read_synthetic(root: str | os.PathLike, **expected) -> ReidDataset:
+  # Imported on use: `python -m clipreid_jax.data.synthetic` must not find the module imported by the package.
+  from clipreid_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  return synthetic.load(root, **expected)
+
+
+# Not a published dataset: the synthetic Market-layout data written by `write_synthetic_market` (or the trainer, for
+# configs/demo.py), read as it is; this reader never writes it.
+READERS["synthetic"] = _read_synthetic
+# Every name get_dataset takes, aliases aside.
+KNOWN_NAMES = tuple(READERS)
 # The official DATASETS.NAMES spellings and common variants.
 _ALIASES = {"market": "market1501", "market-1501": "market1501", "duke": "dukemtmc", "dukemtmcreid": "dukemtmc",
             "occluded_duke": "occ_duke", "veri776": "veri", "veri-776": "veri"}
@@ -42,7 +53,7 @@ def canonical_name(name: str) -> str:
   key = name.strip().lower()
   key = _ALIASES.get(key, key)
   if key not in READERS:
-    raise errors.UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+    raise errors.UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(KNOWN_NAMES)}")
   return key
 
 
@@ -51,27 +62,39 @@ def get_dataset(name: str, root: str | os.PathLike, **opts) -> ReidDataset:
 
   Args:
     name: one of DATASET_NAMES (case-insensitive; the official spellings such as 'VehicleID' work too), or
-      'synthetic' (options: those of `write_synthetic_market`).
+      'synthetic': data written by `write_synthetic_market`, read and never written (options: settings of
+      `write_synthetic_market` that the data must have).
     root: the dataset root (see data/README.md for each layout).
     **opts: reader options, e.g. `test_size=1600, gallery_seed=0` (vehicleid), `keypoint_dir=...` (veri),
       `check_counts=False`, `check_files=False` (list-based datasets).
 
   Raises:
-    DataError (a subclass of ValueError) for an unknown name, a missing layout, an empty split or a bad list file.
+    DataError (a subclass of ValueError) for an unknown name, an unknown option or one of the wrong type, a missing
+    layout, an empty split or a bad list file.
   """
-  reader = READERS[canonical_name(name)]
-  _check_option_types(name, reader, opts)
-  try:
-    return reader(root, **opts)
-  except TypeError as e:
-    if "unexpected keyword" in str(e):
-      raise errors.DataError(f"{name}: {e}") from None
-    raise
+  key = canonical_name(name)
+  params = reader_options(key)
+  unknown = [k for k in opts if k not in params]
+  if unknown:
+    raise errors.DataError(f"{name}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                           f"valid options: {', '.join(params) or 'none'}")
+  _check_option_types(name, params, opts)
+  return READERS[key](root, **opts)
 
 
-def _check_option_types(name: str, reader, opts: dict) -> None:
+def reader_options(name: str) -> dict[str, inspect.Parameter]:
+  """The options (keyword parameters) that dataset `name`'s reader takes, by name."""
+  key = canonical_name(name)
+  if key == "synthetic":
+    from clipreid_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    params = list(inspect.signature(synthetic.write_synthetic_market).parameters.values())[1:]  # after root
+  else:
+    params = list(inspect.signature(READERS[key]).parameters.values())[1:]
+  return {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _check_option_types(name: str, params: dict[str, inspect.Parameter], opts: dict) -> None:
   """An option whose default is a bool or an int takes only that type ('maybe' is not a bool), seeds >= 0."""
-  params = inspect.signature(reader).parameters
   for key, value in opts.items():
     default = params[key].default if key in params else None
     if isinstance(default, bool) and not isinstance(value, bool):

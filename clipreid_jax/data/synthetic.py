@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -27,6 +29,8 @@ from clipreid_jax.data.published import SYNTHETIC_MARKER
 from clipreid_jax.data.records import ReidDataset
 
 SPLIT_DIRS = ("bounding_box_train", "query", "bounding_box_test")
+# The names `write_synthetic_market` gives; the frame numbers count 1, 2, ... over all splits.
+FILE_NAME = re.compile(r"^(?:-1|\d{4})_c[1-6]s1_(\d{6})_01\.jpg$")
 SHIRTS = np.array([[200, 30, 30], [30, 60, 190], [40, 150, 60], [230, 200, 40], [240, 240, 240], [30, 30, 30],
                    [140, 60, 160], [240, 130, 30], [100, 180, 220], [120, 80, 50], [230, 120, 170], [120, 120, 120]])
 TROUSERS = np.array([[25, 25, 35], [40, 60, 120], [110, 110, 110], [190, 170, 130], [90, 60, 40], [210, 210, 210],
@@ -165,7 +169,8 @@ def write_synthetic_market(root: str | os.PathLike, num_train_ids: int = 32, num
   spread over 2..num_cams cameras; a test identity's first image in each of up to `queries_per_id` cameras is a
   query and the rest go to the gallery, so every query has a gallery match in another camera. The gallery also
   holds `num_distractors` images of one-off people (pid 0000) and `num_junk` bad detections (pid -1). A folder
-  already holding the same settings is left as it is; one holding other synthetic settings is rewritten.
+  already holding the same settings is left as it is; one holding other synthetic settings is rewritten, with a
+  DataWarning naming the changes, unless its split folders hold anything this function did not write.
 
   Args:
     root: output folder (created).
@@ -179,7 +184,7 @@ def write_synthetic_market(root: str | os.PathLike, num_train_ids: int = 32, num
     jpeg_quality: JPEG quality.
 
   Raises:
-    DataError: invalid settings, or `root` holds split folders not written by this function.
+    DataError: invalid settings, or `root` holds split folders or files not written by this function.
   """
   if imgs_per_id < 4 or not 2 <= num_cams <= 6 or num_train_ids < 1 or num_test_ids < 1 or queries_per_id < 1:
     raise errors.DataError("synthetic: need imgs_per_id >= 4, 2 <= num_cams <= 6, >= 1 train and test identity "
@@ -192,10 +197,18 @@ def write_synthetic_market(root: str | os.PathLike, num_train_ids: int = 32, num
                        num_junk=num_junk, queries_per_id=queries_per_id, jpeg_quality=jpeg_quality, version=1)
   root = os.fspath(root)
   marker = os.path.join(root, SYNTHETIC_MARKER)
-  if os.path.isfile(marker):
-    with open(marker) as f:
-      if json.load(f) == settings:
-        return root
+  recorded = _read_marker(marker)
+  if recorded is not None:
+    if recorded == settings:
+      return root
+    # Only the generator's own files are replaced: they can be drawn again, anything else could not.
+    foreign = _foreign_files(root, recorded)
+    if foreign:
+      more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+      raise errors.DataError(f"synthetic: {root} holds files this generator did not write ({foreign[0]}{more}); not "
+                             "replacing its data of other settings: move them or pick another root")
+    changes = ", ".join(f"{k} {recorded.get(k)} -> {v}" for k, v in settings.items() if recorded.get(k) != v)
+    warnings.warn(f"synthetic: rewriting {root} for new settings ({changes})", errors.DataWarning, stacklevel=2)
     for sub in SPLIT_DIRS:
       shutil.rmtree(os.path.join(root, sub), ignore_errors=True)
     os.remove(marker)
@@ -253,11 +266,68 @@ def write_synthetic_market(root: str | os.PathLike, num_train_ids: int = 32, num
   return root
 
 
-def load(root: str | os.PathLike, **settings) -> ReidDataset:
-  """The registry's 'synthetic' dataset: writes it under `root` if needed (same settings as
-  `write_synthetic_market`), then reads it as Market-1501."""
+def _read_marker(marker: str) -> dict | None:
+  """The settings recorded in `marker`; None when there is no such file."""
+  if not os.path.isfile(marker):
+    return None
+  try:
+    with open(marker) as f:
+      recorded = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    recorded = None
+  if not isinstance(recorded, dict):
+    raise errors.DataError(f"synthetic: {marker} is not a settings file written by this generator")
+  return recorded
+
+
+def _foreign_files(root: str, recorded: dict) -> list[str]:
+  """Entries of the split folders that the generator did not write with the `recorded` settings: it names its images
+  with the frame numbers 1..N, each once, N being the number of images those settings give."""
+  try:
+    n = ((recorded["num_train_ids"] + recorded["num_test_ids"]) * recorded["imgs_per_id"] + recorded["num_distractors"]
+         + recorded["num_junk"])
+  except (KeyError, TypeError):
+    n = 0  # not settings this version writes: no file is known to be ours
+  seen, foreign = set(), []
+  for sub in SPLIT_DIRS:
+    d = os.path.join(root, sub)
+    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+      m = FILE_NAME.match(name)
+      frame = int(m.group(1)) if m else 0
+      if not m or not 1 <= frame <= n or frame in seen or not os.path.isfile(os.path.join(d, name)):
+        foreign.append(os.path.join(sub, name))
+      seen.add(frame)
+  return foreign
+
+
+def load(root: str | os.PathLike, **expected) -> ReidDataset:
+  """The registry's 'synthetic' dataset: reads the synthetic data under `root` as Market-1501 and never writes it
+  (`write_synthetic_market`, this module's CLI and the trainer do).
+
+  Args:
+    root: a folder written by `write_synthetic_market`.
+    **expected: settings of `write_synthetic_market` that the data must have been written with.
+
+  Raises:
+    DatasetNotFoundError: `root` holds no synthetic data (the message says how to write it).
+    DataError: the data was written with other settings than `expected`.
+  """
   from clipreid_jax.data import market1501  # pylint: disable=g-import-not-at-top
-  return market1501.load(write_synthetic_market(root, **settings))
+  root = os.fspath(root)
+  recorded = _read_marker(os.path.join(root, SYNTHETIC_MARKER))
+  if recorded is None:
+    raise errors.DatasetNotFoundError(
+        f"synthetic: {root} holds no synthetic data (no {SYNTHETIC_MARKER}); write it with `python -m "
+        f"clipreid_jax.data.synthetic {root}` (--help lists the settings) or train with dataset.name 'synthetic'")
+  wanted = _settings(**expected)
+  for key in ("num_distractors", "num_junk"):  # None means the default, half the test identities
+    if key in wanted and wanted[key] is None:
+      wanted[key] = wanted.get("num_test_ids", recorded.get("num_test_ids", 0)) // 2
+  diff = [f"{k} {recorded.get(k)}, not {v}" for k, v in wanted.items() if recorded.get(k) != v]
+  if diff:
+    raise errors.DataError(f"synthetic: {root} was written with other settings ({'; '.join(diff)}); rewrite it with "
+                           "write_synthetic_market or `python -m clipreid_jax.data.synthetic`")
+  return market1501.load(root)
 
 
 def main(argv: list[str] | None = None) -> int:
