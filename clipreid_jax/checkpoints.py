@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import uuid
 from typing import Any, Iterator
 
@@ -55,7 +56,25 @@ def restore_variables(path: str | os.PathLike) -> dict:
   try:
     return ckptr.restore(path)
   except Exception as e:  # orbax raises many types for truncated or foreign data
+    _quiet_late_reads()
     raise CheckpointError(f"{path}: cannot restore ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def _quiet_late_reads() -> None:
+  """After a failed restore, the reads still in flight land on the event loop orbax has closed, each reported through
+  sys.unraisablehook as a traceback ("Event loop is closed") after our one-line error; those, and only those, are
+  dropped."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_late_reads", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_late_reads = True
+  sys.unraisablehook = hook
 
 
 @contextlib.contextmanager
