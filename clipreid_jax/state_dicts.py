@@ -94,7 +94,7 @@ def _read_torch(path: pathlib.Path, trust: bool) -> dict[str, np.ndarray]:
       got = sha256(path)
       if got != expected:
         raise CheckpointError(f"{path}: SHA-256 {got} does not match OpenAI's published {expected}; "
-                              "the file is corrupt or not OpenAI's")
+                              "the file is corrupt or not OpenAI's (an archive of your own: rename it and pass --trust)")
     elif not trust:
       raise CheckpointError(f"{path}: a TorchScript archive (it contains code) with an unknown name; "
                             "pass --trust to load it anyway, or convert a plain state dict")

@@ -269,3 +269,15 @@ def test_convert_rn50_drops_the_sie_table_the_official_model_never_reads(tmp_pat
   chex.assert_trees_all_equal(a, b)
   assert convert.main([plain[0], str(tmp_path / "sie.npz"), str(tmp_path / "c"), *plain[3:], "--sie", "camera"]) == 2
   assert "SIE is ViT-only" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_convert_infers_the_olp_stride_from_an_input_size_given_alone(tmp_path):
+  """`--input_size` without `--stride` on an OLP checkpoint: the stride whose grid fits the table (was: 16, refused)."""
+  variant = next(v for v in VARIANTS if meta(v)["STRIDE_SIZE"][0] == 12)
+  args = convert_args(variant, tmp_path / "given")
+  assert convert.main(args) == 0
+  i = args.index("--stride")
+  assert convert.main([args[0], args[1], str(tmp_path / "inferred"), *args[3:i], *args[i + 2:]]) == 0
+  (ma, a), (mb, b) = clipreid.load_clipreid(tmp_path / "given"), clipreid.load_clipreid(tmp_path / "inferred")
+  assert mb.config == ma.config and mb.config.clip.vision_stride == 12
+  chex.assert_trees_all_equal(a, b)

@@ -369,7 +369,10 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
       raise CheckpointError(f"{path}: {pos_key} has {rows} rows, which fits none of the official input sizes; "
                             "pass --input_size H W (and --stride)")
     input_size, stride = matches[0]
-  stride = 16 if stride is None else stride
+  if stride is None:  # an input size given alone: the stride whose grid fits the table (16, or OLP's 12)
+    fits = [st for st in ((16, 12) if clip_cfg.is_vit else (16,)) if np.prod(grid_for(
+        dataclasses.replace(clip_cfg, vision_stride=st), tuple(input_size), st if clip_cfg.is_vit else None)) + 1 == rows]
+    stride = fits[0] if fits else 16
   cfg_s = dataclasses.replace(clip_cfg, vision_stride=stride if clip_cfg.is_vit else 16)
   grid = grid_for(cfg_s, tuple(input_size), stride if clip_cfg.is_vit else None)
   if int(np.prod(grid)) + 1 != rows:
