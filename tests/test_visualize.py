@@ -1,7 +1,9 @@
 """Pictures of a run: t-SNE on known clusters, rank-list frames on a known ranking, every picture of a tiny trained
 run (size, not blank, frame colours), and the CLI's exit codes."""
+import json
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -193,6 +195,67 @@ def test_cli_subcommands_on_the_run(run, tmp_path, capsys):
   _assert_picture(tmp_path / "c.png", min_size=(600, 350))
 
 
+@pytest.fixture(scope="module")
+def packed(run):
+  """The run's data packed (python -m clipreid_jax.data.prepare), and the run's model in two workdirs whose
+  config.json names market1501 at a root that does not exist: 'packed' records the pack, as a run trained with
+  --config.dataset.packed_dir does; 'folder' records no pack."""
+  from clipreid_jax.data import packed as packed_lib
+  root, _ = run
+  pack = root / "pack"
+  packed_lib.prepare("market1501", root / "data", pack)
+  config = json.loads((root / "work" / "config.json").read_text())
+  works = {}
+  for kind, packed_dir in (("packed", str(pack)), ("folder", "")):
+    work = works[kind] = root / f"work_{kind}"
+    work.mkdir()
+    config["dataset"].update(name="market1501", root="/nonexistent", packed_dir=packed_dir, check_counts=False)
+    (work / "config.json").write_text(json.dumps(config))
+    # A copy, not a link: `ranks` reads the config.json beside the resolved --checkpoint.
+    shutil.copytree(root / "work" / "model", work / "model")
+    for name in ("stage1", "metrics.jsonl"):
+      (work / name).symlink_to(root / "work" / name)
+  return pack, works
+
+
+def _same_pictures(a: pathlib.Path, b: pathlib.Path) -> None:
+  names = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+  assert names and names == sorted(p.relative_to(b) for p in b.rglob("*.png"))
+  for name in names:
+    np.testing.assert_array_equal(_pixels(a / name), _pixels(b / name))
+
+
+def test_cli_reads_the_pack_the_run_trained_on(run, packed, tmp_path, capsys):
+  # The run's config.json names a pack and a root that is gone: every subcommand reads the pack.
+  root, _ = run
+  work = packed[1]["packed"]
+  ranks_args = ["--num", "2", "--worst", "--topk", "5"]
+  assert cli.main(["ranks", "--checkpoint", str(work / "model"), "--out", str(tmp_path / "pack")] + ranks_args) == 0
+  assert cli.main(["all", "--workdir", str(work), "--out", str(tmp_path / "all"), "--num", "1"]) == 0
+  # --root reads the folder instead of the recorded pack: the same records and pixels, so the same pictures.
+  assert cli.main(["ranks", "--checkpoint", str(work / "model"), "--out", str(tmp_path / "folder"),
+                   "--root", str(root / "data")] + ranks_args) == 0
+  assert capsys.readouterr().err == ""
+  _same_pictures(tmp_path / "pack", tmp_path / "folder")
+  assert sorted(p.relative_to(tmp_path / "all").as_posix() for p in (tmp_path / "all").rglob("*.png")
+                if p.parent.name != "ranks") == ["curves.png", "tsne.png"]
+  assert len(list((tmp_path / "all" / "ranks").glob("*.png"))) == 2
+
+
+def test_cli_packed_dir_option(run, packed, tmp_path, capsys):
+  # The run recorded a folder that is gone: an error naming it, until --packed_dir names a packed copy.
+  pack, works = packed
+  model = str(works["folder"] / "model")
+  assert cli.main(["ranks", "--checkpoint", model, "--out", str(tmp_path / "r"), "--num", "2"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and re.match(r"error: market1501: root /nonexistent is not a folder", err), err
+  assert not (tmp_path / "r").exists()
+  assert cli.main(["ranks", "--checkpoint", model, "--out", str(tmp_path / "r"), "--num", "2", "--packed_dir",
+                   str(pack)]) == 0
+  assert capsys.readouterr().err == ""
+  assert len(list((tmp_path / "r").glob("*.png"))) == 2
+
+
 _RECORDS = ['{"stage": 1, "epoch": 1, "loss": 2.0, "lr": 0.001}',
             '{"stage": 2, "epoch": 1, "loss": 3.0, "id_cls": 2.5, "lr": 0.0001, "accuracy": 0.4, "eval_mAP": 0.2}',
             '{"final": true, "mAP": 0.25, "R1": 0.5}']
@@ -227,9 +290,19 @@ def _write_files(root: pathlib.Path, files: dict) -> None:
      "--out: expected a .png file or a folder"),
     (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/file/c.png"],
      {"w/metrics.jsonl": "\n".join(_RECORDS), "file": ""}, "--out: .*file exists and is not a directory"),
+    (["tsne", "--workdir", "{tmp}", "--out", "{tmp}/t", "--root", "{tmp}/a", "--packed_dir", "{tmp}/b"], {},
+     "--root and --packed_dir: expected one of them"),
+    (["tsne", "--workdir", "{tmp}", "--out", "{tmp}/t", "--dataset", "market1501", "--packed_dir", "{tmp}"], {},
+     "packed market1501: not prepared under .*; run python -m clipreid_jax.data.prepare"),
+    # A run trained from a pack that is gone: the pack is looked for, not the folder (tfds' own log line silenced).
+    (["tsne", "--workdir", "{tmp}/w", "--out", "{tmp}/t"],
+     {"w/config.json": json.dumps({"dataset": {"name": "market1501", "root": "/nonexistent/folder",
+                                               "packed_dir": "/nonexistent/pack"}})},
+     "packed market1501: .*under /nonexistent/pack"),
 ], ids=["curves-workdir", "tsne-workdir", "ranks-checkpoint", "ranks-not-a-model", "ranks-batch-size-0",
         "all-num-0", "curves-no-metrics", "curves-null-line", "curves-list-line", "curves-epoch-not-int",
-        "curves-out-pdf", "curves-out-under-a-file"])
+        "curves-out-pdf", "curves-out-under-a-file", "root-and-packed-dir", "packed-dir-not-prepared",
+        "recorded-pack-missing"])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, files, message):
   _write_files(tmp_path, files)
   before = sorted(tmp_path.rglob("*"))

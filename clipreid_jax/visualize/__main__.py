@@ -1,7 +1,8 @@
 """python -m clipreid_jax.visualize {ranks,tsne,curves,all} ...: pictures of a run (see the package docstring).
 
---dataset/--root default to the dataset the run was trained on (WORKDIR/config.json; for `ranks`, the workdir
-holding --checkpoint). Bad input ends with one line on stderr naming the path or option, and exit code 2.
+--dataset/--root/--packed_dir default to the dataset the run was trained on (WORKDIR/config.json; for `ranks`, the
+workdir holding --checkpoint), read as the trainer reads it: its packed copy where it trained on one. Bad input
+ends with one line on stderr naming the path or option, and exit code 2.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
 
   def dataset_args(s):
     s.add_argument("--dataset", help="dataset name (default: the one the run was trained on)")
-    s.add_argument("--root", help="dataset root (default: the one the run was trained on)")
+    s.add_argument("--root", help="dataset root, read instead of a packed copy (default: the run's)")
+    s.add_argument("--packed_dir", metavar="DIR", help="read the dataset's packed copy in DIR (python -m "
+                   "clipreid_jax.data.prepare ... --data_dir DIR) instead of its root (default: the run's, if any)")
     s.add_argument("--seed", type=int, default=0, help="seeds the random choices")
 
   r = sub.add_parser("ranks", help="rank lists: a query and its top gallery images, green = same identity")
@@ -67,14 +70,14 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
     _positive("--topk", args.topk)
     _positive("--batch-size", args.batch_size)
     model_dir = inputs.require_model_dir(args.checkpoint, "--checkpoint")
-    dataset = inputs.dataset_for(args.dataset, args.root, model_dir.resolve().parent)
+    dataset = inputs.dataset_for(args.dataset, args.root, model_dir.resolve().parent, args.packed_dir)
     from clipreid_jax.visualize.render import rank_lists_of_model
     return rank_lists_of_model(model_dir, dataset, args.out, num=args.num, worst=args.worst, topk=args.topk,
                                seed=args.seed, batch_size=args.batch_size, flip=args.flip)
   if args.command == "all":
     _positive("--num", args.num)
   workdir = inputs.require_dir(args.workdir, "--workdir")
-  dataset = inputs.dataset_for(args.dataset, args.root, workdir)
+  dataset = inputs.dataset_for(args.dataset, args.root, workdir, args.packed_dir)
   if args.command == "tsne":
     _positive("--ids", args.ids)
     from clipreid_jax.visualize.embedding import render_tsne

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -45,18 +46,6 @@ def training_settings(workdir: str | os.PathLike) -> Optional[dict]:
   return ds if isinstance(ds, dict) and "name" in ds and "root" in ds else None
 
 
-def open_dataset(name: str, root: str | os.PathLike, options: Optional[dict] = None) -> ReidDataset:
-  """Reads a dataset; 'synthetic' is read as the Market-layout folder it is, never (re)written.
-
-  The registry's 'synthetic' reader rewrites the folder when its settings differ from the defaults, which would
-  destroy a demo's data; here only reading is wanted.
-  """
-  from clipreid_jax.data import get_dataset
-  if name == "synthetic":
-    return get_dataset("market1501", root, check_counts=False)
-  return get_dataset(name, root, **dict(options or {}))
-
-
 def require_valid_queries(dataset: ReidDataset) -> None:
   """Rank lists choose among the queries with a true match from another camera: there must be one."""
   from clipreid_jax.evaluation import metrics
@@ -66,15 +55,55 @@ def require_valid_queries(dataset: ReidDataset) -> None:
                          "expected at least one for the rank lists")
 
 
-def dataset_for(name: Optional[str], root: Optional[str], workdir: Optional[str | os.PathLike]) -> ReidDataset:
-  """The dataset given by --dataset/--root, or else the one the run in `workdir` was trained on."""
-  if name and root:
-    return open_dataset(name, root)
+def dataset_for(name: Optional[str], root: Optional[str], workdir: Optional[str | os.PathLike],
+                packed_dir: Optional[str] = None) -> ReidDataset:
+  """The dataset of --dataset/--root/--packed_dir, each defaulting to the run's in `workdir` (its config.json).
+
+  Read by the trainer's own `train.load_dataset`: the packed copy where a packed_dir is named, else the folder,
+  with the run's reader options (check_counts, test_size, ...) where it is the run's dataset. `root` reads that
+  folder instead of a recorded pack. 'synthetic' is read as the Market-layout folder it is, never (re)written.
+  """
+  if root and packed_dir:
+    raise VisualizeError(f"--root and --packed_dir: expected one of them (a folder or its packed copy), got both "
+                         f"{root} and {packed_dir}")
   settings = training_settings(workdir) if workdir is not None else None
   if settings is None:
-    where = f" ({pathlib.Path(workdir) / 'config.json'} names no training dataset)" if workdir is not None else ""
-    raise VisualizeError(f"--dataset and --root: both are needed{where}")
-  return open_dataset(name or settings["name"], root or settings["root"], settings.get("options"))
+    if not (name and (root or packed_dir)):
+      where = f" ({pathlib.Path(workdir) / 'config.json'} names no training dataset)" if workdir is not None else ""
+      raise VisualizeError(f"--dataset and --root (or --packed_dir): both are needed{where}")
+    settings = {}
+  import ml_collections
+  from clipreid_jax import train
+  from clipreid_jax.config_defaults import recipe
+  from clipreid_jax.data.registry import canonical_name
+  name = name or settings["name"]
+  ds = recipe(name).dataset.to_dict()  # the reader options' defaults, for another dataset or an older record
+  if settings and canonical_name(name) == canonical_name(settings["name"]):
+    ds.update(settings)
+  else:  # not the run's dataset: its reader options do not apply, only where the data lives carries over
+    ds.update({k: settings[k] for k in ("root", "packed_dir") if k in settings})
+  ds["name"] = name
+  if root:
+    ds.update(root=root, packed_dir="")
+  if packed_dir:
+    ds["packed_dir"] = packed_dir
+  if canonical_name(name) == "synthetic":
+    # The trainer's synthetic branch (re)writes the folder, and a demo's data must only be read; it reads no pack.
+    ds.update(name="market1501", check_counts=False, packed_dir=packed_dir or "")
+  with _quiet_logger("absl"):  # tfds logs a pack it cannot find, before load_packed's one-line error says so
+    return train.load_dataset(ml_collections.ConfigDict({"dataset": ds}), everywhere=False)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+  """Only errors of logger `name` inside the block."""
+  logger = logging.getLogger(name)
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------------------------
