@@ -72,11 +72,16 @@ def test_golden_metrics_from_features(golden, name, ranking):
 
 
 def test_golden_rerank_file_without_reranking(golden):
-  """rerank.npz also stores the plain evaluation of its features."""
-  for p in sorted((golden / "metrics").glob("*.npz")):
+  """rerank.npz also stores the plain evaluation of its features, their normalised form and its distances."""
+  files = [p for p in sorted((golden / "metrics").glob("*.npz")) if "no_rerank_distmat" in np.load(p).files]
+  assert files, "no golden file with a plain evaluation beside its re-ranking"
+  for p in files:
     z = dict(np.load(p))
-    if "no_rerank_distmat" not in z:
-      continue
+    qn, gn = metrics.l2_normalize(z["qf"]), metrics.l2_normalize(z["gf"])
+    for got, ref in ((qn, z["qf_normalized"]), (gn, z["gf_normalized"])):
+      assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    got, ref = metrics.euclidean_distance(qn, gn), z["no_rerank_distmat"]  # README: distmat from features
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
     res = metrics.evaluate(z["qf"], z["gf"], *_labels(z))
     np.testing.assert_allclose(res.cmc, z["no_rerank_cmc"], rtol=0, atol=1e-6)
     assert abs(res.mAP - float(z["no_rerank_mAP"])) <= 1e-6
