@@ -56,21 +56,34 @@ def restore_variables(path: str | os.PathLike) -> dict:
   try:
     return ckptr.restore(path)
   except Exception as e:  # orbax raises many types for truncated or foreign data
-    _quiet_late_reads()
-    raise CheckpointError(f"{path}: cannot restore ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    quiet_late_reads()
+    raise CheckpointError(f"{path}: cannot restore ({type(e).__name__}: {restore_reason(e)})") from None
 
 
-def _quiet_late_reads() -> None:
+def restore_reason(e: Exception) -> str:
+  """The first line of a restore error, without TensorStore's pointer to its details (a pybind11 method repr)."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return text.split(" See full TensorStore details")[0][:200]
+
+
+def quiet_late_reads() -> None:
   """After a failed restore, the reads still in flight land on the event loop orbax has closed, each reported through
-  sys.unraisablehook as a traceback ("Event loop is closed") after our one-line error; those, and only those, are
-  dropped."""
+  sys.unraisablehook as a traceback ("Event loop is closed") around our one-line error; those, and only those
+  (raised by asyncio's closed-loop check), are dropped."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_late_reads", False):
     return
 
-  def hook(unraisable):
-    e = unraisable.exc_value
+  def late_read(unraisable) -> bool:
+    e, tb = unraisable.exc_value, unraisable.exc_traceback
     if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      return False
+    while tb is not None and tb.tb_next is not None:
+      tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
+
+  def hook(unraisable):
+    if not late_read(unraisable):
       previous(unraisable)
 
   hook.drops_late_reads = True

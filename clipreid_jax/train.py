@@ -472,6 +472,9 @@ class Run:
     tb, records = self.dir / "tensorboard", self.dir / "metrics.jsonl"
     if not tb.is_dir():
       return
+    if getattr(self, "_tb", None) is not None:
+      self._tb.close()
+      self._tb = None
     shutil.rmtree(tb)
     for line in records.read_text().splitlines() if records.is_file() else []:
       self._tensorboard(json.loads(line))
@@ -576,7 +579,8 @@ class Run:
       raise self._unusable(step, e) from None
 
   def _unusable(self, step: int, e: Exception) -> checkpoints.CheckpointError:
-    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    checkpoints.quiet_late_reads()
+    reason = checkpoints.restore_reason(e)
     return checkpoints.CheckpointError(f"{self.dir / 'checkpoints' / str(step)}: cannot restore ({reason}); move it "
                                        "away to resume from the one before")
 
