@@ -9,6 +9,7 @@ with one line on stderr naming the file or key, and exit code 2.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 
@@ -29,11 +30,15 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Check the config (keys, types, v
 def run(config, workdir: str) -> int:
   import jax
   from clipreid_jax import inference, train
-  if _DRY_RUN.value:
-    train.validate_config(config)
+  if _DRY_RUN.value:  # every key, then the checks a real run makes before it reads or writes anything
     shown = config.copy_and_resolve_references()
     shown.workdir = workdir  # the one the run would use (--workdir, or the mode's default)
-    print(shown.to_json_best_effort(indent=1, sort_keys=True))
+    print(shown.to_json_best_effort(indent=1, sort_keys=True), flush=True)
+    train.validate_config(config)
+    if config.mode == "train":
+      train.Run(workdir, config)  # refuses another configuration's workdir, or an evaluation's
+    elif config.mode == "eval":
+      inference.check_eval_workdir(workdir)
     print(f"config OK: mode {config.mode}, workdir {workdir}", flush=True)
     return 0
   train.validate_config(config)  # before anything is started, read or written
@@ -88,7 +93,11 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
   config = _CONFIG.value
   if config is None:
-    print("error: --config is required, e.g. --config configs/demo.py", file=sys.stderr)
+    if flags.FLAGS["config"].present:
+      print(f"error: --config={flags.FLAGS['config'].config_filename}: get_config() returned None; expected a "
+            "ConfigDict", file=sys.stderr)
+    else:
+      print("error: --config is required, e.g. --config configs/demo.py", file=sys.stderr)
     return 2
   from clipreid_jax import host_memory
   host_memory.keep_step_buffers_mapped()  # before JAX starts its backend
@@ -114,6 +123,10 @@ def main(argv):
     return 1
 
 
+# The line that starts a traceback's exception text ("ValueError: ...", "pkg.CustomError: ...").
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b")
+
+
 def parse_flags(argv):
   """absl's parsing, but a bad flag, config file, key or value is one line on stderr and exit code 2."""
   try:
@@ -124,9 +137,11 @@ def parse_flags(argv):
     return rest
   except flags.Error as e:
     message = str(e)
-    if "Traceback (most recent call last)" in message:  # an exception inside get_config: its own line is the news
+    if "Traceback (most recent call last)" in message:  # an exception inside get_config: its own text is the news
       head = message.split(": Error whilst parsing config file", 1)[0]
-      message = f"{head}: {message.strip().splitlines()[-1].strip()}"
+      lines = message.strip().splitlines()
+      last = max((i for i, l in enumerate(lines) if _EXCEPTION_LINE.match(l)), default=len(lines) - 1)
+      message = f"{head}: {' '.join(lines[last:])}"
   except OSError as e:  # the config file: not found, not readable
     text = " ".join(str(e).split())
     message = f"--config: cannot load the config file: {text[text.find('[Errno'):] if '[Errno' in text else text}"
@@ -138,6 +153,8 @@ def parse_flags(argv):
                    if a.startswith("--config.") and key in a.split("=")[0].split(".")), None)
       if flag:
         message = f"{flag}: unknown config key {key!r}; expected one of the keys in clipreid_jax/config_defaults.py"
+  except Exception as e:  # pylint: disable=broad-except  # anything else the config file raised (NameError, ...)
+    message = f"--config: {type(e).__name__}: {e}"
   print(f"error: {' '.join(message.split())}", file=sys.stderr)
   sys.exit(2)
 

@@ -209,6 +209,30 @@ def test_bad_config_file(tmp_path, config, expected):
   assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize("body,expected", [
+    ("def get_config():\n  return recipe('x')\n", "--config: NameError: name 'recipe' is not defined"),  # 38 lines
+    ("import no_such_module_xyz\n", "--config: ModuleNotFoundError: No module named 'no_such_module_xyz'"),
+    ("def get_config():\n  raise ValueError('first line\\nsecond line')\n", "ValueError: first line second line"),
+    ("def get_config():\n  return None\n", "get_config() returned None; expected a ConfigDict"),  # said: required
+])
+def test_broken_config_file(tmp_path, body, expected):
+  (tmp_path / "mine.py").write_text(body)
+  _error(_cli("--config", tmp_path / "mine.py", "--dry_run"), expected)
+
+
+def test_dry_run_lists_the_keys_then_checks_like_a_run(tmp_path):
+  """--dry_run prints every key even when a check then fails, and refuses a workdir the real run would refuse."""
+  out = _cli("--config", "configs/market1501_vit.py", "--dry_run")
+  _error(out, "init.clip: expected a converted CLIP directory")
+  assert '"stage2": {' in out.stdout and '"workdir": "workdirs/market1501_vit_clipreid"' in out.stdout
+  work = tmp_path / "run"
+  work.mkdir()
+  (work / "config.json").write_text("{}\n")  # a training run's
+  out = _cli("--config", "configs/market1501_vit.py", "--config.mode=eval", "--config.checkpoint=x", "--workdir", work,
+             "--dry_run")
+  _error(out, "holds a training run")
+
+
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 
