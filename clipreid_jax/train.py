@@ -757,7 +757,8 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
       check_finite(f"stage 2 epoch {e} step {c} (optimizer step {g})", m, run)
     unchecked.clear()
 
-  compiled = False  # the process's first step compiles it: images/s is timed from that step's return
+  # The process's first step call compiles the step (synchronously): images/s leaves that time out, time_s not.
+  compiled, epoch_compile_s = False, 0.0
   for epoch in range(start, s.max_epochs + 1):
     t = time.time()
     loader = pipelines.train_loader(dataset.train, image_size=model.config.input_size, num_ids=s.num_ids,
@@ -769,8 +770,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
       count = resume_at
       sums = None if resume_sums is None else {k: jnp.asarray(v, jnp.float32) for k, v in resume_sums.items()}
       resume_at = None
-    start_count = first = count
-    t_rate = t
+    first = count
     batches = prefetch.prefetch(loader.iterator(start=count),
                                 lambda b: to_global(mesh, {k: b[k] for k in ("image", "pid", "camid", "viewid")}),
                                 depth=config.prefetch_batches)
@@ -779,9 +779,10 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
     for g in bar:
       # The step's randomness is a function of the optimizer step only, so a resumed run draws the same. (Not
       # epoch * steps_per_epoch + count: PK epochs differ in length, and two steps would share their draws.)
+      t_call = time.time()
       state, metrics = step(state, g, jax.random.fold_in(key, done))
       if not compiled:
-        compiled, first, t_rate = True, count + 1, time.time()
+        compiled, epoch_compile_s = True, time.time() - t_call
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       count += 1
       done += 1
@@ -804,10 +805,10 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
     check_steps()
     m = {k: float(v) / max(count, 1) for k, v in jax.device_get(sums).items()}
     elapsed = time.time() - t
-    if count == first:  # the epoch's only step compiled: its wall time is all there is
-      first, t_rate = start_count, t
     record = {"stage": 2, "epoch": epoch, "lr": float(lr(epoch)), "time_s": elapsed,  # compilation included
-              "images_per_s": (count - first) * s.num_ids * s.num_instances / max(time.time() - t_rate, 1e-9), **m}
+              "images_per_s": (count - first) * s.num_ids * s.num_instances / max(elapsed - epoch_compile_s, 1e-9),
+              **m}
+    epoch_compile_s = 0.0
     log.info("stage 2 epoch %d/%d: loss %.4f (id %.3f+%.3f tri %.3f+%.3f+%.3f%s) acc %.3f lr %.2e, %.0f img/s",
              epoch, s.max_epochs, m["loss"], m["id_cls"], m["id_proj"], m["tri_last"], m["tri_feat"], m["tri_proj"],
              f" i2t {m['i2t']:.3f}" if "i2t" in m else "", m["accuracy"], lr(epoch), record["images_per_s"])
