@@ -97,12 +97,12 @@ def _as_batch(images) -> Sequence:
     return images
   if hasattr(images, "__array__") or hasattr(images, "__array_interface__"):  # numpy, JAX, torch, pandas
     arr = np.asarray(images)
+    if arr.dtype.kind in "OUS":  # paths (or images), one per element
+      return [x.decode() if isinstance(x, bytes) else x for x in arr.ravel()]
     if arr.ndim == 4 and arr.shape[3] in (1, 3, 4):
       return arr
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4)):
       return [arr]
-    if arr.ndim == 1 and arr.dtype.kind in "OU":  # paths or images, one per element
-      return list(arr)
     raise ValueError(f"images: expected one image (H, W, C) / (H, W) or a batch (N, H, W, C) with C in 1, 3, 4, "
                      f"got an array of shape {arr.shape}; N gray images: (N, H, W, 1) or a list of (H, W) arrays")
   try:

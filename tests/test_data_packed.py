@@ -140,7 +140,7 @@ def test_prepare_killed_removes_its_partial_pack(tmp_path):
   proc.send_signal(signal.SIGTERM)
   err = proc.communicate(timeout=120)[1]
   assert proc.returncode == 143, err
-  assert err.strip().splitlines()[-1].startswith("error: interrupted; the partial pack under")
+  assert err.strip().splitlines()[-1].startswith("error: interrupted; no partial pack is left under")
   assert not list(out.glob("reid_packed/market1501/incomplete.*"))
   with pytest.raises(data.DatasetNotFoundError, match="not prepared"):
     packed.load_packed("market1501", out)

@@ -130,8 +130,31 @@ def test_rewrite_refuses_a_broken_marker(tmp_path):
   assert _snapshot(tmp_path) == before
 
 
+def test_finishes_an_interrupted_write(tmp_path):
+  """The marker is written last: a write killed midway left the generator's files only, and every rerun (the demo's)
+  was refused until the folder was deleted by hand. It is finished now, with a warning; a user's file still blocks."""
+  data.write_synthetic_market(tmp_path / "whole", **KW)
+  part = tmp_path / "part"
+  shutil.copytree(tmp_path / "whole", part)
+  (part / "synthetic.json").unlink()
+  for name in sorted(os.listdir(part / "bounding_box_test"))[3:]:
+    (part / "bounding_box_test" / name).unlink()
+  (part / "mine").mkdir()  # beside the split folders: not the generator's business
+  with pytest.warns(data.DataWarning, match="finishing a write that was interrupted"):
+    data.write_synthetic_market(part, **KW)
+  for sub in ("bounding_box_train", "query", "bounding_box_test"):  # the same images as one uninterrupted write
+    names = sorted(os.listdir(tmp_path / "whole" / sub))
+    assert sorted(os.listdir(part / sub)) == names
+    assert all((part / sub / n).read_bytes() == (tmp_path / "whole" / sub / n).read_bytes() for n in names)
+  (part / "synthetic.json").unlink()
+  (part / "query" / "notes.txt").write_text("mine")
+  with pytest.raises(data.DataError, match=r"split folders that this generator did not write \(query/notes.txt\)"):
+    data.write_synthetic_market(part, **KW)
+
+
 def test_refuses_foreign_folders_and_bad_settings(tmp_path):
   (tmp_path / "query").mkdir()
+  (tmp_path / "query" / "0001_c1s1_000001_00.jpg").write_bytes(b"not the generator's name (_00)")
   with pytest.raises(data.DataError, match="did not write"):
     data.write_synthetic_market(tmp_path, **KW)
   with pytest.raises(data.DataError, match="num_cams"):

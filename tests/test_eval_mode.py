@@ -252,6 +252,8 @@ def test_extractor_single_images_and_batches(setup):
   close(ext(tuple(paths)), listed)
   close(ext(iter(paths)), listed)
   close(ext(np.asarray(paths)), listed)  # a numpy array of paths
+  close(ext(np.asarray(paths, dtype=object)[:, None]), listed)  # a column of paths (was read as one gray image)
+  close(ext(np.asarray([str(p).encode() for p in paths])), listed)  # bytes paths (were refused)
   gray_rows = ext(list(grays))
   assert gray_rows.shape == (4, dim)
   close(ext(grays[..., None]), gray_rows)  # (N, H, W, 1): N gray images

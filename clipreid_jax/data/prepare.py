@@ -21,7 +21,8 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signum, frame):
-  del signum, frame
+  del frame
+  signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut tfds' cleanup short
   raise Terminated
 
 
@@ -45,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except (KeyboardInterrupt, Terminated) as e:
-    print(f"error: interrupted; the partial pack under {args.data_dir} was removed, run the command again",
-          file=sys.stderr)
+    print(f"error: interrupted; no partial pack is left under {args.data_dir} (a finished one is kept), run the "
+          "command again", file=sys.stderr)
     return 143 if isinstance(e, Terminated) else 130
   finally:
     signal.signal(signal.SIGTERM, previous)

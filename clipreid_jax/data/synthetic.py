@@ -213,7 +213,15 @@ def write_synthetic_market(root: str | os.PathLike, num_train_ids: int = 32, num
       shutil.rmtree(os.path.join(root, sub), ignore_errors=True)
     os.remove(marker)
   elif any(os.path.exists(os.path.join(root, sub)) for sub in SPLIT_DIRS):
-    raise errors.DataError(f"synthetic: {root} already holds split folders that this generator did not write")
+    # No marker, which is written last: a write killed midway leaves only the generator's own names.
+    foreign = _foreign_files(root, None)
+    if foreign:
+      raise errors.DataError(f"synthetic: {root} already holds split folders that this generator did not write "
+                             f"({foreign[0]}); move them or pick another root")
+    warnings.warn(f"synthetic: {root}: finishing a write that was interrupted (no {SYNTHETIC_MARKER})",
+                  errors.DataWarning, stacklevel=2)
+    for sub in SPLIT_DIRS:
+      shutil.rmtree(os.path.join(root, sub), ignore_errors=True)
   for sub in SPLIT_DIRS:
     os.makedirs(os.path.join(root, sub), exist_ok=True)
 
@@ -280,12 +288,14 @@ def _read_marker(marker: str) -> dict | None:
   return recorded
 
 
-def _foreign_files(root: str, recorded: dict) -> list[str]:
+def _foreign_files(root: str, recorded: dict | None) -> list[str]:
   """Entries of the split folders that the generator did not write with the `recorded` settings: it names its images
-  with the frame numbers 1..N, each once, N being the number of images those settings give."""
+  with the frame numbers 1..N, each once, N being the number of images those settings give (None: a write that
+  never finished, of unknown settings: any N)."""
   try:
-    n = ((recorded["num_train_ids"] + recorded["num_test_ids"]) * recorded["imgs_per_id"] + recorded["num_distractors"]
-         + recorded["num_junk"])
+    n = float("inf") if recorded is None else (
+        (recorded["num_train_ids"] + recorded["num_test_ids"]) * recorded["imgs_per_id"]
+        + recorded["num_distractors"] + recorded["num_junk"])
   except (KeyError, TypeError):
     n = 0  # not settings this version writes: no file is known to be ours
   seen, foreign = set(), []
