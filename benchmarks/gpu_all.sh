@@ -16,7 +16,7 @@
 # Without .devdeps the PyTorch rows report an error, our rows use numpy-drawn weights and a stand-in ftfy.
 #
 # Tables go to stdout and, with the workers' logs and JSON, to $OUT (the device tool's folder) or /tmp/gpu_all.
-# Smoke run on a CPU: STEP_BUDGET_S=60 EVAL_SCALE=0.02 RECIPE_EXTRA="--tiny" TOTAL_BUDGET_S=200 PYTHON=... bash ...
+# Smoke run on a CPU: STEP_BUDGET_S=60 EVAL_SCALE=0.02 RECIPE_EXTRA="--tiny" TOTAL_BUDGET_S=240 PYTHON=... bash ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
