@@ -233,12 +233,17 @@ def extract_to_files(config, overrides: frozenset = frozenset()) -> pathlib.Path
   except ValueError as e:  # SIE ids missing or outside the table
     hint = "" if images.cams is not None else " (give extract.input as a list file of `path,camera[,view]` lines)"
     raise train.ConfigError(f"extract.input: {config.extract.input}: {e}{hint}") from None
-  out.mkdir(parents=True, exist_ok=True)
   tmp = out / ".features.npy.partial"
-  with open(tmp, "wb") as f:
-    np.save(f, feats)
-  os.replace(tmp, out / "features.npy")
-  train._write_atomic(out / "features_index.txt", "\n".join(images.index_lines()) + "\n")
+  try:  # os.access, which check_output_dir asks, says yes to root on read-only or virtual filesystems
+    out.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+      np.save(f, feats)
+    os.replace(tmp, out / "features.npy")
+    train._write_atomic(out / "features_index.txt", "\n".join(images.index_lines()) + "\n")
+  except OSError as e:
+    if tmp.parent.is_dir():
+      tmp.unlink(missing_ok=True)
+    raise train.ConfigError(f"extract.output: cannot write {out} ({e.strerror or type(e).__name__})") from None
   print(f"wrote {len(images.files)} features of width {feats.shape[1]} to {out / 'features.npy'}", flush=True)
   return out
 

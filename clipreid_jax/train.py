@@ -10,6 +10,7 @@ workdir is written; a non-finite loss or gradient stops the run without saving t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -134,6 +135,16 @@ def validate_config(config) -> None:
         milestones, "increasing positive epoch numbers")
   _need(config.stage2.warmup_method in ("linear", "constant"), "stage2.warmup_method", config.stage2.warmup_method,
         "'linear' or 'constant'")
+  if not m.baseline:
+    _need(config.stage1.lr_min <= config.stage1.base_lr, "stage1.lr_min", config.stage1.lr_min,
+          f"at most stage1.base_lr ({config.stage1.base_lr:g}): the cosine falls from base_lr to lr_min")
+    if config.stage1.warmup_epochs >= config.stage1.max_epochs:
+      log.warning("stage1.warmup_epochs %d >= stage1.max_epochs %d: stage 1 never reaches its base_lr",
+                  config.stage1.warmup_epochs, config.stage1.max_epochs)
+  late = [e for e in milestones if e > config.stage2.max_epochs]
+  if late:
+    log.warning("stage2.steps %s: beyond stage2.max_epochs %d, the learning rate never decays there", late,
+                config.stage2.max_epochs)
   if not config.init.clip:  # a random CLIP needs its sizes (the demo and tests set them; recipes leave them 0)
     _need(_random_clip_sizes(m) is not None, "init.clip", config.init.clip,
           "a converted CLIP directory (python -m clipreid_jax.convert clip ViT-B-16.pt DIR), or model.random_clip "
@@ -147,7 +158,16 @@ def _random_clip_sizes(m) -> dict | None:
     return None
   sizes = {k: rc.get(k, 0) for k in ("embed_dim", "vision_layers", "vision_width", "text_width", "text_layers")}
   flat = [v for s in sizes.values() for v in (s if isinstance(s, (tuple, list)) else [s])]
-  return sizes if flat and all(_is_int(v) and v > 0 for v in flat) else None
+  if not (flat and all(_is_int(v) and v > 0 for v in flat)):
+    return None
+  vit = m.backbone.startswith("ViT")
+  layers = sizes["vision_layers"]
+  # The shapes build_model makes of them: ViT heads are width // 64; a ResNet takes 4 stage depths.
+  _need(_is_int(layers) if vit else isinstance(layers, (tuple, list)) and len(layers) == 4,
+        "model.random_clip.vision_layers", layers, "one block count for a ViT" if vit else "4 stage depths for an RN")
+  _need(not vit or sizes["vision_width"] % 64 == 0, "model.random_clip.vision_width", sizes["vision_width"],
+        "a multiple of 64 for a ViT (its heads are 64 wide)")
+  return sizes
 
 
 def _get(config, dotted: str):
@@ -245,6 +265,9 @@ def check_data(config, dataset) -> None:
   except DataError as e:
     raise type(e)(f"stage2.num_ids={s.num_ids}, stage2.num_instances={s.num_instances}: {e}") from None
   m = config.model
+  if not m.baseline and config.stage1.batch_size > len(dataset.train):  # an epoch would hold no full batch
+    raise ConfigError(f"stage1.batch_size: {config.stage1.batch_size} is more than the {len(dataset.train)} training "
+                      f"images; expected at most {len(dataset.train)}")
   check_sie_ids(dataset, m.sie_camera, m.sie_view, dataset.num_train_cams, dataset.num_train_views)
   check_valid_queries(dataset)
 
@@ -312,6 +335,7 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
     clip_vars = jax.tree.map(np.asarray, clip_vars)
   else:
     raise ConfigError("init.clip: expected a converted CLIP directory (python -m clipreid_jax.convert clip ...)")
+  check_geometry(clip_cfg, tuple(m.input_size), m.stride)
   try:
     return clipreid.from_clip(
         clip_cfg, clip_vars, num_classes=dataset.num_train_pids, input_size=tuple(m.input_size), stride=m.stride,
@@ -320,6 +344,21 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
         with_text=not m.baseline, rng=jax.random.PRNGKey(config.seed), dtype=dtype)
   except checkpoints.CheckpointError as e:
     raise ConfigError(f"init.clip: {config.init.clip}: {e}") from None
+
+
+def check_geometry(clip_cfg: CLIPConfig, input_size: tuple[int, int], stride: int) -> None:
+  """The input size and patch stride against the CLIP's patch: at least one patch, no pixel skipped between
+  patches (a stride above the patch size would leave gaps; the official code has no such recipe)."""
+  from clipreid_jax.convert import grid_for  # pylint: disable=g-import-not-at-top
+  if clip_cfg.is_vit and stride > clip_cfg.vision_patch_size:
+    raise ConfigError(f"model.stride: {stride} is more than the CLIP's {clip_cfg.vision_patch_size}-pixel patch, "
+                      f"which would skip pixels; expected 1..{clip_cfg.vision_patch_size}")
+  grid = grid_for(dataclasses.replace(clip_cfg, vision_stride=stride) if clip_cfg.is_vit else clip_cfg, input_size,
+                  stride if clip_cfg.is_vit else None)
+  if min(grid) < 1:
+    least = clip_cfg.vision_patch_size if clip_cfg.is_vit else 32
+    raise ConfigError(f"model.input_size: {input_size} gives no image token (grid {grid[0]}x{grid[1]}); expected "
+                      f"height and width of at least {least} pixels")
 
 
 # --------------------------------------------------------------------------------------------------

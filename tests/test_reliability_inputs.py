@@ -309,3 +309,34 @@ def test_missing_init_clip_directory(tmp_path):
   out, work = _train(tmp_path, f"--config.init.clip={missing}")
   _error(out, missing, "not found")
   assert not work.exists()
+
+
+@pytest.mark.parametrize("override,expected", [
+    # Values that ran to exit 0 doing the wrong thing, or crashed after minutes (found by a config fuzz):
+    ("--config.model.input_size=(8, 8)", ["model.input_size", "no image token", "at least 16 pixels"]),  # collapsed
+    ("--config.model.stride=32", ["model.stride: 32 is more than the CLIP's 16-pixel patch"]),  # half the image unseen
+    ("--config.stage1.batch_size=1000", ["stage1.batch_size: 1000 is more than the", "training images"]),  # traceback
+    ("--config.stage1.lr_min=0.01", ["stage1.lr_min", "at most stage1.base_lr"]),  # the cosine climbed to 0.01
+    ("--config.model.random_clip.vision_width=32", ["model.random_clip.vision_width", "multiple of 64"]),  # traceback
+    ("--config.model.backbone=RN50", ["model.random_clip.vision_layers", "4 stage depths"]),  # traceback
+])
+def test_config_values_that_misbehaved(tmp_path, override, expected):
+  out, work = _train(tmp_path, override)
+  _error(out, *expected)
+  assert not work.exists()
+
+
+def test_extract_output_that_cannot_be_written(tmp_path, models):
+  """root passes os.access everywhere: the write itself fails, and says so in one line (was a traceback)."""
+  images = tmp_path / "images"
+  images.mkdir()
+  from PIL import Image
+  Image.new("RGB", (32, 64)).save(images / "a.jpg")
+  (images / "list.txt").write_text("a.jpg,0\n")  # an SIE model: the camera of each image
+  out = _cli("--config", f"{CONFIG}:{tmp_path / 'synthetic'}", "--config.mode=extract",
+             f"--config.checkpoint={models['sie']}", f"--config.extract.input={images / 'list.txt'}",
+             "--config.extract.output=/proc/clipreid_features")
+  if os.access("/proc", os.W_OK):  # root: check_output_dir is passed, the mkdir fails
+    _error(out, "extract.output: cannot write /proc/clipreid_features")
+  else:
+    _error(out, "extract.output")
