@@ -275,11 +275,16 @@ def check_options(**options) -> None:
       raise ValueError(f"--{name} {' '.join(map(str, values))}: expected {_EXPECTED[name]}")
 
 
+def grid_unit(cfg: CLIPConfig) -> int:
+  """The pixels of one token: a ViT's patch, or a cell of the ResNet's output grid (its total downsampling)."""
+  return cfg.vision_patch_size if cfg.is_vit else (32 if cfg.resnet_last_stride == 2 else 16)
+
+
 def check_grid(src, cfg: CLIPConfig, input_size: tuple[int, int], grid: tuple[int, int]) -> None:
   """Refuses an input size below one patch (ResNet: one output cell), which would give a model with no tokens."""
   if min(grid) >= 1:
     return
-  unit = cfg.vision_patch_size if cfg.is_vit else (32 if cfg.resnet_last_stride == 2 else 16)
+  unit = grid_unit(cfg)
   what = "patch" if cfg.is_vit else "cell of the ResNet's output grid"
   raise CheckpointError(f"{src}: --input_size {input_size[0]} {input_size[1]} is smaller than one {unit}x{unit} {what} "
                         f"(it would give a {grid[0]}x{grid[1]} token grid); expected H and W >= {unit}")

@@ -10,7 +10,6 @@ workdir is written; a non-finite loss or gradient stops the run without saving t
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -335,30 +334,16 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
     clip_vars = jax.tree.map(np.asarray, clip_vars)
   else:
     raise ConfigError("init.clip: expected a converted CLIP directory (python -m clipreid_jax.convert clip ...)")
-  check_geometry(clip_cfg, tuple(m.input_size), m.stride)
   try:
     return clipreid.from_clip(
         clip_cfg, clip_vars, num_classes=dataset.num_train_pids, input_size=tuple(m.input_size), stride=m.stride,
         sie_camera=m.sie_camera, sie_view=m.sie_view, camera_num=max(dataset.num_train_cams, 1),
         view_num=max(dataset.num_train_views, 1), sie_coe=m.sie_coe, dataset=config.dataset.name,
         with_text=not m.baseline, rng=jax.random.PRNGKey(config.seed), dtype=dtype)
+  except clipreid.GeometryError as e:  # its message starts with the argument, a model.* key here
+    raise ConfigError(f"model.{e}") from None
   except checkpoints.CheckpointError as e:
     raise ConfigError(f"init.clip: {config.init.clip}: {e}") from None
-
-
-def check_geometry(clip_cfg: CLIPConfig, input_size: tuple[int, int], stride: int) -> None:
-  """The input size and patch stride against the CLIP's patch: at least one patch, no pixel skipped between
-  patches (a stride above the patch size would leave gaps; the official code has no such recipe)."""
-  from clipreid_jax.convert import grid_for  # pylint: disable=g-import-not-at-top
-  if clip_cfg.is_vit and stride > clip_cfg.vision_patch_size:
-    raise ConfigError(f"model.stride: {stride} is more than the CLIP's {clip_cfg.vision_patch_size}-pixel patch, "
-                      f"which would skip pixels; expected 1..{clip_cfg.vision_patch_size}")
-  grid = grid_for(dataclasses.replace(clip_cfg, vision_stride=stride) if clip_cfg.is_vit else clip_cfg, input_size,
-                  stride if clip_cfg.is_vit else None)
-  if min(grid) < 1:
-    least = clip_cfg.vision_patch_size if clip_cfg.is_vit else 32
-    raise ConfigError(f"model.input_size: {input_size} gives no image token (grid {grid[0]}x{grid[1]}); expected "
-                      f"height and width of at least {least} pixels")
 
 
 # --------------------------------------------------------------------------------------------------

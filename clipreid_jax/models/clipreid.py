@@ -234,6 +234,10 @@ def expected_variables(cfg: ReIDConfig) -> dict:
 # Building from CLIP, loading and converting official checkpoints.
 
 
+class GeometryError(ValueError):
+  """An input size or patch stride the CLIP cannot take; the message starts with the argument's name."""
+
+
 def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, input_size: tuple[int, int],
               stride: int = 16, sie_camera=False, sie_view=False, camera_num=1, view_num=1, sie_coe=3.0,
               dataset: str = "market1501", with_text: bool = True, rng=None, dtype=jnp.float32):
@@ -241,15 +245,25 @@ def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, i
 
   The image positional embedding is resized to the ReID grid; heads, SIE and prompt tokens are drawn
   fresh from `rng`; the prompt's prefix/suffix come from CLIP's token embedding.
+
+  Raises:
+    GeometryError: an input size below one token, or a stride above the patch size (it would skip pixels).
+    CheckpointError: a CLIP whose token grid was resized for another geometry.
   """
   from clipreid_jax.checkpoints import CheckpointError
-  from clipreid_jax.convert import grid_for, resize_pos_embed
+  from clipreid_jax.convert import grid_for, grid_unit, resize_pos_embed
+  if clip_cfg.is_vit and stride > clip_cfg.vision_patch_size:  # the official code has no such recipe
+    raise GeometryError(f"stride: {stride} is more than the CLIP's {clip_cfg.vision_patch_size}-pixel patch, which "
+                        f"would skip pixels; expected 1..{clip_cfg.vision_patch_size}")
   from clipreid_jax.tokenizer import tokenize
   if not clip_cfg.is_vit:
     clip_cfg = dataclasses.replace(clip_cfg, resnet_last_stride=1)  # CLIP-ReID's last-stride-1 ResNet
   else:
     clip_cfg = dataclasses.replace(clip_cfg, vision_stride=stride)
   grid = grid_for(clip_cfg, input_size, stride if clip_cfg.is_vit else None)
+  if min(grid) < 1:
+    raise GeometryError(f"input_size: {tuple(input_size)} gives no image token (grid {grid[0]}x{grid[1]}); expected "
+                        f"height and width of at least {grid_unit(clip_cfg)} pixels")
   have = tuple(clip_cfg.vision_grid)
   if have != tuple(grid) and have[0] != have[1]:
     # The official code resizes OpenAI's square table once; from a grid already resized for another geometry the
