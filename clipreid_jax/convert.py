@@ -15,12 +15,12 @@ import contextlib
 import math
 import re
 import sys
-import warnings
 from typing import Callable, Optional
 
 import numpy as np
 
 from clipreid_jax.checkpoints import CheckpointError, save_model_dir
+from clipreid_jax.data.errors import warnings_as_lines
 from clipreid_jax.models.clip import CLIPConfig
 from clipreid_jax.state_dicts import read_state_dict
 
@@ -368,8 +368,7 @@ def main(argv=None) -> int:
   r.add_argument("--sie_coe", type=float, default=1.0, help="SIE scale (the official SIE recipe uses 1.0)")
   args = parser.parse_args(argv)
   try:
-    with warnings.catch_warnings():  # one line each, as the errors
-      warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+    with warnings_as_lines():
       _convert(args)
   except (CheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -21,10 +21,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     opts = registry.parse_options(args.opt)
-    with warnings.catch_warnings():
-      # Warnings (e.g. counts that differ from the published ones) go to stderr as one line each.
+    with errors.warnings_as_lines():  # e.g. counts that differ from the published ones
       warnings.simplefilter("always", errors.DataWarning)
-      warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
       dataset = registry.get_dataset(args.name, args.root, **opts)
   except errors.DataError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -4,6 +4,10 @@ Every error a user can cause with their data (a wrong root, an empty split, a br
 identities for the sampler) raises a subclass of `DataError` with a one-line message that names the file or folder,
 so a CLI can print `str(err)` and exit with code 2.
 """
+import contextlib
+import sys
+import warnings
+
 
 
 class DataError(ValueError):
@@ -36,3 +40,12 @@ class NotEnoughIdentitiesError(DataError):
 
 class DataWarning(UserWarning):
   """Something suspicious but usable: counts that differ from the published ones, a truncated JPEG, no view labels."""
+
+
+@contextlib.contextmanager
+def warnings_as_lines():
+  """Inside the block every warning reaches stderr as one line, `warning: ...`, as the CLIs print their errors
+  (not Python's two lines with the source line)."""
+  with warnings.catch_warnings():
+    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+    yield

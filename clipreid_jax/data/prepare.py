@@ -36,9 +36,8 @@ def main(argv: list[str] | None = None) -> int:
   from clipreid_jax.data import packed  # pylint: disable=g-import-not-at-top
   previous = signal.signal(signal.SIGTERM, _raise_terminated)
   try:
-    with warnings.catch_warnings():
+    with errors.warnings_as_lines():
       warnings.simplefilter("always", errors.DataWarning)
-      warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
       opts = registry.parse_options(args.opt)
       tfds_name = packed.prepare(args.name, args.manual_dir, args.data_dir, **opts)
       dataset = packed.load_packed(tfds_name.split("/", 1)[1], args.data_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import warnings
 from typing import Optional, Sequence
 
 
@@ -91,11 +90,10 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
   from clipreid_jax.checkpoints import CheckpointError
-  from clipreid_jax.data.errors import DataError
+  from clipreid_jax.data.errors import DataError, warnings_as_lines
   from clipreid_jax.visualize.inputs import VisualizeError
   try:
-    with warnings.catch_warnings():  # one line each, as the errors, not Python's two with the source line
-      warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+    with warnings_as_lines():
       written = run(args)
   except (VisualizeError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
