@@ -32,6 +32,12 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   c.dataset.keypoint_dir = ""  # VeRi: folder of keypoint_{train,test}.txt (default: the dataset root)
   # Read the dataset from its packed copy (python -m clipreid_jax.data.prepare ... --data_dir DIR) instead of root
   c.dataset.packed_dir = ""
+  if dataset == "synthetic":  # drawn at dataset.root on first use (clipreid_jax.data.synthetic)
+    c.dataset.num_train_ids = 32
+    c.dataset.num_test_ids = 16
+    c.dataset.imgs_per_id = 8
+    c.dataset.num_cams = 4  # 2..6: Market-1501 names cameras c1..c6
+    c.dataset.seed = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = backbone

@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipreid_jax import checkpoints, losses, optim, steps
-from clipreid_jax.data import pipelines, prefetch, sampler
+from clipreid_jax.data import pipelines, prefetch, sampler, synthetic
 from clipreid_jax.data.errors import DataError
 from clipreid_jax.models import clip as clip_lib
 from clipreid_jax.models import clipreid
@@ -96,6 +96,8 @@ def validate_config(config) -> None:
     _need(_is_real(config.eval.lambda_value) and 0 <= config.eval.lambda_value <= 1, "eval.lambda_value",
           config.eval.lambda_value, "a number in [0, 1]")
     _need(_is_int(config.seed) and config.seed >= 0, "seed", config.seed, "an integer >= 0")
+  if mode != "extract" and config.dataset.name == "synthetic":  # checked on every host before process 0 writes
+    _check_synthetic(config.dataset)
   if mode != "train":
     return
   _need(isinstance(m.backbone, str) and m.backbone.startswith(("ViT", "RN")), "model.backbone", m.backbone,
@@ -148,6 +150,19 @@ def validate_config(config) -> None:
     _need(_random_clip_sizes(m) is not None, "init.clip", config.init.clip,
           "a converted CLIP directory (python -m clipreid_jax.convert clip ViT-B-16.pt DIR), or model.random_clip "
           "sizes > 0 for a random CLIP")
+
+
+def _check_synthetic(ds) -> None:
+  keys = ("num_train_ids", "num_test_ids", "imgs_per_id", "num_cams", "seed")
+  missing = [k for k in keys if k not in ds]
+  _need(not missing, "dataset.name", ds.name, f"a config from recipe('synthetic', ...) (configs/demo.py), which has "
+        f"dataset.{', dataset.'.join(missing)}")
+  for key, low in (("num_train_ids", 1), ("num_test_ids", 1), ("imgs_per_id", 4), ("seed", 0)):
+    _need(_is_int(ds[key]) and ds[key] >= low, f"dataset.{key}", ds[key], f"an integer >= {low}")
+  _need(_is_int(ds.num_cams) and 2 <= ds.num_cams <= 6, "dataset.num_cams", ds.num_cams,
+        "an integer in [2, 6] (Market-1501 names cameras c1..c6)")
+  _need(ds.num_train_ids + ds.num_test_ids <= synthetic.MAX_IDS, "dataset.num_train_ids + dataset.num_test_ids",
+        ds.num_train_ids + ds.num_test_ids, f"at most {synthetic.MAX_IDS} (4-digit Market-1501 ids)")
 
 
 def _random_clip_sizes(m) -> dict | None:
@@ -223,12 +238,20 @@ def load_dataset(config, everywhere: bool = True):
   from clipreid_jax.data import get_dataset
   ds = config.dataset
   if ds.name == "synthetic":
-    from clipreid_jax.data.synthetic import write_synthetic_market
+    failed = None
     if jax.process_index() == 0 or not everywhere:
-      write_synthetic_market(ds.root, num_train_ids=ds.num_train_ids, num_test_ids=ds.num_test_ids,
-                             imgs_per_id=ds.imgs_per_id, num_cams=ds.num_cams, seed=ds.seed)
-    if everywhere and jax.process_count() > 1:
-      multihost_utils.sync_global_devices("synthetic data written")
+      try:
+        synthetic.write_synthetic_market(ds.root, num_train_ids=ds.num_train_ids, num_test_ids=ds.num_test_ids,
+                                         imgs_per_id=ds.imgs_per_id, num_cams=ds.num_cams, seed=ds.seed)
+      except DataError as e:
+        failed = e
+      except OSError as e:  # permissions, a full disk
+        failed = DataError(f"dataset.root: cannot write synthetic data to {ds.root} ({e.strerror or e})")
+    if everywhere and jax.process_count() > 1:  # the other hosts wait, then stop with process 0 if it failed
+      if not multihost_utils.broadcast_one_to_all(np.int32(failed is None)) and failed is None:
+        raise DataError(f"synthetic: process 0 could not write {ds.root} (its error is in its output)")
+    if failed is not None:
+      raise failed
     return get_dataset("market1501", ds.root, check_counts=False)
   from clipreid_jax.data.registry import canonical_name
   name = canonical_name(ds.name)

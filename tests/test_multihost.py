@@ -96,3 +96,19 @@ def test_two_hosts_train_through_the_cli_and_resume_after_sigterm_to_one(tmp_pat
   assert codes == [0, 0], (codes, "".join(hosts[0].lines[-20:]), "".join(hosts[1].lines[-20:]))
   assert (work / "model" / "config.json").is_file() and (work / "visualizations" / "curves.png").is_file()
   assert json.loads((work / "metrics.json").read_text())["final"]["mAP"] > 0
+
+
+def test_two_hosts_stop_together_when_process_0_cannot_write_the_synthetic_data(tmp_path):
+  """Process 0 writes the synthetic data while the others wait; where it fails (here the root holds someone
+  else's files), every host stops with a one-line error (the others used to wait at the barrier forever)."""
+  data, work = tmp_path / "data", tmp_path / "work"
+  (data / "query").mkdir(parents=True)
+  (data / "query" / "mine.jpg").write_bytes(b"not the generator's")
+  port = _free_port()
+  hosts = [_Host(i, port, data, work) for i in range(2)]
+  codes = [h.wait() for h in hosts]
+  assert codes == [2, 2], (codes, "".join(hosts[0].lines[-20:]), "".join(hosts[1].lines[-20:]))
+  last = [h.lines[-1].strip() for h in hosts]
+  assert last[0].startswith("error: synthetic:") and "did not write" in last[0], last[0]
+  assert last[1] == f"error: synthetic: process 0 could not write {data} (its error is in its output)", last[1]
+  assert not any(h.saw("Traceback") for h in hosts) and not work.exists()

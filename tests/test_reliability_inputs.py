@@ -187,6 +187,10 @@ def test_batch_not_divisible_by_devices(tmp_path):
     ("--config.stage1.base_lr=0", ["stage1.base_lr", "> 0", "got 0"]),
     ("--config.stage2.base_lr=nan", ["stage2.base_lr", "finite", "nan"]),
     ("--config.model.dtype=float16", ["model.dtype", "float16"]),
+    # The synthetic data's sizes: checked on every host before process 0 writes (was "synthetic: need ..., got 9").
+    ("--config.dataset.num_cams=9", ["dataset.num_cams", "[2, 6]", "got 9"]),
+    ("--config.dataset.imgs_per_id=3", ["dataset.imgs_per_id", ">= 4", "got 3"]),
+    ("--config.dataset.num_train_ids=5000", ["dataset.num_train_ids + dataset.num_test_ids", "at most 4999"]),
 ])
 def test_bad_config_value(tmp_path, override, expected):
   out, work = _train(tmp_path, override)

@@ -29,6 +29,8 @@ from clipreid_jax.data.published import SYNTHETIC_MARKER
 from clipreid_jax.data.records import ReidDataset
 
 SPLIT_DIRS = ("bounding_box_train", "query", "bounding_box_test")
+MAX_IDS = 4999  # identities in all: ids are drawn from twice as many 4-digit numbers
+
 # The names `write_synthetic_market` gives; the frame numbers count 1, 2, ... over all splits.
 FILE_NAME = re.compile(r"^(?:-1|\d{4})_c[1-6]s1_(\d{6})_01\.jpg$")
 SHIRTS = np.array([[200, 30, 30], [30, 60, 190], [40, 150, 60], [230, 200, 40], [240, 240, 240], [30, 30, 30],
@@ -227,9 +229,9 @@ def write_synthetic_market(root: str | os.PathLike, num_train_ids: int = 32, num
 
   size = tuple(size)
   r = _rng(seed, 0)
-  high = max(1501, 2 * (num_train_ids + num_test_ids))
-  if high > 9999:
-    raise errors.DataError(f"synthetic: at most {9998 // 2} identities in all")
+  if num_train_ids + num_test_ids > MAX_IDS:
+    raise errors.DataError(f"synthetic: at most {MAX_IDS} identities in all")
+  high = max(1501, 2 * (num_train_ids + num_test_ids))  # ids drawn from 1..high-1: 4 digits
   pids = r.choice(np.arange(1, high), num_train_ids + num_test_ids, replace=False)
   train_pids, test_pids = np.sort(pids[:num_train_ids]), np.sort(pids[num_train_ids:])
   cams = [_camera(seed, c, size) for c in range(num_cams)]
