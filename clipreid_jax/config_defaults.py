@@ -40,6 +40,8 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
     c.dataset.seed = 0
 
   c.model = ml_collections.ConfigDict()
+  # ViT-* or RN*: picks the family (loss weights, pixel normalisation); the architecture is init.clip's (a random
+  # CLIP takes its ViT patch from the name)
   c.model.backbone = backbone
   c.model.input_size = (256, 256) if vehicle else (256, 128)
   c.model.stride = 16  # 12 = overlapping patches (OLP)

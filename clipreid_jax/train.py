@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import sys
@@ -345,11 +346,17 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
                         f"but model.backbone is {m.backbone!r}")
     clip_model, clip_vars = load_clip(config.init.clip)
     clip_cfg = clip_model.config
+    if clip_cfg.name != m.backbone:  # the name only picks the family (loss weights, normalisation); say which ran
+      log.warning("model.backbone is %r but init.clip %s holds %s: training %s", m.backbone, config.init.clip,
+                  clip_cfg.name, clip_cfg.name)
   elif _random_clip_sizes(m):
     rc = m.random_clip
     vit = m.backbone.startswith("ViT")
+    patch = re.fullmatch(r"ViT-\w+-(\d+)", m.backbone)  # ViT-L-14: patch 14
+    patch = int(patch.group(1)) if patch else 16
     clip_cfg = CLIPConfig(embed_dim=rc.embed_dim, vision_layers=rc.vision_layers if vit else tuple(rc.vision_layers),
-                          vision_width=rc.vision_width, text_width=rc.text_width, text_heads=max(1, rc.text_width // 64),
+                          vision_width=rc.vision_width, vision_patch_size=patch, vision_stride=patch,
+                          text_width=rc.text_width, text_heads=max(1, rc.text_width // 64),
                           text_layers=rc.text_layers, vision_grid=(4, 4) if vit else (2, 2))
     h, w = clip_cfg.input_size()
     clip_vars = CLIP(clip_cfg).init(jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, h, w, 3)),

@@ -91,6 +91,7 @@ def test_full_size_parity(arch):
   sd = state_dict_numpy(tmodel)
   cfg = convert.infer_clip_config(sd)
   assert (cfg.vision_grid, cfg.text_width, cfg.text_layers) == ((14, 14) if cfg.is_vit else (7, 7), 512, 12)
+  assert cfg.name == arch.replace("/", "-")  # the name the logs and the backbone check use
   cfg, variables = convert.clip_variables(sd, cfg)
   del sd
   x, toks = images(1, 224), tokenize(TEXTS[:2])
@@ -98,6 +99,15 @@ def test_full_size_parity(arch):
   img, txt = flax_outputs(CLIP(cfg), variables, x, toks)
   assert rel_err(img, ref_img) <= 1e-5
   assert rel_err(txt, ref_txt) <= 1e-5
+
+
+def test_names_of_the_released_clips_and_of_other_sizes():
+  from clipreid_jax.models.clip import CLIPConfig
+  assert CLIPConfig(embed_dim=768, vision_layers=24, vision_width=1024, vision_patch_size=14).name == "ViT-L-14"
+  assert CLIPConfig(embed_dim=512, vision_layers=12, vision_width=768, vision_patch_size=32).name == "ViT-B-32"
+  assert CLIPConfig(embed_dim=512, vision_layers=(3, 4, 23, 3), vision_width=64).name == "RN101"
+  assert CLIPConfig(embed_dim=32, vision_layers=2, vision_width=128).name == "ViT (width 128, depth 2, patch 16)"
+  assert CLIPConfig(embed_dim=32, vision_layers=(1, 2, 1, 1), vision_width=16).name == "RN (width 16, stages (1, 2, 1, 1))"
 
 
 # --- conversion command ------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """The trainer end to end on synthetic data: stage 1, stage 2, evaluation, model directory, modes, resume."""
 import copy
 import json
+import logging
 
 import jax
 import numpy as np
 import pytest
 
-from clipreid_jax import inference, train
+from clipreid_jax import convert, inference, train
 from clipreid_jax.models.clipreid import load_clipreid
+from conftest import golden_root
 from train_helpers import tiny_config
 
 
@@ -202,6 +204,25 @@ def test_bfloat16_compute_step(tmp_path):
     losses_by_dtype[dtype] = float(metrics["loss"])
   assert np.isfinite(losses_by_dtype["bfloat16"])
   assert abs(losses_by_dtype["bfloat16"] - losses_by_dtype["float32"]) < 0.05 * abs(losses_by_dtype["float32"])
+
+
+def test_backbone_name_sets_the_random_patch_and_a_different_init_clip_is_named(tmp_path, caplog):
+  """model.backbone picks the family; a random CLIP takes its patch from the name (ViT-B-32: 32 pixels) and an
+  init.clip whose architecture has another name is trained with a warning naming both (it was logged as ViT-B-16)."""
+  config = tiny_config(tmp_path / "data")
+  dataset = train.load_dataset(config)
+  config.model.backbone, config.model.stride, config.model.input_size = "ViT-B-32", 32, (128, 64)
+  model, _ = train.build_model(config, dataset)
+  assert (model.config.clip.vision_patch_size, model.config.clip.vision_stride) == (32, 32)
+  assert model.config.backbone == "ViT (width 64, depth 1, patch 32)"
+  clip_dir = tmp_path / "rn_clip"
+  assert convert.main(["clip", str(golden_root() / "rn50" / "clip_openai_layout.npz"), str(clip_dir)]) == 0
+  config = tiny_config(tmp_path / "data", backbone="RN50")
+  config.init.clip = str(clip_dir)
+  with caplog.at_level(logging.WARNING):
+    model, _ = train.build_model(config, dataset)
+  name = model.config.backbone
+  assert name.startswith("RN (width") and f"model.backbone is 'RN50' but init.clip {clip_dir} holds {name}" in caplog.text
 
 
 def test_baseline_mode_trains_the_image_side_only(tmp_path):

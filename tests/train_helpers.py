@@ -2,6 +2,8 @@
 import importlib.util
 import pathlib
 
+import ml_collections
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -17,14 +19,11 @@ def tiny_config(data_root, backbone: str = "ViT-B-16"):
   c.dataset.imgs_per_id = 4
   c.dataset.num_cams = 3
   c.model.input_size = (64, 32)
-  rc = c.model.random_clip
-  if backbone == "RN50":
-    rc.vision_layers = (1, 1, 1, 1)
-    rc.vision_width = 8
-  else:
-    rc.vision_layers = 1
-    rc.vision_width = 64
-  rc.embed_dim, rc.text_width, rc.text_layers = 32, 64, 1
+  rn = backbone.startswith("RN")
+  # A new ConfigDict: the demo's vision_layers is an int, which ml_collections will not turn into an RN's 4-tuple.
+  c.model.random_clip = ml_collections.ConfigDict(dict(
+      vision_layers=(1, 1, 1, 1) if rn else 1, vision_width=8 if rn else 64, embed_dim=32, text_width=64,
+      text_layers=1))
   c.stage1.max_epochs = 2
   c.stage1.batch_size = 16
   c.stage1.checkpoint_every_epochs = 1  # exercise resuming inside stage 1

@@ -28,6 +28,12 @@ Dtype = Any
 # Architecture description (what OpenAI's build_model infers from a state dict).
 
 
+# OpenAI's released CLIPs by (width, blocks, patch) and (width, stage depths); names as open_clip spells them.
+_VIT_NAMES = {(768, 12, 32): "ViT-B-32", (768, 12, 16): "ViT-B-16", (1024, 24, 14): "ViT-L-14"}
+_RN_NAMES = {(64, (3, 4, 6, 3)): "RN50", (64, (3, 4, 23, 3)): "RN101", (80, (4, 6, 10, 6)): "RN50x4",
+             (96, (6, 8, 18, 8)): "RN50x16", (128, (3, 15, 36, 10)): "RN50x64"}
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
   """Sizes of a CLIP model. `vision_layers` is an int for a ViT, a 4-tuple for a ResNet."""
@@ -52,6 +58,15 @@ class CLIPConfig:
   def vision_heads(self) -> int:
     # OpenAI: width // 64 for ViT; the ResNet attention pool has width * 32 channels, 64 per head.
     return self.vision_width // 64 if self.is_vit else self.vision_width * 32 // 64
+
+  @property
+  def name(self) -> str:
+    """OpenAI's name of the vision tower ("ViT-B-16", "RN50", ...), or its sizes where it is none of them."""
+    if self.is_vit:
+      known = _VIT_NAMES.get((self.vision_width, self.vision_layers, self.vision_patch_size))
+      return known or f"ViT (width {self.vision_width}, depth {self.vision_layers}, patch {self.vision_patch_size})"
+    known = _RN_NAMES.get((self.vision_width, tuple(self.vision_layers)))
+    return known or f"RN (width {self.vision_width}, stages {tuple(self.vision_layers)})"
 
   def input_size(self) -> tuple[int, int]:
     """The image size (H, W) whose token grid is `vision_grid`."""

@@ -55,7 +55,7 @@ class ReIDConfig:
 
   @property
   def backbone(self) -> str:
-    return "ViT-B-16" if self.clip.is_vit else "RN50"
+    return self.clip.name
 
   @property
   def input_size(self) -> tuple[int, int]:
