@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from clipreid_jax import steps
+from clipreid_jax import outputs, steps
 from clipreid_jax.data import images as image_io
 from clipreid_jax.models.clipreid import load_clipreid
 
@@ -188,20 +188,6 @@ def list_images(spec: str) -> ImageList:
   return ImageList(files, ids[:, 0] if width >= 1 else None, ids[:, 1] if width == 2 else None)
 
 
-def check_output_dir(path: str | os.PathLike, key: str) -> pathlib.Path:
-  """Refuses an output folder that cannot be written, before the work that fills it (which can take hours)."""
-  from clipreid_jax import train
-  out = pathlib.Path(path)
-  if out.exists() and not out.is_dir():
-    raise train.ConfigError(f"{key}: {out} exists and is not a folder; expected a folder (or a new name)")
-  parent = out
-  while not parent.exists():
-    parent = parent.parent
-  if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-    raise train.ConfigError(f"{key}: cannot create or write {out} ({parent} is not a writable folder)")
-  return out
-
-
 def check_overrides(config, model, overrides: frozenset) -> None:
   """eval / extract take the geometry from the checkpoint; an explicit different value on the command line is an
   error rather than silently ignored (a trained model cannot run at another input size or stride)."""
@@ -223,7 +209,7 @@ def extract_to_files(config, overrides: frozenset = frozenset()) -> pathlib.Path
     raise train.ConfigError("checkpoint: expected a model directory for mode=extract")
   if not config.extract.input or not config.extract.output:
     raise train.ConfigError("extract.input and extract.output: both are required for mode=extract")
-  out = check_output_dir(config.extract.output, "extract.output")
+  out = outputs.check_writable(config.extract.output, "extract.output", train.ConfigError)
   images = list_images(config.extract.input)
   train.use_attention(config)
   extractor = FeatureExtractor(config.checkpoint, batch_size=config.eval.batch_size, flip=config.eval.flip)
@@ -233,17 +219,25 @@ def extract_to_files(config, overrides: frozenset = frozenset()) -> pathlib.Path
   except ValueError as e:  # SIE ids missing or outside the table
     hint = "" if images.cams is not None else " (give extract.input as a list file of `path,camera[,view]` lines)"
     raise train.ConfigError(f"extract.input: {config.extract.input}: {e}{hint}") from None
-  tmp = out / ".features.npy.partial"
-  try:  # os.access, which check_output_dir asks, says yes to root on read-only or virtual filesystems
+  # Both files are written in full before either replaces the previous pair: a failed write never leaves new
+  # features beside an old index.
+  names = ("features.npy", "features_index.txt")
+  tmps = [out / f".{name}.partial" for name in names]
+  replaced = [name for name in names if (out / name).exists()]
+  try:  # os.access, which check_writable asks, says yes to root on read-only or virtual filesystems
     out.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as f:
+    with open(tmps[0], "wb") as f:
       np.save(f, feats)
-    os.replace(tmp, out / "features.npy")
-    train._write_atomic(out / "features_index.txt", "\n".join(images.index_lines()) + "\n")
+    tmps[1].write_text("\n".join(images.index_lines()) + "\n")
+    for tmp, name in zip(tmps, names):
+      os.replace(tmp, out / name)
   except OSError as e:
-    if tmp.parent.is_dir():
-      tmp.unlink(missing_ok=True)
+    for tmp in tmps:
+      if tmp.parent.is_dir():
+        tmp.unlink(missing_ok=True)
     raise train.ConfigError(f"extract.output: cannot write {out} ({e.strerror or type(e).__name__})") from None
+  if replaced:
+    print(f"replaced the previous {' and '.join(replaced)} in {out}", flush=True)
   print(f"wrote {len(images.files)} features of width {feats.shape[1]} to {out / 'features.npy'}", flush=True)
   return out
 
@@ -251,7 +245,7 @@ def extract_to_files(config, overrides: frozenset = frozenset()) -> pathlib.Path
 def check_eval_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   """Eval mode writes metrics.json: never over a training run's (its workdir holds config.json or checkpoints/)."""
   from clipreid_jax import train
-  out = check_output_dir(workdir, "--workdir")
+  out = outputs.check_writable(workdir, "--workdir", train.ConfigError)
   if (out / "config.json").exists() or (out / "checkpoints").exists():
     raise train.ConfigError(f"--workdir: {out} holds a training run, whose metrics.json eval mode would overwrite; "
                             "expected another workdir (the default for eval is the recipe's workdir + '_eval')")

@@ -285,3 +285,37 @@ def test_data_warnings_are_one_line_each(setup, tmp_path):
   warned = [l for l in out.stderr.splitlines() if "notes_c1.jpg" in l]
   assert warned and all(l.startswith("warning: market1501: skipped 1 files") for l in warned), out.stderr[-2000:]
   assert "DataWarning" not in out.stderr, out.stderr[-2000:]
+
+
+def test_extract_again_replaces_the_pair_and_a_failed_write_keeps_the_old_one(setup, tmp_path, monkeypatch, capsys):
+  """A second extract into the same folder says it replaced the previous files; one whose index cannot be written
+  leaves the previous features.npy and index together (it used to replace features.npy first)."""
+  from clipreid_jax import inference, train  # pylint: disable=g-import-not-at-top
+  from clipreid_jax.config_defaults import recipe  # pylint: disable=g-import-not-at-top
+  _, model_dir, data = setup
+  images = sorted(str(p) for p in pathlib.Path(data, "query").glob("*.jpg"))
+  (tmp_path / "two.txt").write_text("".join(f"{p}\n" for p in images[:2]))
+  (tmp_path / "three.txt").write_text("".join(f"{p}\n" for p in images[:3]))
+  config = recipe("market1501")
+  config.mode, config.checkpoint, config.extract.output = "extract", str(model_dir), str(tmp_path / "out")
+  config.extract.input = str(tmp_path / "two.txt")
+  inference.extract_to_files(config)
+  assert "replaced" not in capsys.readouterr().out
+  config.extract.input = str(tmp_path / "three.txt")
+  inference.extract_to_files(config)
+  assert "replaced the previous features.npy and features_index.txt" in capsys.readouterr().out
+  assert np.load(tmp_path / "out" / "features.npy").shape[0] == 3
+  config.extract.input = str(tmp_path / "two.txt")
+  real_write_text = pathlib.Path.write_text
+
+  def full_disk(self, *args, **kwargs):
+    if self.name.startswith(".features_index"):
+      raise OSError(28, "No space left on device")
+    return real_write_text(self, *args, **kwargs)
+
+  monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+  with pytest.raises(train.ConfigError, match=r"extract.output: cannot write .* \(No space left on device\)"):
+    inference.extract_to_files(config)
+  assert np.load(tmp_path / "out" / "features.npy").shape[0] == 3  # the previous pair, together
+  assert len((tmp_path / "out" / "features_index.txt").read_text().splitlines()) == 3
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["features.npy", "features_index.txt"]

@@ -289,7 +289,7 @@ def _write_files(root: pathlib.Path, files: dict) -> None:
     (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/c.pdf"], {"w/metrics.jsonl": "\n".join(_RECORDS)},
      "--out: expected a .png file or a folder"),
     (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/file/c.png"],
-     {"w/metrics.jsonl": "\n".join(_RECORDS), "file": ""}, "--out: .*file exists and is not a directory"),
+     {"w/metrics.jsonl": "\n".join(_RECORDS), "file": ""}, "--out: .*file exists and is not a folder"),
     (["tsne", "--workdir", "{tmp}", "--out", "{tmp}/t", "--root", "{tmp}/a", "--packed_dir", "{tmp}/b"], {},
      "--root and --packed_dir: expected one of them"),
     (["tsne", "--workdir", "{tmp}", "--out", "{tmp}/t", "--dataset", "market1501", "--packed_dir", "{tmp}"], {},

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from typing import Iterator, Optional
 
+from clipreid_jax import outputs
 from clipreid_jax.data.records import ReidDataset
 
 
@@ -111,21 +112,8 @@ def _quiet_logger(name: str) -> Iterator[None]:
 
 
 def output_anchor(out: str | os.PathLike, option: str) -> pathlib.Path:
-  """The folder `out` is (or will be) created in: `out` itself where it exists, else its nearest existing ancestor.
-
-  Raises VisualizeError, before anything is computed, where `out` or that ancestor is not a folder.
-  """
-  out = pathlib.Path(out).resolve()
-  if out.exists():
-    if not out.is_dir():
-      raise VisualizeError(f"{option}: {out} exists and is not a directory")
-    return out
-  anchor = out.parent
-  while not anchor.exists():
-    anchor = anchor.parent
-  if not anchor.is_dir():
-    raise VisualizeError(f"{option}: cannot create {out}: {anchor} is not a directory")
-  return anchor
+  """outputs.output_anchor, raising VisualizeError."""
+  return outputs.output_anchor(out, option, VisualizeError)
 
 
 @contextlib.contextmanager

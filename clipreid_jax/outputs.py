@@ -1,0 +1,31 @@
+"""Output folders, checked before the work that fills them (which can take hours)."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+
+def output_anchor(out: str | os.PathLike, key: str, error: type[Exception] = ValueError) -> pathlib.Path:
+  """The folder `out` is (or will be) created in: `out` itself where it exists, else its nearest existing ancestor.
+
+  Raises `error`, naming `key`, where `out` or that ancestor is not a folder.
+  """
+  out = pathlib.Path(out).resolve()
+  if out.exists():
+    if not out.is_dir():
+      raise error(f"{key}: {out} exists and is not a folder; expected a folder (or a new name)")
+    return out
+  anchor = out.parent
+  while not anchor.exists():
+    anchor = anchor.parent
+  if not anchor.is_dir():
+    raise error(f"{key}: cannot create {out}: {anchor} is not a folder")
+  return anchor
+
+
+def check_writable(out: str | os.PathLike, key: str, error: type[Exception] = ValueError) -> pathlib.Path:
+  """`out`, where it is a folder that can be written or created; else raises `error` naming `key`."""
+  anchor = output_anchor(out, key, error)
+  if not os.access(anchor, os.W_OK | os.X_OK):
+    raise error(f"{key}: cannot create or write {out} ({anchor} is not a writable folder)")
+  return pathlib.Path(out)
