@@ -119,6 +119,10 @@ def validate_config(config) -> None:
   for key in ("data_workers", "stage1.warmup_epochs", "stage2.warmup_iters", "eval.period"):
     v = _get(config, key)
     _need(_is_int(v) and v >= 0, key, v, "an integer >= 0")
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  if config.data_workers > cpus:
+    log.warning("data_workers %d is more than the %d CPUs this process may use: the workers share them with the "
+                "trainer (each is a process holding its own decoder buffers)", config.data_workers, cpus)
   for key in ("stage1.base_lr", "stage2.base_lr", "stage2.gamma", "stage2.bias_lr_factor"):
     v = _get(config, key)
     _need(_is_real(v) and v > 0, key, v, "a finite number > 0")
@@ -292,6 +296,9 @@ def check_data(config, dataset) -> None:
     raise ConfigError(f"stage1.batch_size: {config.stage1.batch_size} is more than the {len(dataset.train)} training "
                       f"images; expected at most {len(dataset.train)}")
   check_sie_ids(dataset, m.sie_camera, m.sie_view, dataset.num_train_cams, dataset.num_train_views)
+  if m.sie_view and dataset.num_train_views <= 1:  # the official code accepts it too: one row added to every image
+    log.warning("model.sie_view: %s has no view labels (one view), so the view embedding is the same for every "
+                "image; views are labelled in VeRi-776", dataset.name)
   check_valid_queries(dataset)
 
 

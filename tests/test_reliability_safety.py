@@ -138,6 +138,22 @@ def test_bad_value_names_key_value_and_expectation(key, value, expected):
   assert msg.startswith(f"{key}: expected {expected}") and repr(value) in msg and "\n" not in msg, msg
 
 
+@pytest.mark.parametrize("key,value,expected", [
+    ("stage1.warmup_epochs", 120, "stage1.warmup_epochs 120 >= stage1.max_epochs 120: stage 1 never reaches"),
+    ("stage2.steps", (40, 70), "stage2.steps [70]: beyond stage2.max_epochs 60, the learning rate never decays"),
+    ("data_workers", 10**4, "data_workers 10000 is more than the"),
+])
+def test_values_that_run_but_do_less_than_asked_are_warned(key, value, expected, caplog):
+  c = config_defaults.official("market1501", config_defaults.VIT)
+  c.init.clip = "converted/clip"
+  train.validate_config(c)
+  assert not caplog.records  # the recipe as it is: no warning
+  section, _, leaf = key.rpartition(".")
+  (c[section] if section else c)[leaf] = value
+  train.validate_config(c)
+  assert expected in caplog.text and len(caplog.records) == 1, caplog.text
+
+
 def test_eval_mode_checks_only_what_it_uses():
   c = config_defaults.official("market1501", config_defaults.VIT)
   c.mode, c.stage2.base_lr = "eval", -1.0  # stage 2 is not run in eval mode

@@ -225,6 +225,17 @@ def test_backbone_name_sets_the_random_patch_and_a_different_init_clip_is_named(
   assert name.startswith("RN (width") and f"model.backbone is 'RN50' but init.clip {clip_dir} holds {name}" in caplog.text
 
 
+def test_sie_view_on_a_dataset_without_views_is_warned(tmp_path, caplog):
+  config = tiny_config(tmp_path / "data")
+  dataset = train.load_dataset(config)
+  config.model.sie_camera = True
+  train.check_data(config, dataset)
+  assert not caplog.records
+  config.model.sie_view = True
+  train.check_data(config, dataset)
+  assert "model.sie_view: market1501 has no view labels" in caplog.text
+
+
 def test_baseline_mode_trains_the_image_side_only(tmp_path):
   """model.baseline: the paper's baseline rows: no prompts, no text encoder, no stage 1, no i2t loss."""
   config = tiny_config(tmp_path / "data")
