@@ -313,7 +313,8 @@ def _main(argv=None) -> int:
   print("\n".join(lines))
 
   ckpt_min = 0.0
-  if ckpt1 is not None and ckpt2 is not None:
+  ckpts = ckpt1 is not None and ckpt2 is not None
+  if ckpts:
     # The trainer's defaults (config_defaults.recipe): stage 1 every 10 epochs, stage 2 every epoch.
     n1, n2 = STAGE1_EPOCHS // STAGE1_CHECKPOINT_EVERY, STAGE2_EPOCHS // STAGE2_CHECKPOINT_EVERY
     rows = {r["phase"]: r for r in report.rows}
@@ -328,7 +329,7 @@ def _main(argv=None) -> int:
   if on_gpu and not args.tiny:
     print(C.goal_line("gpu_recipe_minutes", total_min + ckpt_min, GOAL_MINUTES, at_most=True)
           + ("" if args.scale >= 1 else f" (extrapolated from --scale {args.scale})")
-          + (" (checkpoints included)" if ckpt1 is not None and ckpt2 is not None else " (checkpoints not measured)"))
+          + (" (checkpoints included)" if ckpts else " (checkpoints not measured)"))
   else:
     print(f"goal gpu_recipe_minutes: not measured (needs a GPU; this {'tiny-model ' if args.tiny else ''}run on "
           f"{jax.default_backend()} estimates {total_min:.1f} min)")
