@@ -121,6 +121,9 @@ def main(argv):
   except TrainingStopped as e:  # non-finite loss, failed save: the last good checkpoint is kept
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:  # a second Ctrl-C (the first saves and exits 130), or one outside training
+    print("error: interrupted (Ctrl-C); a training run resumes from its last checkpoint", file=sys.stderr)
+    return 130
 
 
 # The line that starts a traceback's exception text ("ValueError: ...", "pkg.CustomError: ...").

@@ -424,26 +424,50 @@ class Run:
     self.manager = None
     self._pending = None  # (counter, its writer threads) of the checkpoint being written in the background
     self._resumed_from = None  # (stage, epoch) of the checkpoint resumed from, until metrics.jsonl is trimmed
-    self.preempted = False
-    try:
-      signal.signal(signal.SIGTERM, self._on_sigterm)
-    except ValueError:  # not the main thread
-      pass
+    self.stop_signal = 0  # the signal that asked the run to stop (SIGTERM, SIGINT); 0 while none has
+    self._handlers = {}  # the handlers `catch_signals` replaced, put back by `release_signals`
 
-  def _on_sigterm(self, *_):
-    log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
-    self.preempted = True
+  def catch_signals(self) -> None:
+    """From now until `release_signals`, SIGTERM and a first Ctrl-C ask for a checkpoint and a clean exit."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      if sig == signal.SIGINT and signal.getsignal(sig) is not signal.default_int_handler:
+        continue  # Ctrl-C ignored (nohup, a background job) or handled by the caller: left as it is
+      try:
+        self._handlers[sig] = signal.signal(sig, self._on_stop_signal)
+      except ValueError:  # not the main thread
+        pass
+
+  def _on_stop_signal(self, signum, _frame=None):
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+      log.warning("Ctrl-C: saving a checkpoint at the next step boundary, then exiting (Ctrl-C again: stop now)")
+    else:
+      log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+    self.stop_signal = self.stop_signal or signum
+
+  def release_signals(self) -> None:
+    """Puts back the handlers the run replaced: after training, Ctrl-C stops the process again."""
+    for sig, handler in self._handlers.items():
+      try:
+        signal.signal(sig, handler)
+      except (ValueError, TypeError):
+        pass
+    self._handlers = {}
+
+  @property
+  def exit_code(self) -> int:
+    """The shell's code for the stop signal: 143 after SIGTERM, 130 after Ctrl-C."""
+    return 128 + (self.stop_signal or signal.SIGTERM)
 
   def stop_agreed(self) -> bool:
-    """Whether any process was asked to stop (SIGTERM). Saving is collective, so hosts act on the flag only
-    together: in a multi-host run this is a collective itself, called at the same point on every process."""
+    """Whether any process was asked to stop (SIGTERM, Ctrl-C). Saving is collective, so hosts act on the flag
+    only together: in a multi-host run this is a collective itself, called at the same point on every process."""
     if jax.process_count() == 1:
-      return self.preempted
-    flags = multihost_utils.process_allgather(np.asarray([self.preempted], np.int32))
-    agreed = bool(np.any(flags))
-    # Only ever set here: a SIGTERM handled while the flags were being gathered must stay for the next agreement.
-    self.preempted = self.preempted or agreed
-    return agreed
+      return bool(self.stop_signal)
+    flags = multihost_utils.process_allgather(np.asarray([self.stop_signal], np.int32))
+    # Only ever set here: a signal handled while the flags were being gathered must stay for the next agreement.
+    self.stop_signal = self.stop_signal or int(np.max(flags))
+    return bool(np.any(flags))
 
   def _check_config(self) -> None:
     """A workdir belongs to one training configuration; another one must not overwrite or resume it."""
@@ -457,13 +481,30 @@ class Run:
       theirs = json.loads(f.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ConfigError(f"{f}: unreadable ({type(e).__name__}); expected the config.json this trainer writes") from None
+    data_then = theirs.get("data")
     ours, theirs = (traverse_util.flatten_dict(d, sep=".") for d in (self.config, theirs))
     # Keys a run of an older version did not record are not compared.
     diff = sorted(k for k, v in ours.items() if k in theirs and k not in self._FREE_KEYS
                   and json.dumps(v, sort_keys=True, default=str) != json.dumps(theirs[k], sort_keys=True, default=str))
+    changed = sorted({k.split(".")[1] for k in diff if k.startswith("data.")})
+    if changed:  # dataset.root may move between restarts; the records it holds may not change
+      def counts(d):
+        return f"{d.get('identities')} identities, {d.get('images')} images"
+      now = self.config["data"]
+      what = "; ".join(f"{s}: {counts(now[s])} now, {counts(data_then.get(s, {}))} then"
+                       + (" (other records)" if counts(now[s]) == counts(data_then.get(s, {})) else "")
+                       for s in changed)
+      raise ConfigError(f"dataset.root: {self.config['dataset'].get('root')} holds other data than the run in "
+                        f"{self.dir} was trained on ({what}); expected the same records (the folder may move, its "
+                        "contents may not), or a new --workdir")
     if diff:
       raise ConfigError(f"{f}: the workdir holds a run of another configuration (differs in {', '.join(diff)}); "
                         "use a new --workdir")
+
+  def use_data(self, dataset) -> None:
+    """Records the dataset's fingerprint, and refuses a workdir whose run was trained on other records."""
+    self.config["data"] = dataset.fingerprint()
+    self._check_config()
 
   def _create(self) -> None:
     """Creates the workdir on first use (collective: every host calls it at the same point)."""
@@ -759,7 +800,7 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
       run.save(epoch, state, {"stage": 1, "epoch": epoch})
     if stop:
       run.wait()
-      raise SystemExit(143)
+      raise SystemExit(run.exit_code)
   run.wait()  # a stage's last checkpoint is on disk before the next stage starts
   params = jax.device_get(state.params)
   return {"params": params, "batch_stats": variables["batch_stats"]}
@@ -862,7 +903,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
                                     "sums": {k: float(v) for k, v in jax.device_get(sums).items()}})
         run.wait()
         log.warning("pre-empted: saved stage 2 epoch %d at step %d", epoch, count)
-        raise SystemExit(143)
+        raise SystemExit(run.exit_code)
     check_steps()
     m = {k: float(v) / max(count, 1) for k, v in jax.device_get(sums).items()}
     elapsed = time.time() - t
@@ -882,7 +923,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
       run.save(counter(), state, {"stage": 2, "epoch": epoch})
     if stop:
       run.wait()
-      raise SystemExit(143)
+      raise SystemExit(run.exit_code)
   run.wait()
   return {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)}
 
@@ -947,11 +988,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   validate_config(config)
   use_attention(config)
   run = Run(workdir, config)
+  run.catch_signals()
   try:
     return _train_and_evaluate(config, run)
   except BaseException:
     run.settle()  # a checkpoint still being written lands (or its failure is logged) whatever stopped the run
     raise
+  finally:
+    run.release_signals()
 
 
 def save_model(path: pathlib.Path, variables, model, overwrite: bool = False) -> None:
@@ -967,8 +1011,21 @@ def save_model(path: pathlib.Path, variables, model, overwrite: bool = False) ->
     multihost_utils.sync_global_devices(f"{path.name}/ written")
 
 
+def load_stage1(path: pathlib.Path, model) -> dict:
+  """The workdir's stage1/ (the prompts learnt), refused in one line where it holds another model (a folder copied
+  from another run: its shapes would fail deep inside flax, or match and be trained on silently)."""
+  found, variables = clipreid.load_clipreid(path)
+  ours, theirs = model.config.to_dict(), found.config.to_dict()
+  diff = sorted(k for k in ours if json.dumps(ours[k], default=str) != json.dumps(theirs.get(k), default=str))
+  if diff:
+    raise ConfigError(f"{path}: holds a stage-1 model of another configuration (differs in {', '.join(diff)}); "
+                      "expected this run's (move it away to learn the prompts again)")
+  return variables
+
+
 def _train_and_evaluate(config, run: Run) -> dict:
   dataset = load_dataset(config)
+  run.use_data(dataset)
   check_data(config, dataset)
   mesh = make_mesh()
   model, variables = build_model(config, dataset)
@@ -980,13 +1037,13 @@ def _train_and_evaluate(config, run: Run) -> dict:
   stage1_dir = run.dir / "stage1"
   if model.config.with_text and meta.get("stage", 1) == 1:
     if stage1_dir.is_dir():
-      _, variables = clipreid.load_clipreid(stage1_dir)
+      variables = load_stage1(stage1_dir, model)
     else:
       variables = run_stage1(config, run, mesh, model, variables, dataset, meta)
       save_model(stage1_dir, variables, model)
       meta = {}
   elif model.config.with_text and stage1_dir.is_dir():
-    _, variables = clipreid.load_clipreid(stage1_dir)  # stage 2 resumes from its own checkpoint below
+    variables = load_stage1(stage1_dir, model)  # stage 2 resumes from its own checkpoint below
   # Compiled once for every evaluation below.
   eval_features = jax.jit(steps.make_feature_fn(model, "eval", flip=config.eval.flip))
   evaluate_fn = lambda v: evaluate_model(config, mesh, model, v, dataset, eval_features)

@@ -2,6 +2,9 @@
 import copy
 import json
 import logging
+import pathlib
+import shutil
+import signal
 
 import jax
 import numpy as np
@@ -100,6 +103,37 @@ def test_workdir_accepts_keys_that_do_not_change_the_numbers(finished, tmp_path)
     train.Run(str(root / "work"), c)
 
 
+def test_resume_refuses_other_records_at_the_data_root(finished, tmp_path):
+  """dataset.root may move between restarts; a root holding other records is refused in one line (it trained on
+  the new data silently, or failed in flax with another identity count)."""
+  config, root, _ = finished
+  c = config.copy_and_resolve_references()
+  c.dataset.root = str(tmp_path / "copy")
+  shutil.copytree(root / "data", c.dataset.root)
+  run = train.Run(str(root / "work"), c)
+  run.use_data(train.load_dataset(c))  # a moved copy: the same records
+  train_dir = pathlib.Path(c.dataset.root, "bounding_box_train")
+  first = sorted(train_dir.iterdir())[0]
+  first.rename(first.with_name("9" + first.name[1:]))  # another identity for one image
+  with pytest.raises(train.ConfigError, match=r"^dataset.root: .*copy holds other data than the run in .* was "
+                     r"trained on \(train: 9 identities, 32 images now, 8 identities, 32 images then\); expected"):
+    run.use_data(train.load_dataset(c))
+  sorted(train_dir.iterdir())[-1].unlink()
+  with pytest.raises(train.ConfigError, match=r"\(train: 8 identities, 31 images now, 8 identities, 32 images then"):
+    train.train_and_evaluate(c, str(root / "work"))
+
+
+def test_a_stage1_folder_of_another_model_is_refused(finished, tmp_path):
+  config, root, _ = finished
+  c = config.copy_and_resolve_references()
+  c.model.sie_camera = True
+  shutil.copytree(root / "work" / "stage1", tmp_path / "work" / "stage1")
+  with pytest.raises(train.ConfigError, match=r"stage1: holds a stage-1 model of another configuration \(differs in "
+                     r"sie_camera\); expected this run's"):
+    train.train_and_evaluate(c, str(tmp_path / "work"))
+  assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["stage1"]
+
+
 def test_training_refuses_an_eval_workdir(finished, tmp_path):
   """Eval mode's workdir holds its metrics.json and no config.json: training there would overwrite the result."""
   config, _, _ = finished
@@ -153,7 +187,7 @@ def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch, w
     if "pid" in local:  # a stage-2 batch
       calls["n"] += 1
       if calls["n"] == 5:  # epoch 2 (3 steps an epoch here), first step
-        runs[-1]._on_sigterm()
+        runs[-1]._on_stop_signal(signal.SIGTERM)
     return original_to_global(mesh, local)
 
   monkeypatch.setattr(train.Run, "__init__", init)

@@ -7,6 +7,7 @@ Paths are kept relative to the split's root so the same split can point at a cop
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -92,6 +93,14 @@ class Split:
   def num_views(self) -> int:
     return len(np.unique(self.viewids))
 
+  def fingerprint(self) -> dict[str, Any]:
+    """Counts and a digest of the records (relative paths and labels, not pixels): the same on a moved copy."""
+    h = hashlib.sha256()
+    h.update("\n".join(map(str, self.relpaths)).encode())
+    for k in ("pids", "camids", "viewids"):
+      h.update(np.ascontiguousarray(getattr(self, k), np.int32).tobytes())
+    return {"images": len(self), "identities": self.num_pids, "cameras": self.num_cams, "sha256": h.hexdigest()[:16]}
+
   @staticmethod
   def concat(first: Split, second: Split) -> Split:
     """`first` then `second`; paths stay relative when both splits share a root."""
@@ -143,6 +152,10 @@ class ReidDataset:
   def num_train_views(self) -> int:
     """Number of SIE view entries (the official `view_num`)."""
     return self.train.num_views
+
+  def fingerprint(self) -> dict[str, dict[str, Any]]:
+    """Each split's `Split.fingerprint`: what a resumed run checks it is still reading."""
+    return {name: getattr(self, name).fingerprint() for name in ("train", "query", "gallery")}
 
   def stats(self) -> dict[str, int]:
     """The split statistics printed by `python -m clipreid_jax.data`."""
