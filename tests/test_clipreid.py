@@ -291,3 +291,40 @@ def test_convert_infers_the_olp_stride_from_an_input_size_given_alone(tmp_path):
   (ma, a), (mb, b) = clipreid.load_clipreid(tmp_path / "given"), clipreid.load_clipreid(tmp_path / "inferred")
   assert mb.config == ma.config and mb.config.clip.vision_stride == 12
   chex.assert_trees_all_equal(a, b)
+
+
+def test_sie_coefficient_scales_the_camera_embedding(converted):
+  """sie_coe multiplies the SIE row (the golden variants all use 1.0, the official default is 3.0)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  variant = next(v for v in VARIANTS if v.parent.name == "vit" and v.name == "c_sie_cam")
+  model, variables = converted(variant)
+  assert model.config.sie_coe == 1.0
+  inputs = np.load(variant / "inputs.npz")
+  x, (cams, views) = inputs["images"].transpose(0, 2, 3, 1), sie_inputs(variant, inputs)
+  tripled = clipreid.CLIPReID(dataclasses.replace(model.config, sie_coe=3.0), model.dtype)
+  scaled = jax.tree.map(lambda a: a, variables)
+  scaled["params"] = dict(scaled["params"], cv_embed=3.0 * np.asarray(variables["params"]["cv_embed"]))
+  a = tripled.apply(variables, x, cams, views, method=tripled.eval_feature)
+  b = model.apply(scaled, x, cams, views, method=model.eval_feature)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(a) - np.asarray(model.apply(variables, x, cams, views, method=model.eval_feature))).max() > 1e-3
+
+
+def test_test_feature_is_taken_before_the_bn_necks(converted):
+  """The 1280-d test feature concatenates the pre-BN features: the golden BN necks are at their initial values (an
+  identity), so the BN statistics and affine parameters are drawn here and must not change it."""
+  variant = next(v for v in VARIANTS if v.parent.name == "vit" and v.name == "a_plain")
+  model, variables = converted(variant)
+  x = np.load(variant / "inputs.npz")["images"].transpose(0, 2, 3, 1)
+  rng = np.random.default_rng(0)
+  drawn = {"params": dict(variables["params"]), "batch_stats": dict(variables["batch_stats"])}
+  for neck in ("bottleneck", "bottleneck_proj"):
+    drawn["params"][neck] = {k: rng.uniform(0.5, 2.0, np.shape(v)).astype(np.float32)
+                             for k, v in variables["params"][neck].items()}
+    drawn["batch_stats"][neck] = {k: rng.uniform(0.5, 2.0, np.shape(v)).astype(np.float32)
+                                  for k, v in variables["batch_stats"][neck].items()}
+  np.testing.assert_array_equal(model.apply(drawn, x, method=model.eval_feature),
+                                model.apply(variables, x, method=model.eval_feature))
+  out = model.apply(drawn, x)  # the drawn necks do act on the training outputs' classifier scores
+  assert np.abs(np.asarray(out["cls_score"]) - np.asarray(model.apply(variables, x)["cls_score"])).max() > 1e-3

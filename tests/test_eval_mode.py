@@ -319,3 +319,27 @@ def test_extract_again_replaces_the_pair_and_a_failed_write_keeps_the_old_one(se
   assert np.load(tmp_path / "out" / "features.npy").shape[0] == 3  # the previous pair, together
   assert len((tmp_path / "out" / "features_index.txt").read_text().splitlines()) == 3
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["features.npy", "features_index.txt"]
+
+
+def test_extract_camera_and_view_ids_per_image(setup, tmp_path):
+  """A camera+view SIE model (3 cameras x 2 views): each image is embedded with its own ids in every batch, views
+  are checked against the view table, and a `path,camera,view` list reads its columns in that order."""
+  root, _, data = setup
+  variant = next(v for v in variants() if v.parent.name == "vit" and v.name == "d_sie_camview")
+  model_dir = root / "model_camview"
+  if not model_dir.exists():
+    assert convert.main(convert_args(variant, model_dir)) == 0
+  names = sorted(str(p) for p in pathlib.Path(data, "query").glob("*.jpg"))[:5]
+  cams, views = np.array([0, 2, 1, 2, 0]), np.array([1, 0, 1, 1, 0])
+  ext = FeatureExtractor(model_dir, batch_size=2)  # three batches: 2, 2, 1
+  feats = ext(names, cams=cams, views=views)
+  one_by_one = np.concatenate([ext([n], cams=[c], views=[v]) for n, c, v in zip(names, cams, views)])
+  np.testing.assert_allclose(feats, one_by_one, rtol=1e-5, atol=1e-6)
+  assert np.abs(feats - ext(names, cams=cams, views=1 - views)).max() > 1e-3  # the view matters
+  with pytest.raises(ValueError, match=r"views: expected ids in 0..1 \(the model's SIE table\), got 2"):
+    ext(names[:1], cams=[0], views=[2])  # a valid camera id, past the 2 views
+  (tmp_path / "list.txt").write_text("".join(f"{n},{c},{v}\n" for n, c, v in zip(names, cams, views)))
+  out = _cli("--config", "configs/market1501_vit.py", "--config.mode=extract", f"--config.checkpoint={model_dir}",
+             f"--config.extract.input={tmp_path / 'list.txt'}", f"--config.extract.output={tmp_path / 'f'}")
+  assert out.returncode == 0, out.stderr[-1500:]
+  np.testing.assert_allclose(np.load(tmp_path / "f" / "features.npy"), feats, rtol=1e-5, atol=1e-6)

@@ -151,3 +151,31 @@ def test_stage1_step(variant, converted):
   same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), new_state.params["image_encoder"],
                       variables["params"]["image_encoder"])
   assert all(jax.tree.leaves(same))
+
+
+@pytest.mark.parametrize("n", [10, 8])
+def test_stage1_epoch_is_its_steps_with_the_partial_last_batch(converted, n):
+  """The compiled stage-1 epoch equals its batches run one by one, the last partial batch included at its own size
+  (MSMT17's 32,621 images leave 45 over a batch of 64; the tiny runs' banks divide evenly)."""
+  variant = VARIANTS[0]
+  model, variables = converted(variant)
+  solver = optim.Stage1Solver.from_dict(meta(variant)["stage1_optimizer"])
+  tx = optim.stage1_optimizer(solver, steps_per_epoch=3)
+  state = steps.create_state(variables["params"], variables["batch_stats"], tx)
+  rng = np.random.default_rng(0)
+  batch = 4
+  feats = rng.standard_normal((n, model.config.clip.embed_dim)).astype(np.float32)
+  labels = rng.integers(0, model.config.num_classes, n).astype(np.int32)
+  perm = rng.permutation(n).astype(np.int32)
+  epoch_state, epoch_metrics = jax.jit(steps.make_stage1_epoch(model, tx, batch))(state, feats, labels, perm)
+  step = jax.jit(steps.make_stage1_step(model, tx))
+  ref, seen = state, []
+  for lo in range(0, n, batch):  # batches of 4, 4 and 2 (or 4 and 4: no empty batch)
+    idx = perm[lo:lo + batch]
+    ref, m = step(ref, {"feature": feats[idx], "label": labels[idx]})
+    seen.append(m)
+  assert len(seen) == -(-n // batch) and int(epoch_state.step) == len(seen)
+  for k in epoch_metrics:
+    np.testing.assert_allclose(epoch_metrics[k], np.mean([float(m[k]) for m in seen]), rtol=1e-5, err_msg=k)
+  np.testing.assert_allclose(epoch_state.params["prompt_learner"]["cls_ctx"], ref.params["prompt_learner"]["cls_ctx"],
+                             rtol=1e-5, atol=1e-7)
