@@ -189,17 +189,25 @@ def list_images(spec: str) -> ImageList:
 
 
 def check_overrides(config, model, overrides: frozenset) -> None:
-  """eval / extract take the geometry from the checkpoint; an explicit different value on the command line is an
-  error rather than silently ignored (a trained model cannot run at another input size or stride)."""
+  """eval / extract take the model from the checkpoint (geometry, SIE, backbone, baseline); an explicit different
+  value on the command line is an error rather than silently ignored (it was: `model.sie_camera=False` evaluated
+  with SIE)."""
   from clipreid_jax import train
-  cfg = model.config
-  pairs = {"model.input_size": (tuple(config.model.input_size), tuple(cfg.input_size)),
-           "model.stride": (config.model.stride, cfg.clip.vision_stride)}
+  cfg, m = model.config, config.model
+  pairs = {"model.input_size": (tuple(m.input_size), tuple(cfg.input_size)),
+           "model.stride": (m.stride, cfg.clip.vision_stride if cfg.clip.is_vit else None),
+           "model.sie_camera": (m.sie_camera, cfg.sie_camera and bool(cfg.sie_rows)),
+           "model.sie_view": (m.sie_view, cfg.sie_view and bool(cfg.sie_rows)),
+           "model.sie_coe": (m.sie_coe, cfg.sie_coe if cfg.sie_rows else None),
+           "model.baseline": (m.baseline, not cfg.with_text)}
+  if not m.backbone.startswith("ViT" if cfg.clip.is_vit else "RN"):  # the name picks the family
+    pairs["model.backbone"] = (m.backbone, cfg.backbone)
   for key, (wanted, value) in pairs.items():
     if key in overrides and value is not None and wanted != value:
-      raise train.ConfigError(f"{key}: {wanted} contradicts the checkpoint {config.checkpoint}, which has {value}; "
-                              "eval and extract use the checkpoint's (convert with --input_size / --stride to "
-                              "change it)")
+      how = ("convert with --input_size / --stride to change it" if key in ("model.input_size", "model.stride")
+             else "it was trained so")
+      raise train.ConfigError(f"{key}: {wanted!r} contradicts the checkpoint {config.checkpoint}, which has "
+                              f"{value!r}; eval and extract use the checkpoint's ({how})")
 
 
 def extract_to_files(config, overrides: frozenset = frozenset()) -> pathlib.Path:
@@ -271,6 +279,7 @@ def evaluate_checkpoint(config, workdir: str, overrides: frozenset = frozenset()
     train.check_sie_ids(dataset, model.config.sie_camera, model.config.sie_view, model.config.camera_num,
                         model.config.view_num)
   train.check_valid_queries(dataset)
+  train.check_batch("eval.batch_size", config.eval.batch_size)  # before the ValueErrors below are the checkpoint's
   mesh = train.make_mesh()
   variables = train.replicate(mesh, variables)
   try:

@@ -768,7 +768,11 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
   solver = stage1_solver(config)
   tx = optim.stage1_optimizer(solver, steps_per_epoch)
   t0 = time.time()
-  loader = pipelines.stage1_loader(dataset.train, image_size=model.config.input_size, batch_size=config.eval.batch_size,
+  # The bank is built in batches of stage 1's size, as the official code does (its stage-1 loader), rounded up to the
+  # devices: eval.batch_size may change between restarts, and with it the features' float rounding.
+  devices = jax.device_count()
+  loader = pipelines.stage1_loader(dataset.train, image_size=model.config.input_size,
+                                   batch_size=-(-s.batch_size // devices) * devices,
                                    process_index=jax.process_index(), process_count=jax.process_count())
   feats, idx = extract_features(mesh, jax.jit(steps.make_feature_fn(model, "stage1")), variables, loader)
   labels = np.asarray(dataset.train.pids)[idx].astype(np.int32)

@@ -18,9 +18,9 @@ from clipreid_jax.inference import FeatureExtractor
 from golden_reid import convert_args, variants
 
 
-def _cli(*args):
+def _cli(*args, env=None):
   return subprocess.run([sys.executable, "-m", "clipreid_jax.main", *args], capture_output=True, text=True,
-                        timeout=600, env=dict(os.environ))
+                        timeout=600, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,10 @@ def test_flip_is_the_mean_over_the_mirror_image(setup):
     (["--config.model.attention=flash"], "model.attention"),
     # The geometry comes from the checkpoint; a different one asked for on the command line is refused.
     (["--config.model.input_size=(384, 128)"], "model.input_size: (384, 128) contradicts the checkpoint"),
+    # So do SIE, the backbone and the baseline form (they were ignored silently).
+    (["--config.model.sie_camera=True"], "model.sie_camera: True contradicts the checkpoint"),
+    (["--config.model.backbone=RN50"], "model.backbone: 'RN50' contradicts the checkpoint"),
+    (["--config.model.baseline=True"], "model.baseline: True contradicts the checkpoint"),
 ])
 def test_eval_bad_input(setup, tmp_path, args, expected):
   root, model_dir, data = setup
@@ -119,6 +123,17 @@ def test_eval_bad_input(setup, tmp_path, args, expected):
   assert out.returncode == 2, (out.returncode, out.stderr[-1500:])
   assert expected in out.stderr.strip().splitlines()[-1]
   assert not (tmp_path / "w" / "metrics.json").exists()
+
+
+def test_eval_batch_not_divisible_by_the_devices_names_the_batch(setup, tmp_path):
+  """It was reported as a problem of the checkpoint (`error: checkpoint: DIR: eval.batch_size: ...`)."""
+  _, model_dir, data = setup
+  out = _cli("--config", "configs/market1501_vit.py", "--workdir", str(tmp_path / "w"), "--config.mode=eval",
+             f"--config.checkpoint={model_dir}", f"--config.dataset.root={data}", "--config.dataset.check_counts=False",
+             "--config.eval.batch_size=5", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert out.returncode == 2, out.stderr[-1500:]
+  assert out.stderr.strip().splitlines()[-1] == ("error: eval.batch_size: batch 5 is not divisible by the 4 devices; "
+                                                 "expected a multiple of 4")
 
 
 def test_eval_refuses_a_training_workdir_and_defaults_beside_it(setup, tmp_path):

@@ -364,3 +364,20 @@ def test_a_failed_background_write_is_reported_by_the_next_save(tmp_path, monkey
   # A failure found while another error is reported (non-finite loss) is logged, and the last good one named.
   run.save(4, _small_state(), {"stage": 1, "epoch": 2})
   assert run.last_good() == f"the last good checkpoint {work / 'checkpoints' / '1'} is kept"
+
+
+def test_stage1_does_not_depend_on_the_eval_batch_size(tmp_path):
+  """eval.batch_size may change between restarts: the stage-1 bank is built in stage 1's batches (as the official
+  code does), so the prompts learnt are the same bits (with eval batches they differed at float rounding)."""
+  config = tiny_config(tmp_path / "data")
+  dataset = train.load_dataset(config)
+  mesh = train.make_mesh()
+  learnt = []
+  for eval_batch in (4, 16):
+    config.eval.batch_size = eval_batch
+    model, variables = train.build_model(config, dataset)
+    run = train.Run(str(tmp_path / f"work{eval_batch}"), config)
+    out = train.run_stage1(config, run, mesh, model, variables, dataset, {})
+    run.close()
+    learnt.append(np.asarray(out["params"]["prompt_learner"]["cls_ctx"]))
+  np.testing.assert_array_equal(learnt[0], learnt[1])

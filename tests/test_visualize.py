@@ -399,3 +399,24 @@ def test_rank_lists_need_a_valid_query(run, tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "no query has a gallery image of its identity from another camera" in err[0], err
   assert not out.exists()
+
+
+def test_rank_lists_of_an_sie_model_on_other_cameras(run, tmp_path, capsys):
+  """An SIE model (3 cameras) on a dataset with camera ids past its table: one line, exit 2 (was a traceback)."""
+  from clipreid_jax import convert  # pylint: disable=g-import-not-at-top
+  from golden_reid import convert_args, variants  # pylint: disable=g-import-not-at-top
+  root, dataset = run
+  variant = next(v for v in variants() if v.parent.name == "vit" and v.name == "c_sie_cam")
+  assert convert.main(convert_args(variant, tmp_path / "sie")) == 0
+  custom = tmp_path / "five_cameras"
+  custom.mkdir()
+  for name, shift in (("train", 0), ("query", 2), ("gallery", 0)):
+    split = getattr(dataset, name)
+    (custom / f"{name}.csv").write_text("".join(f"{split.path(i)},{split.pids[i]},{split.camids[i] + shift}\n"
+                                                for i in range(len(split))))
+  out = tmp_path / "r"
+  assert cli.main(["ranks", "--checkpoint", str(tmp_path / "sie"), "--dataset", "custom", "--root", str(custom),
+                   "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: --checkpoint: cannot embed the images under"), err
+  assert "expected ids in 0..2" in err[0] and not out.exists()

@@ -38,7 +38,12 @@ def eval_features(extractor, split: Split) -> np.ndarray:
   out = []
   for s in _chunks(len(split)):
     idx = np.arange(s.start, s.stop)
-    out.append(extractor(split_images(split, idx), cams=split.camids[s], views=split.viewids[s]))
+    try:
+      out.append(extractor(split_images(split, idx), cams=split.camids[s], views=split.viewids[s]))
+    except ValueError as e:  # an SIE model's table against this dataset's camera (view) ids
+      from clipreid_jax.visualize.inputs import VisualizeError  # pylint: disable=g-import-not-at-top
+      raise VisualizeError(f"--checkpoint: cannot embed the images under {split.root} ({e}); expected the "
+                           "dataset the model was trained on") from None
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
