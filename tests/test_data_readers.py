@@ -326,3 +326,12 @@ def test_split_is_cheap_and_picklable(tmp_path):
   assert clone.same_records(ds.train) and clone.pids.dtype == np.int32
   both = data.Split.concat(ds.query, ds.gallery)
   assert len(both) == len(ds.query) + len(ds.gallery) and both.path(len(ds.query)) == ds.gallery.path(0)
+
+
+@pytest.mark.parametrize("sub", ["bounding_box_train", "query"])
+def test_market1501_refuses_a_seventh_camera(tmp_path, sub):
+  # Market-1501 has cameras c1..c6 (the official reader asserts 1 <= camid <= 6); c7 is a corrupt or foreign file.
+  d = make_market(tmp_path)
+  touch_images(d / sub, market_names(2, [7], start=50))
+  with pytest.raises(data.DataError, match=r"0002_c7s1_000050_01\.jpg: camera 7 outside 1\.\.6"):
+    data.get_dataset("market1501", tmp_path, check_counts=False)

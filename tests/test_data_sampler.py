@@ -98,3 +98,39 @@ def test_padded_plan():
   idx, mask = sampler.padded_plan(10, 4)
   assert idx.shape == (3, 4) and mask.sum() == 10 and not mask[-1, 2:].any()
   np.testing.assert_array_equal(idx[mask], np.arange(10))
+
+
+def test_images_of_an_identity_are_shuffled_each_epoch():
+  # Identity 0 has 5 images and K=3: one chunk per epoch, drawn from a fresh shuffle (official: random.shuffle of
+  # the identity's indices), so over epochs every image appears and the chunk's set of images varies.
+  pids = np.repeat(np.arange(4), [5, 3, 3, 3])
+  chunk_sets, used = set(), set()
+  for epoch in range(20):
+    plan = data.pk_epoch_plan(pids, num_ids=2, num_instances=3, seed=5, epoch=epoch)
+    for group in plan.reshape(-1, 3):
+      if pids[group[0]] == 0:
+        chunk_sets.add(frozenset(group.tolist()))
+        used.update(group.tolist())
+  assert used == set(np.flatnonzero(pids == 0).tolist())
+  assert len(chunk_sets) >= 3
+
+
+def test_seed_and_epoch_are_not_summed():
+  # (seed, epoch) seeds the generator as a pair; a sum would give seed 7 epoch 4 the plan of seed 8 epoch 3.
+  pids = np.repeat(np.arange(12), 6)
+  a = data.pk_epoch_plan(pids, num_ids=4, num_instances=3, seed=7, epoch=4)
+  b = data.pk_epoch_plan(pids, num_ids=4, num_instances=3, seed=8, epoch=3)
+  n = min(len(a), len(b))
+  assert n >= 4 and not np.array_equal(a[:n], b[:n])
+
+
+def test_identities_within_a_batch_are_in_drawn_order():
+  # The official sampler pops chunks in the random.sample order, not sorted by identity.
+  pids = np.repeat(np.arange(12), 6)
+  orders = []
+  for epoch in range(5):
+    plan = data.pk_epoch_plan(pids, num_ids=4, num_instances=3, seed=0, epoch=epoch)
+    orders.extend(pids[plan[:, ::3]].tolist())
+  ascending = sum(row == sorted(row) for row in orders)
+  # 4 distinct ids in random order are ascending with probability 1/24; allow generous slack.
+  assert len(orders) >= 20 and ascending <= len(orders) // 4

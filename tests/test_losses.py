@@ -255,3 +255,13 @@ def test_low_precision_inputs_are_upcast():
   assert float(loss) == pytest.approx(float(ref), rel=1e-6)
   g = jax.grad(lambda f: losses.supcon_loss(f, f, y, y))(x)
   assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
+
+
+def test_loss_weights_from_dict_defaults():
+  # Missing keys take the official defaults.py values: label smoothing on with epsilon 0.1, triplet margin 0.3.
+  w = losses.LossWeights.from_dict({})
+  assert (w.id, w.triplet, w.i2t, w.label_smoothing, w.margin) == (1.0, 1.0, 1.0, 0.1, 0.3)
+  assert losses.LossWeights.from_dict({"IF_LABELSMOOTH": "off"}).label_smoothing == 0.0
+  w = losses.LossWeights.from_dict({"margin": 0.5, "label_smoothing_epsilon": 0.2, "no_margin": False})
+  assert (w.label_smoothing, w.margin) == (0.2, 0.5)
+  assert losses.LossWeights.from_dict({"NO_MARGIN": True}).margin is None

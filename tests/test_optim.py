@@ -253,3 +253,17 @@ def test_solver_from_yml_keys():
   with pytest.raises(NotImplementedError):
     optim.Stage2Solver.from_dict({"BASE_LR": 1.0, "WEIGHT_DECAY": 0.0, "STEPS": [1], "WARMUP_FACTOR": 1.0,
                                   "LARGE_FC_LR": True})
+
+
+@pytest.mark.parametrize("wd, wd_bias", [(0.0, 0.5), (0.5, 0.0)])
+def test_weight_decay_bias_applies_to_bias_leaves_only(wd, wd_bias):
+  # SGD without momentum, zero gradients, params 1: a leaf moves by lr * its group's decay only. Biases use
+  # WEIGHT_DECAY_BIAS at lr x BIAS_LR_FACTOR; kernels WEIGHT_DECAY at BASE_LR (make_optimizer_2stage).
+  solver = optim.Stage2Solver(base_lr=0.1, weight_decay=wd, weight_decay_bias=wd_bias, steps=(30,),
+                              warmup_factor=1.0, bias_lr_factor=2.0, optimizer_name="SGD", momentum=0.0)
+  params = {"image_encoder": {"proj": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}}
+  grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+  after, _ = one_step(optim.stage2_optimizer(solver, steps_per_epoch=4), params, grads)
+  np.testing.assert_allclose(after["image_encoder"]["proj"]["kernel"], 1 - 0.1 * wd, rtol=1e-6)
+  np.testing.assert_allclose(after["image_encoder"]["proj"]["bias"], 1 - 0.2 * wd_bias, rtol=1e-6)
+  assert optim.Stage2Solver(base_lr=0.1, weight_decay=0.3, steps=(1,), warmup_factor=1.0).bias_weight_decay == 0.3

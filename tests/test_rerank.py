@@ -1,4 +1,6 @@
 """k-reciprocal re-ranking: golden runs of the official `re_ranking`, dense vs scalable forms, bad inputs."""
+import inspect
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=match) as err:
       re_ranking(*args, **kwargs)
     assert "\n" not in str(err.value) and "expected" in str(err.value)
+
+
+def test_defaults_are_the_official_k1_k2_lambda():
+  # R1_mAP_eval calls re_ranking(qf, gf, k1=50, k2=15, lambda_value=0.3) (spec section 6).
+  for fn in (re_ranking, re_ranking_exact):
+    params = inspect.signature(fn).parameters
+    assert (params["k1"].default, params["k2"].default, params["lambda_value"].default) == (50, 15, 0.3), fn
