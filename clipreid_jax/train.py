@@ -77,6 +77,17 @@ def _is_real(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+_warned: set = set()
+
+
+def _warn_once(message: str, *args) -> None:
+  """validate_config runs twice in a CLI run (before JAX starts, and in train_and_evaluate): one warning each."""
+  text = message % args
+  if text not in _warned:
+    _warned.add(text)
+    log.warning("%s", text)
+
+
 def validate_config(config) -> None:
   """Raises ConfigError naming the first key whose value cannot work (types, signs, ranges).
 
@@ -121,7 +132,7 @@ def validate_config(config) -> None:
     _need(_is_int(v) and v >= 0, key, v, "an integer >= 0")
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
   if config.data_workers > cpus:
-    log.warning("data_workers %d is more than the %d CPUs this process may use: the workers share them with the "
+    _warn_once("data_workers %d is more than the %d CPUs this process may use: the workers share them with the "
                 "trainer (each is a process holding its own decoder buffers)", config.data_workers, cpus)
   for key in ("stage1.base_lr", "stage2.base_lr", "stage2.gamma", "stage2.bias_lr_factor"):
     v = _get(config, key)
@@ -145,11 +156,11 @@ def validate_config(config) -> None:
     _need(config.stage1.lr_min <= config.stage1.base_lr, "stage1.lr_min", config.stage1.lr_min,
           f"at most stage1.base_lr ({config.stage1.base_lr:g}): the cosine falls from base_lr to lr_min")
     if config.stage1.warmup_epochs >= config.stage1.max_epochs:
-      log.warning("stage1.warmup_epochs %d >= stage1.max_epochs %d: stage 1 never reaches its base_lr",
+      _warn_once("stage1.warmup_epochs %d >= stage1.max_epochs %d: stage 1 never reaches its base_lr",
                   config.stage1.warmup_epochs, config.stage1.max_epochs)
   late = [e for e in milestones if e > config.stage2.max_epochs]
   if late:
-    log.warning("stage2.steps %s: beyond stage2.max_epochs %d, the learning rate never decays there", late,
+    _warn_once("stage2.steps %s: beyond stage2.max_epochs %d, the learning rate never decays there", late,
                 config.stage2.max_epochs)
   if not config.init.clip:  # a random CLIP needs its sizes (the demo and tests set them; recipes leave them 0)
     _need(_random_clip_sizes(m) is not None, "init.clip", config.init.clip,
@@ -541,6 +552,10 @@ class Run:
     if (self.dir / "checkpoints").is_dir():
       self._open_manager()
     meta = self.latest_meta() or {}
+    if meta:
+      where = f", step {meta['next_batch']} of epoch {meta['epoch'] + 1}" if "next_batch" in meta else ""
+      log.info("resuming from %s (stage %d, epoch %d done%s)",
+               self.dir / "checkpoints" / str(self.manager.latest_step()), meta["stage"], meta["epoch"], where)
     self._resumed_from = (meta.get("stage", 0), meta.get("epoch", 0))
     return meta
 
@@ -921,6 +936,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
     if config.eval.period and epoch % config.eval.period == 0 and epoch != s.max_epochs:
       res = evaluate_fn({"params": state.params, "batch_stats": state.batch_stats})
       record.update({f"eval_{k}": v for k, v in res.items()})
+      log.info("stage 2 epoch %d/%d evaluation: %s", epoch, s.max_epochs, format_metrics(res))
     run.log_metrics(record)
     stop = run.stop_agreed()
     if epoch % config.checkpoint_every_epochs == 0 or epoch == s.max_epochs or stop:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from clipreid_jax import convert, inference, train
+from clipreid_jax.checkpoints import CheckpointError
 from clipreid_jax.models.clipreid import load_clipreid
 from conftest import golden_root
 from train_helpers import tiny_config
@@ -25,6 +26,7 @@ def _variables(path):
 def finished(tmp_path_factory):
   root = tmp_path_factory.mktemp("run")
   config = tiny_config(root / "data")
+  config.eval.period = 1  # an evaluation after stage-2 epoch 1 (not after the last: the final one is that)
   result = train.train_and_evaluate(config, str(root / "work"))
   return config, root, result
 
@@ -44,6 +46,8 @@ def test_end_to_end_outputs(finished):
   assert summary["final"] == train.percent(result)
   assert config.eval.untrained and summary["untrained"]["mAP"] > 0  # the demo's settings evaluate both
   assert all("images_per_s" in r and r["images_per_s"] > 0 for r in records if r.get("stage") == 2)
+  periodic = [r["epoch"] for r in records if r.get("stage") == 2 and 0 < r.get("eval_mAP", -1) <= 1]
+  assert periodic == [1] and records[-1]["mAP"] == result["mAP"]  # eval.period 1; the last epoch's is the final
   events = b"".join(p.read_bytes() for p in (work / "tensorboard").glob("events.out.tfevents.*"))
   for tag in (b"stage1/loss", b"stage2/loss", b"stage2/tri_proj", b"stage2/lr", b"final/mAP"):
     assert tag in events, tag
@@ -62,6 +66,9 @@ def test_eval_mode_reproduces_final_metrics(finished, tmp_path):
   again = inference.evaluate_checkpoint(c, str(tmp_path))
   assert again == pytest.approx(result, abs=1e-6)
   assert json.loads((tmp_path / "metrics.json").read_text()) == {"final": train.percent(again)}
+  c.checkpoint = str(root / "work")  # the run's workdir instead of its model: the error names the model
+  with pytest.raises(CheckpointError, match=r"got kind None \(a training workdir: its trained model is .*work/model\)"):
+    inference.evaluate_checkpoint(c, str(tmp_path / "again"))
 
 
 def test_extract_mode_and_python_api(finished, tmp_path):
@@ -169,7 +176,7 @@ def test_resume_equals_uninterrupted(finished, tmp_path, monkeypatch, stop_at):
 
 
 @pytest.mark.parametrize("workers_before,workers_after", [(0, 1), (1, 0)])
-def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch, workers_before, workers_after):
+def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch, caplog, workers_before, workers_after):
   """SIGTERM sets a flag; the trainer saves mid-epoch (the batches consumed) and exits 143. The resumed run equals
   the uninterrupted one, with or without grain worker processes on either side (they may change between
   restarts)."""
@@ -199,7 +206,9 @@ def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch, w
   assert meta["stage"] == 2 and meta["epoch"] == 1 and meta["next_batch"] == 1, meta  # epoch 2's first step done
   monkeypatch.setattr(train, "to_global", original_to_global)
   config.data_workers = workers_after
-  train.train_and_evaluate(config, str(tmp_path / "work"))
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+  assert "(stage 2, epoch 1 done, step 1 of epoch 2)" in caplog.text  # the log says where it resumes
   a, b = _variables(root / "work" / "model"), _variables(tmp_path / "work" / "model")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)

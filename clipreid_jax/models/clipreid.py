@@ -304,8 +304,11 @@ def load_clipreid(path: str | pathlib.Path, dtype: Dtype = jnp.float32):
   path = pathlib.Path(path)
   meta = checkpoints.read_config(path)
   if meta.get("kind") != "clipreid":
+    hint = ""
+    if meta.get("kind") is None and (path / "model" / "config.json").is_file():  # a training run's workdir
+      hint = f" (a training workdir: its trained model is {path / 'model'})"
     raise checkpoints.CheckpointError(f"{path}: expected a CLIP-ReID model directory (config.json kind 'clipreid'), "
-                                      f"got kind {meta.get('kind')!r}")
+                                      f"got kind {meta.get('kind')!r}{hint}")
   try:
     cfg = ReIDConfig.from_dict(meta["reid"])
     # The shapes it describes; a config.json that does not fit the saved tensors would fail deep inside the first
