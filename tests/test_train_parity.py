@@ -144,6 +144,8 @@ def test_stage1_step(variant, converted):
   grads = jax.grad(lambda p: steps.stage1_loss_fn(model, p, outputs["get_image_feature"], labels)[0])(variables["params"])
   name = "prompt_learner.cls_ctx"
   _check_grad(name, np.asarray(grads["prompt_learner"]["cls_ctx"]), opt[f"stage1_grad/{name}"])
+  # The logged gradient norm is over the trained leaves only: in stage 1, the prompt tokens.
+  np.testing.assert_allclose(float(metrics["grad_norm"]), np.linalg.norm(opt[f"stage1_grad/{name}"]), rtol=1e-4)
   _check_step(name, state_np[name], np.asarray(new_state.params["prompt_learner"]["cls_ctx"]),
               opt[f"stage1_after_step/{name}"], opt[f"stage1_grad/{name}"], m["stage1_optimizer"]["weight_decay"],
               float(opt["stage1_lr"]))
@@ -179,3 +181,29 @@ def test_stage1_epoch_is_its_steps_with_the_partial_last_batch(converted, n):
     np.testing.assert_allclose(epoch_metrics[k], np.mean([float(m[k]) for m in seen]), rtol=1e-5, err_msg=k)
   np.testing.assert_allclose(epoch_state.params["prompt_learner"]["cls_ctx"], ref.params["prompt_learner"]["cls_ctx"],
                              rtol=1e-5, atol=1e-7)
+
+
+def test_stage2_step_augments_as_configured(converted):
+  """The step's augmentation takes the configured probabilities and padding: flip 1 with no crop or erasing is
+  the mirror image exactly; padding alone and erasing alone each change the loss."""
+  variant = VARIANTS[0]
+  model, variables = converted(variant)
+  m = meta(variant)
+  inputs = np.load(variant / "inputs.npz")
+  batch = {"image": inputs["images_uint8_nhwc"], "pid": inputs["labels"].astype(np.int32),
+           "camid": inputs["cam_ids"].astype(np.int32), "viewid": inputs["view_ids"].astype(np.int32)}
+  weights = losses.LossWeights.from_dict(m["loss_weights"])
+  tx = optim.stage2_optimizer(optim.Stage2Solver.from_dict(m["stage2_optimizer"]), steps_per_epoch=1)
+  state = steps.create_state(variables["params"], variables["batch_stats"], tx,
+                             steps.text_features_all(model, variables["params"]))
+
+  def loss(batch, **augment):
+    step = steps.make_stage2_step(model, tx, weights, **augment)
+    return float(jax.jit(step)(state, batch, jax.random.PRNGKey(3))[1]["loss"])
+
+  plain = loss(batch, augment_images=False)
+  mirrored = loss(dict(batch, image=batch["image"][:, :, ::-1]), augment_images=False)
+  np.testing.assert_allclose(loss(batch, flip_prob=1.0, padding=0, erase_prob=0.0), mirrored, rtol=1e-5)
+  assert abs(mirrored - plain) > 1e-4  # the flip is visible in the loss
+  assert abs(loss(batch, flip_prob=0.0, padding=10, erase_prob=0.0) - plain) > 1e-4
+  assert abs(loss(batch, flip_prob=0.0, padding=0, erase_prob=1.0) - plain) > 1e-4
