@@ -336,9 +336,13 @@ def check_sie_ids(dataset, sie_camera: bool, sie_view: bool, camera_num: int, vi
       ids = getattr(getattr(dataset, name), field)
       bad = np.unique(ids[(ids < 0) | (ids >= num)])
       if bad.size:
+        have = np.unique(getattr(dataset.train, field))
+        listed = ", ".join(map(str, have[:8])) + (", ..." if have.size > 8 else "")
+        gaps = (f"; the training split's {word} ids are {listed}: a subset that leaves out {word}s must renumber "
+                f"them 0..{have.size - 1}" if have.size and have[-1] >= have.size else "")
         raise DataError(f"{dataset.name}: {name} {word} id {', '.join(map(str, bad[:5]))} is outside the SIE table "
-                        f"(rows 0..{num - 1}, one per {word} of the training split); with SIE every {word} must "
-                        f"occur in train, numbered 0..{num - 1}")
+                        f"(rows 0..{num - 1}, one per {word} of the training split, as in the official code); with "
+                        f"SIE every {word} must occur in train, numbered 0..{num - 1}{gaps}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -157,6 +157,18 @@ def test_sie_camera_missing_from_train(tmp_path, market):
   assert not work.exists()
 
 
+def test_sie_on_a_subset_that_leaves_out_a_camera(tmp_path, market):
+  """Market's camera ids come from the file names: a training split without c2 has a 2-row table (ids 0 and 2),
+  and the error says to renumber (it said that every camera must occur in train, which they do)."""
+  data = shutil.copytree(market, tmp_path / "subset")
+  for f in (data / "bounding_box_train").glob("*_c2s*"):
+    f.unlink()
+  out, work = _train(tmp_path, "--config.model.sie_camera=True", data=data)
+  _error(out, "market1501: train camera id 2 is outside the SIE table (rows 0..1",
+         "the training split's camera ids are 0, 2: a subset that leaves out cameras must renumber them 0..1")
+  assert not work.exists()
+
+
 def test_fewer_identities_than_p(tmp_path):
   out, work = _train(tmp_path, "--config.stage2.num_ids=9")  # the tiny data has 8 training identities
   _error(out, "stage2.num_ids=9", "at least P=9", "has 8")
