@@ -150,7 +150,9 @@ def _list_entry(line: str, base: pathlib.Path) -> tuple[pathlib.Path, list[int]]
 
 def list_images(spec: str) -> ImageList:
   """A folder (recursively, sorted), one image file, or a text file with one image per line: `path` or
-  `path,camera[,view]` (SIE ids), paths relative to the list file; blank lines and lines starting with '#' skipped."""
+  `path,camera[,view]` (SIE ids), paths relative to the list file; an optional header row (`path,camera,view`);
+  blank lines and lines starting with '#' skipped."""
+  from clipreid_jax.data.custom import COLUMN_NAMES
   from clipreid_jax.data.errors import DatasetNotFoundError, EmptySplitError, ListFileError
   p = pathlib.Path(spec)
   if p.is_dir():
@@ -171,6 +173,12 @@ def list_images(spec: str) -> ImageList:
   for number, line in enumerate(lines, 1):
     line = line.strip()
     if not line or line.startswith("#"):
+      continue
+    if not files and width is None and line.split(",")[0].strip().lower() == "path" and not (p.parent / line).exists():
+      names = tuple(COLUMN_NAMES.get(x.strip().lower(), x.strip()) for x in line.split(","))  # custom's spellings
+      if names not in (("path",), ("path", "camera"), ("path", "camera", "view")):
+        raise ListFileError(f"{p}:{number}: header {line!r}: expected 'path', 'path,camera' or 'path,camera,view'")
+      width = len(names) - 1  # a header row, as the custom dataset's lists may have
       continue
     path, row = _list_entry(line, p.parent)
     if not path.is_file():

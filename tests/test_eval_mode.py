@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from clipreid_jax import convert
+from clipreid_jax import convert, inference
 from clipreid_jax.data import get_dataset
 from clipreid_jax.data.synthetic import write_synthetic_market
 from clipreid_jax.evaluation import eval_func
@@ -305,7 +305,7 @@ def test_data_warnings_are_one_line_each(setup, tmp_path):
 def test_extract_again_replaces_the_pair_and_a_failed_write_keeps_the_old_one(setup, tmp_path, monkeypatch, capsys):
   """A second extract into the same folder says it replaced the previous files; one whose index cannot be written
   leaves the previous features.npy and index together (it used to replace features.npy first)."""
-  from clipreid_jax import inference, train  # pylint: disable=g-import-not-at-top
+  from clipreid_jax import train  # pylint: disable=g-import-not-at-top
   from clipreid_jax.config_defaults import recipe  # pylint: disable=g-import-not-at-top
   _, model_dir, data = setup
   images = sorted(str(p) for p in pathlib.Path(data, "query").glob("*.jpg"))
@@ -338,7 +338,8 @@ def test_extract_again_replaces_the_pair_and_a_failed_write_keeps_the_old_one(se
 
 def test_extract_camera_and_view_ids_per_image(setup, tmp_path):
   """A camera+view SIE model (3 cameras x 2 views): each image is embedded with its own ids in every batch, views
-  are checked against the view table, and a `path,camera,view` list reads its columns in that order."""
+  are checked against the view table, and a `path,camera,view` list (here with a header) reads its columns in that
+  order."""
   root, _, data = setup
   variant = next(v for v in variants() if v.parent.name == "vit" and v.name == "d_sie_camview")
   model_dir = root / "model_camview"
@@ -353,7 +354,11 @@ def test_extract_camera_and_view_ids_per_image(setup, tmp_path):
   assert np.abs(feats - ext(names, cams=cams, views=1 - views)).max() > 1e-3  # the view matters
   with pytest.raises(ValueError, match=r"views: expected ids in 0..1 \(the model's SIE table\), got 2"):
     ext(names[:1], cams=[0], views=[2])  # a valid camera id, past the 2 views
-  (tmp_path / "list.txt").write_text("".join(f"{n},{c},{v}\n" for n, c, v in zip(names, cams, views)))
+  rows = "".join(f"{n},{c},{v}\n" for n, c, v in zip(names, cams, views))
+  (tmp_path / "list.txt").write_text("path,cam,view\n" + rows)  # a header row, in the custom lists' spellings
+  (tmp_path / "bad.txt").write_text("path,identity\n" + rows)
+  with pytest.raises(ValueError, match=r"bad.txt:1: header 'path,identity': expected 'path', 'path,camera' or"):
+    inference.list_images(str(tmp_path / "bad.txt"))
   out = _cli("--config", "configs/market1501_vit.py", "--config.mode=extract", f"--config.checkpoint={model_dir}",
              f"--config.extract.input={tmp_path / 'list.txt'}", f"--config.extract.output={tmp_path / 'f'}")
   assert out.returncode == 0, out.stderr[-1500:]

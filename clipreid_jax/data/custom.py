@@ -29,8 +29,8 @@ from clipreid_jax.data.records import ReidDataset
 NAME = "custom"
 SPLITS = ("train", "query", "gallery")
 LAYOUT = "ROOT/{train,query,gallery}.csv with rows 'path,identity,camera[,view]' (paths relative to ROOT)"
-_COLUMNS = {"path": "path", "identity": "identity", "id": "identity", "pid": "identity", "camera": "camera",
-            "cam": "camera", "camid": "camera", "view": "view", "viewid": "view"}
+COLUMN_NAMES = {"path": "path", "identity": "identity", "id": "identity", "pid": "identity", "camera": "camera",
+                "cam": "camera", "camid": "camera", "view": "view", "viewid": "view"}
 Row = tuple[str, str, str, str]  # relpath, identity, camera, view
 
 
@@ -52,8 +52,8 @@ def read_csv(list_file: str, check_files: bool = True) -> list[Row]:
       if not any(fields) or fields[0].startswith("#"):
         continue
       if not rows and not header_seen and "path" in (x.lower() for x in fields):
-        unknown = [x for x in fields if x.lower() not in _COLUMNS]
-        order = tuple(_COLUMNS.get(x.lower(), x) for x in fields)
+        unknown = [x for x in fields if x.lower() not in COLUMN_NAMES]
+        order = tuple(COLUMN_NAMES.get(x.lower(), x) for x in fields)
         if unknown or not {"path", "identity", "camera"} <= set(order) or len(set(order)) < len(order):
           raise errors.ListFileError(f"{NAME}: {list_file}:{line}: header {','.join(fields)!r} needs columns path, "
                                      "identity, camera and optionally view, each once")
