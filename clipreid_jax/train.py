@@ -292,6 +292,9 @@ def check_batch(name: str, global_batch: int) -> None:
 
 def check_data(config, dataset) -> None:
   """Batch sizes against the devices and the PK sampler against the identities, before anything is written."""
+  if not len(dataset.train):  # a custom set without train.csv: evaluation only
+    raise DataError(f"{dataset.name}: {config.dataset.root} has no training split (train.csv); training needs one "
+                    "(eval and extract modes do not)")
   check_batch("eval.batch_size", config.eval.batch_size)
   s = config.stage2
   check_batch("stage2.num_ids * stage2.num_instances", s.num_ids * s.num_instances)

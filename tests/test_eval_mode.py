@@ -363,3 +363,30 @@ def test_extract_camera_and_view_ids_per_image(setup, tmp_path):
              f"--config.extract.input={tmp_path / 'list.txt'}", f"--config.extract.output={tmp_path / 'f'}")
   assert out.returncode == 0, out.stderr[-1500:]
   np.testing.assert_allclose(np.load(tmp_path / "f" / "features.npy"), feats, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_on_a_test_only_custom_set(setup, tmp_path):
+  """Cross-domain evaluation on a set that has only query and gallery (a custom dataset without train.csv): the
+  numbers equal those of the same images read as Market-1501; training on it is refused in one line."""
+  root, model_dir, data = setup
+  ds = get_dataset("market1501", data, check_counts=False)
+  custom = tmp_path / "target"
+  custom.mkdir()
+  for name in ("query", "gallery"):
+    split = getattr(ds, name)
+    (custom / f"{name}.csv").write_text("path,identity,camera\n" + "".join(
+        f"{split.path(i)},{split.pids[i]},{split.camids[i]}\n" for i in range(len(split))))
+  common = ["--config", "configs/market1501_vit.py", "--config.mode=eval", f"--config.checkpoint={model_dir}",
+            "--config.dataset.check_counts=False"]
+  out = _cli(*common, "--workdir", str(tmp_path / "custom"), "--config.dataset.name=custom",
+             f"--config.dataset.root={custom}")
+  assert out.returncode == 0, out.stderr[-1500:]
+  ref = _cli(*common, "--workdir", str(tmp_path / "market"), f"--config.dataset.root={data}")
+  assert ref.returncode == 0, ref.stderr[-1500:]
+  got, want = (json.loads((tmp_path / w / "metrics.json").read_text()) for w in ("custom", "market"))
+  assert got == want and got["final"]["mAP"] > 0
+  out = _cli("--config", "tests/tiny_run_config.py:" + str(tmp_path / "unused"), "--workdir", str(tmp_path / "t"),
+             "--config.dataset.name=custom", f"--config.dataset.root={custom}")
+  assert out.returncode == 2 and not (tmp_path / "t").exists()
+  assert out.stderr.strip().splitlines()[-1] == (f"error: custom: {custom} has no training split (train.csv); "
+                                                 "training needs one (eval and extract modes do not)")

@@ -1,6 +1,7 @@
 """Bring-your-own dataset: three CSV list files, no code.
 
-Format (see data/README.md): ROOT/train.csv, ROOT/query.csv and ROOT/gallery.csv, one image per row
+Format (see data/README.md): ROOT/train.csv, ROOT/query.csv and ROOT/gallery.csv, one image per row (train.csv
+may be left out where the set is only evaluated or embedded: the training split is then empty)
 
     path,identity,camera[,view]
     images/alice/0001.jpg,alice,cam1
@@ -24,7 +25,7 @@ import os
 from typing import Sequence
 
 from clipreid_jax.data import errors, layouts
-from clipreid_jax.data.records import ReidDataset
+from clipreid_jax.data.records import ReidDataset, Split
 
 NAME = "custom"
 SPLITS = ("train", "query", "gallery")
@@ -105,11 +106,12 @@ def load(root: str | os.PathLike, *, train_list: str = "train.csv", query_list: 
   """
   root = os.fspath(root)
   lists = [os.path.join(root, x) for x in (train_list, query_list, gallery_list)]
-  if not os.path.isdir(root) or not all(os.path.isfile(x) for x in lists):
-    missing = [x for x in lists if not os.path.isfile(x)]
+  # train.csv may be absent: a test-only set (cross-domain evaluation) has query and gallery only.
+  if not os.path.isdir(root) or not all(os.path.isfile(x) for x in lists[1:]):
+    missing = [x for x in lists[1:] if not os.path.isfile(x)]
     raise errors.DatasetNotFoundError(
         f"{NAME}: missing {', '.join(missing) or root} under {root}; expected layout: {LAYOUT}")
-  rows = {s: read_csv(x, check_files) for s, x in zip(SPLITS, lists)}
+  rows = {s: read_csv(x, check_files) if s != "train" or os.path.isfile(x) else [] for s, x in zip(SPLITS, lists)}
   every = [r for s in SPLITS for r in rows[s]]
   cams = _numbering({r[2] for r in rows["train"]}, {r[2] for r in every})
   views = _numbering({r[3] for r in rows["train"]}, {r[3] for r in every})
@@ -123,6 +125,7 @@ def load(root: str | os.PathLike, *, train_list: str = "train.csv", query_list: 
 
   return ReidDataset(
       NAME,
-      train=layouts.make_split(NAME, "train", root, records("train", train_pid), lists[0]),
+      train=(layouts.make_split(NAME, "train", root, records("train", train_pid), lists[0]) if os.path.isfile(lists[0])
+             else Split.from_records(root, [])),
       query=layouts.make_split(NAME, "query", root, records("query", test_pid), lists[1]),
       gallery=layouts.make_split(NAME, "gallery", root, records("gallery", test_pid), lists[2]))
