@@ -1,4 +1,9 @@
 """grain loaders: PK batches, determinism, multi-host slices, mid-epoch restore, stage-1 and evaluation coverage."""
+import os
+import pathlib
+import signal
+import time
+
 import numpy as np
 import pytest
 
@@ -136,3 +141,29 @@ def test_one_grain_worker_gives_the_same_batches(dataset):
     it.close()
   expected = _take(iter(_loader(dataset)), 3)
   assert all(_equal(x, y) for x, y in zip(got, expected))
+
+
+def _children(pid: int) -> list[int]:
+  found = []
+  for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+    found += [int(c) for c in (task / "children").read_text().split()]
+  return found
+
+
+def test_grain_workers_ignore_a_terminal_ctrl_c(dataset):
+  """A terminal's Ctrl-C reaches the worker processes too; they ignore it and the trainer, which saves and stops
+  on its own, still gets its batches (a worker killed by it failed the next batch)."""
+  loader = _loader(dataset, worker_count=1)
+  expected = _take(iter(_loader(dataset)), len(loader))
+  it = iter(loader)
+  try:
+    got = _take(it, 1)
+    workers = _children(os.getpid())
+    assert workers
+    for pid in workers:
+      os.kill(pid, signal.SIGINT)
+    time.sleep(1.0)
+    got += _take(it, len(loader) - 1)
+  finally:
+    it.close()
+  assert all(_equal(x, y) for x, y in zip(got, expected)) and len(got) == len(expected)

@@ -13,6 +13,7 @@ last stage-1 or evaluation batch; always True in training).
 from __future__ import annotations
 
 import dataclasses
+import signal
 from typing import Any, Sequence
 
 import grain
@@ -89,8 +90,16 @@ class Loader:
     ds = (self.dataset[start:] if start else self.dataset).to_iter_dataset(self.read_options)
     if self.worker_count > 0:
       _allow_grain_workers()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count),
+                          worker_init_fn=_ignore_ctrl_c)
     return iter(ds)
+
+
+def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+  """A terminal's Ctrl-C reaches the whole process group: the trainer saves and stops, and asks its workers itself
+  (a worker killed by it made the trainer's next batch fail instead)."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _allow_grain_workers() -> None:
