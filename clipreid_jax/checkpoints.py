@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -54,9 +55,9 @@ def restore_variables(path: str | os.PathLike) -> dict:
     raise CheckpointError(f"{path}: not found; the model directory is incomplete")
   ckptr = _checkpointer()
   try:
-    return ckptr.restore(path)
+    with quiet_late_reads():
+      return ckptr.restore(path)
   except Exception as e:  # orbax raises many types for truncated or foreign data
-    quiet_late_reads()
     raise CheckpointError(f"{path}: cannot restore ({type(e).__name__}: {restore_reason(e)})") from None
 
 
@@ -66,28 +67,50 @@ def restore_reason(e: Exception) -> str:
   return text.split(" See full TensorStore details")[0][:200]
 
 
-def quiet_late_reads() -> None:
-  """After a failed restore, the reads still in flight land on the event loop orbax has closed, each reported through
-  sys.unraisablehook as a traceback ("Event loop is closed") around our one-line error; those, and only those
-  (raised by asyncio's closed-loop check), are dropped."""
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_late_reads", False):
-    return
+def _late_read_error(e, tb) -> bool:
+  """RuntimeError('Event loop is closed') raised by asyncio's closed-loop check, or a read error raised by orbax's
+  array reader (a read coroutine that failed after the restore had): the innermost frame says which."""
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  if tb is None:
+    return False
+  code = tb.tb_frame.f_code
+  if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+    return code.co_name == "_check_closed"
+  return code.co_filename.replace(os.sep, "/").endswith("orbax/checkpoint/_src/serialization/serialization.py")
 
-  def late_read(unraisable) -> bool:
-    e, tb = unraisable.exc_value, unraisable.exc_traceback
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-      return False
-    while tb is not None and tb.tb_next is not None:
-      tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
 
-  def hook(unraisable):
-    if not late_read(unraisable):
-      previous(unraisable)
+class _AbandonedReads(logging.Filter):
+  """asyncio's report of a task that failed after nobody waited for it any more: the other array reads of a restore
+  that has already failed (each a traceback and TensorStore's whole spec)."""
 
-  hook.drops_late_reads = True
-  sys.unraisablehook = hook
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
+
+
+@contextlib.contextmanager
+def quiet_late_reads() -> Iterator[None]:
+  """Around a restore: where one read fails, the others still in flight fail around our one-line error, some before
+  orbax raises, the rest after it: on the event loop orbax has closed ("Event loop is closed", through
+  sys.unraisablehook, or sys.excepthook from a TensorStore thread), as read coroutines collected unfinished
+  (sys.unraisablehook) or as tasks nobody awaits any more (asyncio's logger). Those, and only those, are dropped:
+  from the restore's start, and after it only where it failed."""
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+  abandoned = _AbandonedReads()
+
+  def unraisable_hook(unraisable):
+    if not _late_read_error(unraisable.exc_value, unraisable.exc_traceback):
+      previous_unraisable(unraisable)
+
+  def except_hook(kind, value, tb):
+    if not _late_read_error(value, tb):
+      previous_except(kind, value, tb)
+
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+  logging.getLogger("asyncio").addFilter(abandoned)
+  yield  # an exception propagates with the filters left in place: the late reads come after it
+  sys.unraisablehook, sys.excepthook = previous_unraisable, previous_except
+  logging.getLogger("asyncio").removeFilter(abandoned)
 
 
 @contextlib.contextmanager

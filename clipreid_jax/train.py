@@ -259,10 +259,10 @@ def load_dataset(config, everywhere: bool = True):
       try:
         synthetic.write_synthetic_market(ds.root, num_train_ids=ds.num_train_ids, num_test_ids=ds.num_test_ids,
                                          imgs_per_id=ds.imgs_per_id, num_cams=ds.num_cams, seed=ds.seed)
-      except DataError as e:
-        failed = e
       except OSError as e:  # permissions, a full disk
         failed = DataError(f"dataset.root: cannot write synthetic data to {ds.root} ({e.strerror or e})")
+      except Exception as e:  # pylint: disable=broad-except  # raised below, after the other hosts are told
+        failed = e
     if everywhere and jax.process_count() > 1:  # the other hosts wait, then stop with process 0 if it failed
       if not multihost_utils.broadcast_one_to_all(np.int32(failed is None)) and failed is None:
         raise DataError(f"synthetic: process 0 could not write {ds.root} (its error is in its output)")
@@ -310,7 +310,7 @@ def check_data(config, dataset) -> None:
     raise ConfigError(f"stage1.batch_size: {config.stage1.batch_size} is more than the {len(dataset.train)} training "
                       f"images; expected at most {len(dataset.train)}")
   check_sie_ids(dataset, m.sie_camera, m.sie_view, dataset.num_train_cams, dataset.num_train_views)
-  if m.sie_view and dataset.num_train_views <= 1:  # the official code accepts it too: one row added to every image
+  if m.sie_view and m.backbone.startswith("ViT") and dataset.num_train_views <= 1:  # the official code accepts it too: one row added to every image
     log.warning("model.sie_view: %s has no view labels (one view), so the view embedding is the same for every "
                 "image; views are labelled in VeRi-776", dataset.name)
   check_valid_queries(dataset)
@@ -449,7 +449,7 @@ class Run:
     """From now until `release_signals`, SIGTERM and a first Ctrl-C ask for a checkpoint and a clean exit."""
     for sig in (signal.SIGTERM, signal.SIGINT):
       if sig == signal.SIGINT and signal.getsignal(sig) is not signal.default_int_handler:
-        continue  # Ctrl-C ignored (nohup, a background job) or handled by the caller: left as it is
+        continue  # Ctrl-C ignored (a background job of a script) or handled by the caller: left as it is
       try:
         self._handlers[sig] = signal.signal(sig, self._on_stop_signal)
       except ValueError:  # not the main thread
@@ -457,8 +457,9 @@ class Run:
 
   def _on_stop_signal(self, signum, _frame=None):
     if signum == signal.SIGINT:
-      signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-      log.warning("Ctrl-C: saving a checkpoint at the next step boundary, then exiting (Ctrl-C again: stop now)")
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops without saving
+      log.warning("Ctrl-C: saving a checkpoint at the next step boundary, then exiting (Ctrl-C again: stop without "
+                  "saving)")
     else:
       log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
     self.stop_signal = self.stop_signal or signum
@@ -512,7 +513,8 @@ class Run:
       what = "; ".join(f"{s}: {counts(now[s])} now, {counts(data_then.get(s, {}))} then"
                        + (" (other records)" if counts(now[s]) == counts(data_then.get(s, {})) else "")
                        for s in changed)
-      raise ConfigError(f"dataset.root: {self.config['dataset'].get('root')} holds other data than the run in "
+      key = "dataset.packed_dir" if self.config["dataset"].get("packed_dir") else "dataset.root"
+      raise ConfigError(f"{key}: {self.config['dataset'].get(key.split('.')[1])} holds other data than the run in "
                         f"{self.dir} was trained on ({what}); expected the same records (the folder may move, its "
                         "contents may not), or a new --workdir")
     if diff:
@@ -698,12 +700,13 @@ class Run:
     import orbax.checkpoint as ocp
     step = self.manager.latest_step()
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+      with checkpoints.quiet_late_reads():
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+            "state"]
     except Exception as e:  # pylint: disable=broad-except
       raise self._unusable(step, e) from None
 
   def _unusable(self, step: int, e: Exception) -> checkpoints.CheckpointError:
-    checkpoints.quiet_late_reads()
     reason = checkpoints.restore_reason(e)
     return checkpoints.CheckpointError(f"{self.dir / 'checkpoints' / str(step)}: cannot restore ({reason}); move it "
                                        "away to resume from the one before")
