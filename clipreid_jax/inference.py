@@ -247,11 +247,13 @@ def extract_to_files(config, overrides: frozenset = frozenset()) -> pathlib.Path
     tmps[1].write_text("\n".join(images.index_lines()) + "\n")
     for tmp, name in zip(tmps, names):
       os.replace(tmp, out / name)
-  except OSError as e:
+  except BaseException as e:  # a full disk, Ctrl-C: no hidden partial files left behind
     for tmp in tmps:
       if tmp.parent.is_dir():
         tmp.unlink(missing_ok=True)
-    raise train.ConfigError(f"extract.output: cannot write {out} ({e.strerror or type(e).__name__})") from None
+    if isinstance(e, OSError):
+      raise train.ConfigError(f"extract.output: cannot write {out} ({e.strerror or type(e).__name__})") from None
+    raise
   if replaced:
     print(f"replaced the previous {' and '.join(replaced)} in {out}", flush=True)
   print(f"wrote {len(images.files)} features of width {feats.shape[1]} to {out / 'features.npy'}", flush=True)

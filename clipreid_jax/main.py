@@ -122,7 +122,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:  # a second Ctrl-C (the first saves and exits 130), or one outside training
-    print("error: interrupted (Ctrl-C); a training run resumes from its last checkpoint", file=sys.stderr)
+    print("error: interrupted (Ctrl-C); rerun the same command to resume a training run", file=sys.stderr)
     return 130
 
 

@@ -352,7 +352,7 @@ def test_extract_output_that_cannot_be_written(tmp_path, models):
   out = _cli("--config", f"{CONFIG}:{tmp_path / 'synthetic'}", "--config.mode=extract",
              f"--config.checkpoint={models['sie']}", f"--config.extract.input={images / 'list.txt'}",
              "--config.extract.output=/proc/clipreid_features")
-  if os.access("/proc", os.W_OK):  # root: check_output_dir is passed, the mkdir fails
+  if os.access("/proc", os.W_OK):  # root: check_writable is passed, the mkdir fails
     _error(out, "extract.output: cannot write /proc/clipreid_features")
   else:
     _error(out, "extract.output")
