@@ -85,7 +85,8 @@ class _AbandonedReads(logging.Filter):
   that has already failed (each a traceback and TensorStore's whole spec)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
+    return not str(record.msg).startswith(("Task exception was never retrieved",
+                                            "Future exception was never retrieved"))
 
 
 @contextlib.contextmanager

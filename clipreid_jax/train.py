@@ -310,7 +310,8 @@ def check_data(config, dataset) -> None:
     raise ConfigError(f"stage1.batch_size: {config.stage1.batch_size} is more than the {len(dataset.train)} training "
                       f"images; expected at most {len(dataset.train)}")
   check_sie_ids(dataset, m.sie_camera, m.sie_view, dataset.num_train_cams, dataset.num_train_views)
-  if m.sie_view and m.backbone.startswith("ViT") and dataset.num_train_views <= 1:  # the official code accepts it too: one row added to every image
+  # The official code accepts it too: one row added to every image (SIE is ViT-only).
+  if m.sie_view and m.backbone.startswith("ViT") and dataset.num_train_views <= 1:
     log.warning("model.sie_view: %s has no view labels (one view), so the view embedding is the same for every "
                 "image; views are labelled in VeRi-776", dataset.name)
   check_valid_queries(dataset)

@@ -107,7 +107,8 @@ def test_names_of_the_released_clips_and_of_other_sizes():
   assert CLIPConfig(embed_dim=512, vision_layers=12, vision_width=768, vision_patch_size=32).name == "ViT-B-32"
   assert CLIPConfig(embed_dim=512, vision_layers=(3, 4, 23, 3), vision_width=64).name == "RN101"
   assert CLIPConfig(embed_dim=32, vision_layers=2, vision_width=128).name == "ViT (width 128, depth 2, patch 16)"
-  assert CLIPConfig(embed_dim=32, vision_layers=(1, 2, 1, 1), vision_width=16).name == "RN (width 16, stages (1, 2, 1, 1))"
+  rn = CLIPConfig(embed_dim=32, vision_layers=(1, 2, 1, 1), vision_width=16)
+  assert rn.name == "RN (width 16, stages (1, 2, 1, 1))"
 
 
 # --- conversion command ------------------------------------------------------------------------

@@ -165,7 +165,8 @@ def _orbax_tmp(workdir) -> bool:
 
 def test_killed_anywhere_resumes_bit_exactly(env, reference):
   """SIGKILL in stage 1, during checkpoint writes, mid-epoch in stage 2, while stage1/ and model/ are written, a
-  Ctrl-C (SIGINT) and a real SIGTERM mid-epoch; each time the same command restarts the run; the end is the uninterrupted run's."""
+  Ctrl-C (SIGINT) and a real SIGTERM mid-epoch; each time the same command restarts the run; the end is the
+  uninterrupted run's."""
   work = env["root"] / "killed"
   points = [
       ("stage 1, writing checkpoint 1", lambda p: _orbax_tmp(work) or (work / "checkpoints" / "1").is_dir(),

@@ -265,7 +265,8 @@ def test_backbone_name_sets_the_random_patch_and_a_different_init_clip_is_named(
   with caplog.at_level(logging.WARNING):
     model, _ = train.build_model(config, dataset)
   name = model.config.backbone
-  assert name.startswith("RN (width") and f"model.backbone is 'RN50' but init.clip {clip_dir} holds {name}" in caplog.text
+  assert name.startswith("RN (width")
+  assert f"model.backbone is 'RN50' but init.clip {clip_dir} holds {name}" in caplog.text
 
 
 def test_sie_view_on_a_dataset_without_views_is_warned(tmp_path, caplog):
