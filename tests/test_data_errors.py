@@ -44,7 +44,7 @@ def test_missing_root_shows_expected_layout(tmp_path):
 @pytest.mark.parametrize("name,expected", [("market1501", "bounding_box_train"), ("msmt17", "list_train"),
                                            ("dukemtmc", "DukeMTMC-reID"), ("occ_duke", "Occluded_Duke"),
                                            ("veri", "image_train"), ("vehicleid", "train_test_split"),
-                                           ("custom", "train.csv")])
+                                           ("custom", "query.csv")])  # train.csv is optional (eval only)
 def test_wrong_layout_names_it(tmp_path, name, expected):
   (tmp_path / "something_else").mkdir()
   with pytest.raises(data.DatasetNotFoundError) as e:

@@ -29,7 +29,8 @@ from clipreid_jax.data.records import ReidDataset, Split
 
 NAME = "custom"
 SPLITS = ("train", "query", "gallery")
-LAYOUT = "ROOT/{train,query,gallery}.csv with rows 'path,identity,camera[,view]' (paths relative to ROOT)"
+LAYOUT = ("ROOT/{train,query,gallery}.csv with rows 'path,identity,camera[,view]' (paths relative to ROOT; train.csv "
+          "only for training)")
 COLUMN_NAMES = {"path": "path", "identity": "identity", "id": "identity", "pid": "identity", "camera": "camera",
                 "cam": "camera", "camid": "camera", "view": "view", "viewid": "view"}
 Row = tuple[str, str, str, str]  # relpath, identity, camera, view
