@@ -173,12 +173,10 @@ def _check_synthetic(ds) -> None:
   missing = [k for k in keys if k not in ds]
   _need(not missing, "dataset.name", ds.name, f"a config from recipe('synthetic', ...) (configs/demo.py), which has "
         f"dataset.{', dataset.'.join(missing)}")
-  for key, low in (("num_train_ids", 1), ("num_test_ids", 1), ("imgs_per_id", 4), ("seed", 0)):
-    _need(_is_int(ds[key]) and ds[key] >= low, f"dataset.{key}", ds[key], f"an integer >= {low}")
-  _need(_is_int(ds.num_cams) and 2 <= ds.num_cams <= 6, "dataset.num_cams", ds.num_cams,
-        "an integer in [2, 6] (Market-1501 names cameras c1..c6)")
-  _need(ds.num_train_ids + ds.num_test_ids <= synthetic.MAX_IDS, "dataset.num_train_ids + dataset.num_test_ids",
-        ds.num_train_ids + ds.num_test_ids, f"at most {synthetic.MAX_IDS} (4-digit Market-1501 ids)")
+  problems = synthetic.check_settings(**{k: ds[k] for k in keys})
+  if problems:
+    key, value, expected = problems[0]
+    _need(False, "dataset." + key.replace(" + ", " + dataset."), value, expected)
 
 
 def _random_clip_sizes(m) -> dict | None:

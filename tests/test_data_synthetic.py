@@ -157,8 +157,21 @@ def test_refuses_foreign_folders_and_bad_settings(tmp_path):
   (tmp_path / "query" / "0001_c1s1_000001_00.jpg").write_bytes(b"not the generator's name (_00)")
   with pytest.raises(data.DataError, match="did not write"):
     data.write_synthetic_market(tmp_path, **KW)
-  with pytest.raises(data.DataError, match="num_cams"):
+  with pytest.raises(data.DataError, match=r"synthetic: num_cams: expected an integer in \[2, 6\].*got 7"):
     data.write_synthetic_market(tmp_path / "x", **{**KW, "num_cams": 7})
+
+
+def test_bad_settings_leave_existing_data_alone(tmp_path):
+  # The size rules are checked before anything is touched: too many identities used to be found only after the
+  # previous settings' images had been removed.
+  data.write_synthetic_market(tmp_path, **KW)
+  before = _snapshot(tmp_path)
+  for bad, match in (({"num_train_ids": 4996}, r"num_train_ids \+ num_test_ids: expected at most 4999.*got 5000"),
+                     ({"imgs_per_id": 3}, r"imgs_per_id: expected an integer >= 4, got 3"),
+                     ({"queries_per_id": 0}, r"queries_per_id: expected an integer >= 1, got 0")):
+    with pytest.raises(data.DataError, match=match):
+      data.write_synthetic_market(tmp_path, **{**KW, **bad})
+    assert _snapshot(tmp_path) == before
 
 
 def test_registry_synthetic_reads_and_never_writes(tmp_path):

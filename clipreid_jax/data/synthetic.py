@@ -161,6 +161,23 @@ def _settings(**kwargs) -> dict:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
 
 
+def check_settings(**settings) -> list[tuple[str, object, str]]:
+  """The generator's size rules, as (key, value, expected) for each setting given that breaks one (the trainer
+  checks its `dataset.*` keys with them on every host before process 0 writes)."""
+  def integer(v, low):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+  problems = [(k, settings[k], f"an integer >= {low}") for k, low in
+              (("num_train_ids", 1), ("num_test_ids", 1), ("imgs_per_id", 4), ("seed", 0), ("queries_per_id", 1))
+              if k in settings and not integer(settings[k], low)]
+  cams = settings.get("num_cams", 2)
+  if not (integer(cams, 2) and cams <= 6):
+    problems.append(("num_cams", cams, "an integer in [2, 6] (Market-1501 names cameras c1..c6)"))
+  ids = (settings.get("num_train_ids", 1), settings.get("num_test_ids", 1))
+  if not problems and sum(ids) > MAX_IDS:
+    problems.append(("num_train_ids + num_test_ids", sum(ids), f"at most {MAX_IDS} (4-digit Market-1501 ids)"))
+  return problems
+
+
 def write_synthetic_market(root: str | os.PathLike, num_train_ids: int = 32, num_test_ids: int = 16,
                            imgs_per_id: int = 8, num_cams: int = 4, size: Sequence[int] = (128, 64), seed: int = 0,
                            num_distractors: int | None = None, num_junk: int | None = None, queries_per_id: int = 2,
@@ -188,10 +205,11 @@ def write_synthetic_market(root: str | os.PathLike, num_train_ids: int = 32, num
   Raises:
     DataError: invalid settings, or `root` holds split folders or files not written by this function.
   """
-  if imgs_per_id < 4 or not 2 <= num_cams <= 6 or num_train_ids < 1 or num_test_ids < 1 or queries_per_id < 1:
-    raise errors.DataError("synthetic: need imgs_per_id >= 4, 2 <= num_cams <= 6, >= 1 train and test identity "
-                           f"and queries_per_id >= 1 (got {imgs_per_id}, {num_cams}, {num_train_ids}, "
-                           f"{num_test_ids}, {queries_per_id})")
+  problems = check_settings(num_train_ids=num_train_ids, num_test_ids=num_test_ids, imgs_per_id=imgs_per_id,
+                            num_cams=num_cams, seed=seed, queries_per_id=queries_per_id)
+  if problems:
+    key, value, expected = problems[0]
+    raise errors.DataError(f"synthetic: {key}: expected {expected}, got {value!r}")
   num_distractors = num_test_ids // 2 if num_distractors is None else num_distractors
   num_junk = num_test_ids // 2 if num_junk is None else num_junk
   settings = _settings(num_train_ids=num_train_ids, num_test_ids=num_test_ids, imgs_per_id=imgs_per_id,
@@ -229,8 +247,6 @@ def write_synthetic_market(root: str | os.PathLike, num_train_ids: int = 32, num
 
   size = tuple(size)
   r = _rng(seed, 0)
-  if num_train_ids + num_test_ids > MAX_IDS:
-    raise errors.DataError(f"synthetic: at most {MAX_IDS} identities in all")
   high = max(1501, 2 * (num_train_ids + num_test_ids))  # ids drawn from 1..high-1: 4 digits
   pids = r.choice(np.arange(1, high), num_train_ids + num_test_ids, replace=False)
   train_pids, test_pids = np.sort(pids[:num_train_ids]), np.sort(pids[num_train_ids:])
