@@ -60,6 +60,9 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
 
   c.init = ml_collections.ConfigDict()
   c.init.clip = ""  # a directory from `python -m clipreid_jax.convert clip`
+  # Another run's WORKDIR/stage1 (same model and training set): its prompts are used and stage 1 is skipped, e.g. to
+  # sweep stage-2 settings; copied into this run's stage1/.
+  c.init.stage1 = ""
   c.checkpoint = ""  # for eval / extract: a model directory (trained or converted)
 
   c.stage1 = ml_collections.ConfigDict()

@@ -162,6 +162,15 @@ def validate_config(config) -> None:
   if late:
     _warn_once("stage2.steps %s: beyond stage2.max_epochs %d, the learning rate never decays there", late,
                 config.stage2.max_epochs)
+  stage1_from = config.init.stage1
+  if stage1_from:
+    _need(not m.baseline, "init.stage1", stage1_from, "'' for a baseline (it has no prompts to learn)")
+    try:
+      kind = checkpoints.read_config(stage1_from).get("kind")
+    except checkpoints.CheckpointError:
+      kind = None
+    _need(kind == "clipreid", "init.stage1", stage1_from, "the stage1/ directory of a finished stage 1 "
+          "(WORKDIR/stage1)")
   if not config.init.clip:  # a random CLIP needs its sizes (the demo and tests set them; recipes leave them 0)
     _need(_random_clip_sizes(m) is not None, "init.clip", config.init.clip,
           "a converted CLIP directory (python -m clipreid_jax.convert clip ViT-B-16.pt DIR), or model.random_clip "
@@ -428,10 +437,10 @@ class Run:
   """
 
   # The sections of config.json a restarted run must match (they change the numbers), less the keys inside them
-  # that do not: where the data lives, count warnings, how often stage 1 logs and saves.
-  _CONFIG_KEYS = ("dataset", "model", "stage1", "stage2", "loss", "augment", "seed")
+  # that do not: where the data and the CLIP live, count warnings, how often stage 1 logs and saves.
+  _CONFIG_KEYS = ("dataset", "model", "init", "stage1", "stage2", "loss", "augment", "seed")
   _FREE_KEYS = ("dataset.root", "dataset.check_counts", "stage1.log_every_epochs", "stage1.checkpoint_every_epochs",
-                "model.attention")
+                "model.attention", "init.clip")
 
   def __init__(self, workdir: str, config):
     self.dir = pathlib.Path(workdir).resolve()
@@ -525,7 +534,7 @@ class Run:
     self.config["data"] = dataset.fingerprint()
     self._check_config()
 
-  def _create(self) -> None:
+  def create(self) -> None:
     """Creates the workdir on first use (collective: every host calls it at the same point)."""
     if self._resumed_from is not None and jax.process_index() == 0:
       self._trim_metrics(self._resumed_from)
@@ -605,7 +614,7 @@ class Run:
       self._tensorboard(json.loads(line))
 
   def log_metrics(self, record: dict) -> None:
-    self._create()
+    self.create()
     if jax.process_index() == 0:
       with open(self.dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -634,7 +643,7 @@ class Run:
     """Starts checkpoint `counter`: returns once the state is copied off the devices; the files are written in the
     background while training goes on. A failed write is raised (SaveError) by the next `save` or `wait`."""
     import orbax.checkpoint as ocp
-    self._create()
+    self.create()
     self.wait()  # the previous checkpoint first: its failure must be reported as its own
     before = set(threading.enumerate())
     self._pending = (counter, lambda: [t for t in threading.enumerate() if t not in before])
@@ -1040,15 +1049,27 @@ def save_model(path: pathlib.Path, variables, model, overwrite: bool = False) ->
     multihost_utils.sync_global_devices(f"{path.name}/ written")
 
 
-def load_stage1(path: pathlib.Path, model) -> dict:
-  """The workdir's stage1/ (the prompts learnt), refused in one line where it holds another model (a folder copied
-  from another run: its shapes would fail deep inside flax, or match and be trained on silently)."""
+def load_stage1(path: pathlib.Path, model, data: dict | None = None) -> dict:
+  """A stage1/ directory (the prompts learnt), refused in one line where it holds another model (a folder copied
+  from another run: its shapes would fail deep inside flax, or match and be trained on silently) or, given this
+  run's data fingerprint, where the workdir around it recorded other training records."""
   found, variables = clipreid.load_clipreid(path)
   ours, theirs = model.config.to_dict(), found.config.to_dict()
   diff = sorted(k for k in ours if json.dumps(ours[k], default=str) != json.dumps(theirs.get(k), default=str))
   if diff:
     raise ConfigError(f"{path}: holds a stage-1 model of another configuration (differs in {', '.join(diff)}); "
                       "expected this run's (move it away to learn the prompts again)")
+  run_config = pathlib.Path(path).resolve().parent / "config.json"
+  if data is not None and run_config.is_file():
+    try:
+      then = json.loads(run_config.read_text()).get("data", {}).get("train")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+      then = None
+    if then is not None and then != data["train"]:
+      raise ConfigError(f"{path}: its prompts were learnt on other training records ({run_config} recorded "
+                        f"{then.get('identities')} identities, {then.get('images')} images; this dataset has "
+                        f"{data['train']['identities']}, {data['train']['images']}); expected a stage 1 of this "
+                        "training set")
   return variables
 
 
@@ -1067,6 +1088,12 @@ def _train_and_evaluate(config, run: Run) -> dict:
   if model.config.with_text and meta.get("stage", 1) == 1:
     if stage1_dir.is_dir():
       variables = load_stage1(stage1_dir, model)
+    elif config.init.stage1:  # another run's prompts: stage 2 alone (a sweep over stage-2 settings)
+      variables = load_stage1(pathlib.Path(config.init.stage1), model, run.config["data"])
+      log.info("stage 1: the prompts of %s (init.stage1), copied to %s", config.init.stage1, stage1_dir)
+      run.create()
+      save_model(stage1_dir, variables, model)
+      meta = {}
     else:
       variables = run_stage1(config, run, mesh, model, variables, dataset, meta)
       save_model(stage1_dir, variables, model)

@@ -391,3 +391,51 @@ def test_stage1_does_not_depend_on_the_eval_batch_size(tmp_path):
     run.close()
     learnt.append(np.asarray(out["params"]["prompt_learner"]["cls_ctx"]))
   np.testing.assert_array_equal(learnt[0], learnt[1])
+
+
+def test_init_stage1_reuses_another_runs_prompts(finished, tmp_path):
+  """init.stage1: stage 2 alone from another run's stage1/ (a sweep over stage-2 settings). With the same settings
+  the result is that run's model, bit for bit; the prompts are copied into the workdir, so it resumes alone."""
+  config, root, _ = finished
+  c = config.copy_and_resolve_references()
+  c.init.stage1 = str(root / "work" / "stage1")
+  c.eval.untrained = False
+  work = tmp_path / "work"
+  train.train_and_evaluate(c, str(work))
+  a, b = _variables(root / "work" / "model"), _variables(work / "model")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(_variables(work / "stage1")["params"]["prompt_learner"]["cls_ctx"],
+                                _variables(root / "work" / "stage1")["params"]["prompt_learner"]["cls_ctx"])
+  records = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+  assert not [r for r in records if r.get("stage") == 1] and [r for r in records if r.get("stage") == 2]
+  assert json.loads((work / "config.json").read_text())["init"]["stage1"] == c.init.stage1
+  # The source is recorded: the workdir refuses to go on without it (or with another), not silently.
+  c.init.stage1 = ""
+  with pytest.raises(train.ConfigError, match=r"another configuration \(differs in init.stage1\)"):
+    train.train_and_evaluate(c, str(work))
+
+
+def test_init_stage1_of_other_data_or_model_is_refused(finished, tmp_path):
+  config, root, _ = finished
+  source = root / "work" / "stage1"
+  c = config.copy_and_resolve_references()
+  c.init.stage1 = str(source)
+  c.dataset.root, c.dataset.seed = str(tmp_path / "other"), c.dataset.seed + 1  # the same counts, other records
+  with pytest.raises(train.ConfigError, match=r"stage1: its prompts were learnt on other training records \(.*"
+                     r"config.json recorded 8 identities, 32 images; this dataset has 8, 32\)"):
+    train.train_and_evaluate(c, str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()
+  c = config.copy_and_resolve_references()
+  c.init.stage1, c.model.sie_camera = str(source), True
+  with pytest.raises(train.ConfigError, match=r"stage1: holds a stage-1 model of another configuration \(differs in "
+                     r"sie_camera\)"):
+    train.train_and_evaluate(c, str(tmp_path / "work"))
+  for override, expected in (({"init.stage1": str(root / "work")}, "the stage1/ directory of a finished stage 1"),
+                             ({"init.stage1": str(source), "model.baseline": True}, "'' for a baseline")):
+    c = config.copy_and_resolve_references()
+    for k, v in override.items():
+      section, key = k.split(".")
+      c[section][key] = v
+    with pytest.raises(train.ConfigError, match=r"^init.stage1: expected " + expected):
+      train.validate_config(c)
