@@ -370,9 +370,12 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
       found = checkpoints.read_config(config.init.clip)
     except checkpoints.CheckpointError as e:
       raise ConfigError(f"init.clip: {e}") from None
+    if found.get("kind") == "clipreid":  # fine-tuning a CLIP-ReID model (trained or converted) on this dataset
+      return _from_clipreid(config, dataset, dtype)
     if found.get("kind") != "clip":
       raise ConfigError(f"init.clip: {config.init.clip} holds a model of kind {found.get('kind')!r}; expected a "
-                        "converted CLIP directory (kind 'clip', from python -m clipreid_jax.convert clip)")
+                        "converted CLIP directory (kind 'clip', from python -m clipreid_jax.convert clip) or a "
+                        "CLIP-ReID model directory (kind 'clipreid')")
     is_vit = CLIPConfig.from_dict(found["clip"]).is_vit
     if is_vit != m.backbone.startswith("ViT"):
       raise ConfigError(f"init.clip: {config.init.clip} holds a {'ViT' if is_vit else 'ResNet'} CLIP, "
@@ -404,6 +407,32 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
         view_num=max(dataset.num_train_views, 1), sie_coe=m.sie_coe, dataset=config.dataset.name,
         with_text=not m.baseline, rng=jax.random.PRNGKey(config.seed), dtype=dtype)
   except clipreid.GeometryError as e:  # its message starts with the argument, a model.* key here
+    raise ConfigError(f"model.{e}") from None
+  except checkpoints.CheckpointError as e:
+    raise ConfigError(f"init.clip: {config.init.clip}: {e}") from None
+
+
+def _from_clipreid(config, dataset, dtype) -> tuple[clipreid.CLIPReID, dict]:
+  """build_model from a CLIP-ReID model's encoders (init.clip of kind 'clipreid')."""
+  m = config.model
+  try:
+    source, source_variables = clipreid.load_clipreid(config.init.clip)
+  except checkpoints.CheckpointError as e:
+    raise ConfigError(f"init.clip: {e}") from None
+  if source.config.clip.is_vit != m.backbone.startswith("ViT"):
+    raise ConfigError(f"init.clip: {config.init.clip} holds a {'ViT' if source.config.clip.is_vit else 'ResNet'} "
+                      f"CLIP-ReID model, but model.backbone is {m.backbone!r}")
+  if source.config.backbone != m.backbone:
+    log.warning("model.backbone is %r but init.clip %s holds %s: training %s", m.backbone, config.init.clip,
+                source.config.backbone, source.config.backbone)
+  log.info("init.clip: fine-tuning the encoders of the CLIP-ReID model %s", config.init.clip)
+  try:
+    return clipreid.from_clipreid(
+        source.config, source_variables, num_classes=dataset.num_train_pids, input_size=tuple(m.input_size),
+        stride=m.stride, sie_camera=m.sie_camera, sie_view=m.sie_view, camera_num=max(dataset.num_train_cams, 1),
+        view_num=max(dataset.num_train_views, 1), sie_coe=m.sie_coe, dataset=config.dataset.name,
+        with_text=not m.baseline, rng=jax.random.PRNGKey(config.seed), dtype=dtype)
+  except clipreid.GeometryError as e:
     raise ConfigError(f"model.{e}") from None
   except checkpoints.CheckpointError as e:
     raise ConfigError(f"init.clip: {config.init.clip}: {e}") from None

@@ -1,5 +1,6 @@
 """The trainer end to end on synthetic data: stage 1, stage 2, evaluation, model directory, modes, resume."""
 import copy
+import dataclasses
 import json
 import logging
 import pathlib
@@ -439,3 +440,48 @@ def test_init_stage1_of_other_data_or_model_is_refused(finished, tmp_path):
       c[section][key] = v
     with pytest.raises(train.ConfigError, match=r"^init.stage1: expected " + expected):
       train.validate_config(c)
+
+
+def test_init_clip_of_a_clipreid_model_fine_tunes_its_encoders(finished, tmp_path):
+  """init.clip may name a CLIP-ReID model (trained or converted): another dataset's run starts from its encoders and
+  fixed prompt tokens; prompts, classifiers, necks and SIE are fresh for the new identities."""
+  config, root, _ = finished
+  source = root / "work" / "model"
+  c = config.copy_and_resolve_references()
+  c.init.clip = str(source)
+  c.dataset.root, c.dataset.seed, c.dataset.num_train_ids = str(tmp_path / "other"), 7, 6
+  c.stage1.max_epochs = c.stage2.max_epochs = 1
+  c.eval.untrained = False
+  dataset = train.load_dataset(c)
+  model, variables = train.build_model(c, dataset)
+  src = _variables(source)
+  for part in ("image_encoder", "text_encoder"):
+    for x, y in zip(jax.tree.leaves(src["params"][part]), jax.tree.leaves(variables["params"][part])):
+      np.testing.assert_array_equal(x, y)
+  for k in ("token_prefix", "token_suffix"):
+    np.testing.assert_array_equal(src["params"]["prompt_learner"][k], variables["params"]["prompt_learner"][k])
+  assert variables["params"]["prompt_learner"]["cls_ctx"].shape[0] == 6 == model.config.num_classes
+  assert variables["params"]["classifier"]["kernel"].shape[-1] == 6
+  result = train.train_and_evaluate(c, str(tmp_path / "work"))
+  assert 0 < result["mAP"] <= 1
+  tuned = _variables(tmp_path / "work" / "model")
+  assert not np.array_equal(tuned["params"]["image_encoder"]["proj"], src["params"]["image_encoder"]["proj"])
+  # Another geometry than the model was trained at: its positional table fits one grid only.
+  c.model.input_size = (96, 32)
+  with pytest.raises(train.ConfigError, match=r"^model.input_size: \(96, 32\) differs from the CLIP-ReID model's "
+                     r"\(64, 32\); expected the size it was trained at"):
+    train.build_model(c, dataset)
+
+
+def test_fine_tuning_needs_a_text_encoder_and_the_same_prompt_noun(finished):
+  config, root, _ = finished
+  source, variables = load_clipreid(root / "work" / "model")
+  from clipreid_jax.models import clipreid
+  kw = dict(num_classes=3, input_size=(64, 32))
+  with pytest.raises(CheckpointError, match="a model of person prompts, this dataset's are vehicle prompts"):
+    clipreid.from_clipreid(source.config, variables, dataset="veri", **kw)
+  baseline = dataclasses.replace(source.config, with_text=False)
+  with pytest.raises(CheckpointError, match=r"a baseline model \(no text encoder\)"):
+    clipreid.from_clipreid(baseline, variables, **kw)
+  model, _ = clipreid.from_clipreid(source.config, variables, dataset="veri", with_text=False, **kw)
+  assert model.config.prompt_noun == "vehicle" and not model.config.with_text  # the image side alone: any dataset

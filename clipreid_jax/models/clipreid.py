@@ -298,6 +298,47 @@ def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, i
   return model, {"params": params, "batch_stats": stats}
 
 
+def from_clipreid(source: ReIDConfig, source_variables: dict, *, num_classes: int, input_size: tuple[int, int],
+                  stride: int = 16, sie_camera=False, sie_view=False, camera_num=1, view_num=1, sie_coe=3.0,
+                  dataset: str = "market1501", with_text: bool = True, rng=None, dtype=jnp.float32):
+  """A CLIP-ReID model whose encoders start from a trained CLIP-ReID model's (fine-tuning on another dataset):
+  the image encoder, the text encoder and the prompt's fixed tokens are copied; the prompt tokens, classifiers,
+  BN necks and SIE table are drawn fresh from `rng` for this dataset's identities and cameras.
+
+  Raises:
+    GeometryError: another input size or patch stride than the source's (its positional table is resized for it).
+    CheckpointError: a source without a text encoder (a baseline) for a model with one, or of another prompt noun.
+  """
+  from clipreid_jax.checkpoints import CheckpointError
+  if tuple(input_size) != tuple(source.input_size):
+    raise GeometryError(f"input_size: {tuple(input_size)} differs from the CLIP-ReID model's "
+                        f"{tuple(source.input_size)}; expected the size it was trained at")
+  if source.clip.is_vit and stride != source.clip.vision_stride:
+    raise GeometryError(f"stride: {stride} differs from the CLIP-ReID model's {source.clip.vision_stride}; expected "
+                        "the stride it was trained with")
+  noun = prompt_noun_for(dataset)
+  if with_text and not source.with_text:
+    raise CheckpointError("a baseline model (no text encoder); expected a CLIP-ReID model, or model.baseline=True")
+  if with_text and noun != source.prompt_noun:
+    raise CheckpointError(f"a model of {source.prompt_noun} prompts, this dataset's are {noun} prompts; expected a "
+                          f"model trained on {noun}s, or a converted CLIP")
+  cfg = dataclasses.replace(source, num_classes=num_classes, sie_camera=sie_camera, sie_view=sie_view,
+                            camera_num=camera_num, view_num=view_num, sie_coe=sie_coe, prompt_noun=noun,
+                            with_text=with_text, image_size=tuple(input_size))
+  model = CLIPReID(cfg, dtype)
+  variables = jax.tree.map(np.asarray, init_variables(model, rng if rng is not None else jax.random.PRNGKey(0)))
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  sp = jax.tree.map(np.asarray, source_variables["params"])
+  params["image_encoder"] = sp["image_encoder"]
+  if "image_encoder" in source_variables.get("batch_stats", {}):
+    stats["image_encoder"] = jax.tree.map(np.asarray, source_variables["batch_stats"]["image_encoder"])
+  if with_text:
+    params["text_encoder"] = sp["text_encoder"]
+    for k in ("token_prefix", "token_suffix"):
+      params["prompt_learner"][k] = sp["prompt_learner"][k]
+  return model, {"params": params, "batch_stats": stats}
+
+
 def load_clipreid(path: str | pathlib.Path, dtype: Dtype = jnp.float32):
   """Loads a directory written by `convert clipreid` or by training: returns (model, variables)."""
   from clipreid_jax import checkpoints
