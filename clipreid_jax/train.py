@@ -10,6 +10,7 @@ workdir is written; a non-finite loss or gradient stops the run without saving t
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -361,27 +362,33 @@ def check_sie_ids(dataset, sie_camera: bool, sie_view: bool, camera_num: int, vi
 
 
 def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
-  """CLIP-ReID initialised from a converted CLIP directory, or from a random CLIP (demo, tests)."""
+  """CLIP-ReID initialised from a converted CLIP directory, from a CLIP-ReID model's encoders (fine-tuning it on
+  this dataset), or from a random CLIP (demo, tests)."""
   m = config.model
-  dtype = compute_dtype(m.dtype)
   if config.init.clip:
     # The architecture is in config.json: check it before restoring any weights.
     try:
       found = checkpoints.read_config(config.init.clip)
+      kind = found.get("kind")
+      if kind not in ("clip", "clipreid"):
+        raise ConfigError(f"init.clip: {config.init.clip} holds a model of kind {kind!r}; expected a converted CLIP "
+                          "directory (kind 'clip', from python -m clipreid_jax.convert clip) or a CLIP-ReID model "
+                          "directory (kind 'clipreid')")
+      if kind == "clipreid":  # its encoders, fine-tuned on this dataset
+        source, source_vars = clipreid.load_clipreid(config.init.clip)
+        clip_cfg, what = source.config.clip, "CLIP-ReID model"
+        make = functools.partial(clipreid.from_clipreid, source.config, source_vars)
+      else:
+        clip_cfg, what = CLIPConfig.from_dict(found["clip"]), "CLIP"
     except checkpoints.CheckpointError as e:
       raise ConfigError(f"init.clip: {e}") from None
-    if found.get("kind") == "clipreid":  # fine-tuning a CLIP-ReID model (trained or converted) on this dataset
-      return _from_clipreid(config, dataset, dtype)
-    if found.get("kind") != "clip":
-      raise ConfigError(f"init.clip: {config.init.clip} holds a model of kind {found.get('kind')!r}; expected a "
-                        "converted CLIP directory (kind 'clip', from python -m clipreid_jax.convert clip) or a "
-                        "CLIP-ReID model directory (kind 'clipreid')")
-    is_vit = CLIPConfig.from_dict(found["clip"]).is_vit
-    if is_vit != m.backbone.startswith("ViT"):
-      raise ConfigError(f"init.clip: {config.init.clip} holds a {'ViT' if is_vit else 'ResNet'} CLIP, "
+    if clip_cfg.is_vit != m.backbone.startswith("ViT"):
+      raise ConfigError(f"init.clip: {config.init.clip} holds a {'ViT' if clip_cfg.is_vit else 'ResNet'} {what}, "
                         f"but model.backbone is {m.backbone!r}")
-    clip_model, clip_vars = load_clip(config.init.clip)
-    clip_cfg = clip_model.config
+    if kind == "clip":
+      clip_model, clip_vars = load_clip(config.init.clip)
+      clip_cfg = clip_model.config
+      make = functools.partial(clipreid.from_clip, clip_cfg, clip_vars)
     if clip_cfg.name != m.backbone:  # the name only picks the family (loss weights, normalisation); say which ran
       log.warning("model.backbone is %r but init.clip %s holds %s: training %s", m.backbone, config.init.clip,
                   clip_cfg.name, clip_cfg.name)
@@ -397,42 +404,15 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
     h, w = clip_cfg.input_size()
     clip_vars = CLIP(clip_cfg).init(jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, h, w, 3)),
                                     jnp.zeros((1, 4), jnp.int32))
-    clip_vars = jax.tree.map(np.asarray, clip_vars)
+    make = functools.partial(clipreid.from_clip, clip_cfg, jax.tree.map(np.asarray, clip_vars))
   else:
     raise ConfigError("init.clip: expected a converted CLIP directory (python -m clipreid_jax.convert clip ...)")
   try:
-    return clipreid.from_clip(
-        clip_cfg, clip_vars, num_classes=dataset.num_train_pids, input_size=tuple(m.input_size), stride=m.stride,
-        sie_camera=m.sie_camera, sie_view=m.sie_view, camera_num=max(dataset.num_train_cams, 1),
-        view_num=max(dataset.num_train_views, 1), sie_coe=m.sie_coe, dataset=config.dataset.name,
-        with_text=not m.baseline, rng=jax.random.PRNGKey(config.seed), dtype=dtype)
+    return make(num_classes=dataset.num_train_pids, input_size=tuple(m.input_size), stride=m.stride,
+                sie_camera=m.sie_camera, sie_view=m.sie_view, camera_num=max(dataset.num_train_cams, 1),
+                view_num=max(dataset.num_train_views, 1), sie_coe=m.sie_coe, dataset=config.dataset.name,
+                with_text=not m.baseline, rng=jax.random.PRNGKey(config.seed), dtype=compute_dtype(m.dtype))
   except clipreid.GeometryError as e:  # its message starts with the argument, a model.* key here
-    raise ConfigError(f"model.{e}") from None
-  except checkpoints.CheckpointError as e:
-    raise ConfigError(f"init.clip: {config.init.clip}: {e}") from None
-
-
-def _from_clipreid(config, dataset, dtype) -> tuple[clipreid.CLIPReID, dict]:
-  """build_model from a CLIP-ReID model's encoders (init.clip of kind 'clipreid')."""
-  m = config.model
-  try:
-    source, source_variables = clipreid.load_clipreid(config.init.clip)
-  except checkpoints.CheckpointError as e:
-    raise ConfigError(f"init.clip: {e}") from None
-  if source.config.clip.is_vit != m.backbone.startswith("ViT"):
-    raise ConfigError(f"init.clip: {config.init.clip} holds a {'ViT' if source.config.clip.is_vit else 'ResNet'} "
-                      f"CLIP-ReID model, but model.backbone is {m.backbone!r}")
-  if source.config.backbone != m.backbone:
-    log.warning("model.backbone is %r but init.clip %s holds %s: training %s", m.backbone, config.init.clip,
-                source.config.backbone, source.config.backbone)
-  log.info("init.clip: fine-tuning the encoders of the CLIP-ReID model %s", config.init.clip)
-  try:
-    return clipreid.from_clipreid(
-        source.config, source_variables, num_classes=dataset.num_train_pids, input_size=tuple(m.input_size),
-        stride=m.stride, sie_camera=m.sie_camera, sie_view=m.sie_view, camera_num=max(dataset.num_train_cams, 1),
-        view_num=max(dataset.num_train_views, 1), sie_coe=m.sie_coe, dataset=config.dataset.name,
-        with_text=not m.baseline, rng=jax.random.PRNGKey(config.seed), dtype=dtype)
-  except clipreid.GeometryError as e:
     raise ConfigError(f"model.{e}") from None
   except checkpoints.CheckpointError as e:
     raise ConfigError(f"init.clip: {config.init.clip}: {e}") from None

@@ -289,9 +289,13 @@ def test_init_clip_of_another_architecture(tmp_path, models):
   assert not work.exists()
 
 
-def test_init_clip_that_is_not_a_clip(tmp_path, models):
-  out, work = _train(tmp_path, f"--config.init.clip={models['sie']}")
-  _error(out, "init.clip", models["sie"], "kind 'clipreid'", "expected a converted CLIP")
+def test_init_clip_that_is_neither_a_clip_nor_a_clipreid_model(tmp_path):
+  other = tmp_path / "other_model"
+  other.mkdir()
+  (other / "config.json").write_text('{"kind": "detector"}')
+  out, work = _train(tmp_path, f"--config.init.clip={other}")
+  _error(out, "init.clip", str(other), "kind 'detector'", "expected a converted CLIP directory",
+         "or a CLIP-ReID model directory")
   assert not work.exists()
 
 
