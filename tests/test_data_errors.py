@@ -117,9 +117,18 @@ def test_malformed_list_line(tmp_path):
   (tmp_path / "im" / "a.jpg").write_bytes(_jpeg())
   for f in ("train.csv", "query.csv"):
     (tmp_path / f).write_text("im/a.jpg,1,1\n")
-  (tmp_path / "gallery.csv").write_text("im/a.jpg,1\n")
-  with pytest.raises(data.ListFileError, match="gallery.csv:1: expected 'path,identity,camera"):
-    data.get_dataset("custom", tmp_path)
+  for text, match in (("im/a.jpg\n", "gallery.csv:1: expected 'path,identity,camera"),
+                      ("im/a.jpg,1,1,0,5\n", "gallery.csv:1: expected 'path,identity,camera"),
+                      ("im/a.jpg,1,1\nim/a.jpg,2\n", "gallery.csv:2: expected 'path,identity,camera"),
+                      ("im/a.jpg,1\nim/a.jpg,2,1\n", r"gallery.csv:2: expected 'path,identity \(as the rows before"),
+                      ("path,identity,view\nim/a.jpg,1,0\n", "gallery.csv:1: header 'path,identity,view' needs "
+                       "columns path, identity, and optionally camera"),
+                      # Cameras in some list files only: the protocol cannot mix known and unknown cameras.
+                      ("im/a.jpg,1\n", "gallery.csv has no camera column but .*train.csv has; expected cameras in "
+                       "every list file or in none")):
+    (tmp_path / "gallery.csv").write_text(text)
+    with pytest.raises(data.ListFileError, match=match):
+      data.get_dataset("custom", tmp_path)
 
 
 def test_fewer_identities_than_p(tmp_path):

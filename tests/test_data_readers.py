@@ -263,6 +263,21 @@ def test_custom_integer_identities_are_kept(tmp_path):
   assert ds.train.pids.tolist() == [0, 1] and ds.query.pids.tolist() == [42] and ds.gallery.pids.tolist() == [42, 7]
 
 
+def test_custom_without_cameras(tmp_path):
+  """Lists without a camera column (cameras unknown): query images count as camera 0 and gallery images as camera 1,
+  so the protocol's same-camera rule removes no gallery image; a header may name the two columns."""
+  touch_images(tmp_path / "im", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+  (tmp_path / "train.csv").write_text("im/a.jpg,x\nim/b.jpg,y\n")
+  (tmp_path / "query.csv").write_text("id,path\n7,im/c.jpg\n")
+  (tmp_path / "gallery.csv").write_text("im/d.jpg,7\nim/a.jpg,8\n")
+  ds = data.get_dataset("custom", tmp_path)
+  assert ds.train.pids.tolist() == [0, 1] and ds.train.camids.tolist() == [0, 0] and ds.num_train_cams == 1
+  assert ds.query.camids.tolist() == [0] and ds.gallery.camids.tolist() == [1, 1]
+  assert ds.query.pids.tolist() == [7] and ds.gallery.pids.tolist() == [7, 8]
+  from clipreid_jax.evaluation import metrics
+  assert metrics.num_valid_queries(ds.query.pids, ds.gallery.pids, ds.query.camids, ds.gallery.camids) == 1
+
+
 def test_registry_names_and_layouts():
   assert data.DATASET_NAMES == ("market1501", "msmt17", "dukemtmc", "occ_duke", "veri", "vehicleid", "custom")
   assert data.canonical_name("VehicleID") == "vehicleid" and data.canonical_name("Market") == "market1501"

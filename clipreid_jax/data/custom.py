@@ -7,6 +7,9 @@ may be left out where the set is only evaluated or embedded: the training split 
     images/alice/0001.jpg,alice,cam1
     images/bob/0002.png,bob,cam2
 
+- The camera column may be left out of every list file (`path,identity`) where the cameras are not known: query
+  images then count as camera 0 and gallery images as camera 1, so the protocol's same-camera rule removes no
+  gallery image (the usual convention; SIE needs real cameras).
 - `path` is relative to the folder of the list file (absolute paths work too); any format PIL reads.
 - `identity` and `camera` (and the optional `view`) are integers or free text.
 - The header row is optional; with it the columns may come in any order (names: path, identity|id|pid,
@@ -29,11 +32,11 @@ from clipreid_jax.data.records import ReidDataset, Split
 
 NAME = "custom"
 SPLITS = ("train", "query", "gallery")
-LAYOUT = ("ROOT/{train,query,gallery}.csv with rows 'path,identity,camera[,view]' (paths relative to ROOT; train.csv "
-          "only for training)")
+LAYOUT = ("ROOT/{train,query,gallery}.csv with rows 'path,identity,camera[,view]' or 'path,identity' (paths relative "
+          "to ROOT; train.csv only for training)")
 COLUMN_NAMES = {"path": "path", "identity": "identity", "id": "identity", "pid": "identity", "camera": "camera",
                 "cam": "camera", "camid": "camera", "view": "view", "viewid": "view"}
-Row = tuple[str, str, str, str]  # relpath, identity, camera, view
+Row = tuple[str, str, str, str]  # relpath, identity, camera ('' in a list without cameras), view
 
 
 def read_csv(list_file: str, check_files: bool = True) -> list[Row]:
@@ -48,6 +51,7 @@ def read_csv(list_file: str, check_files: bool = True) -> list[Row]:
   order = ("path", "identity", "camera", "view")
   rows: list[Row] = []
   header_seen = False
+  with_camera = None  # set by the header or the first row: every row of a file has a camera, or none has
   with open(list_file, newline="", encoding="utf-8") as f:
     for line, fields in enumerate(csv.reader(f), 1):
       fields = [x.strip() for x in fields]
@@ -56,21 +60,26 @@ def read_csv(list_file: str, check_files: bool = True) -> list[Row]:
       if not rows and not header_seen and "path" in (x.lower() for x in fields):
         unknown = [x for x in fields if x.lower() not in COLUMN_NAMES]
         order = tuple(COLUMN_NAMES.get(x.lower(), x) for x in fields)
-        if unknown or not {"path", "identity", "camera"} <= set(order) or len(set(order)) < len(order):
+        with_camera = "camera" in order
+        if (unknown or not {"path", "identity"} <= set(order) or len(set(order)) < len(order)
+            or ("view" in order and not with_camera)):
           raise errors.ListFileError(f"{NAME}: {list_file}:{line}: header {','.join(fields)!r} needs columns path, "
-                                     "identity, camera and optionally view, each once")
+                                     "identity, and optionally camera (then optionally view), each once")
         header_seen = True
         continue
-      if len(fields) < 3 or len(fields) > len(order):
-        raise errors.ListFileError(
-            f"{NAME}: {list_file}:{line}: expected 'path,identity,camera[,view]', got {','.join(fields)!r}")
+      if with_camera is None:  # the first row: two fields are a list without cameras
+        with_camera = len(fields) != 2
+      low = 3 if with_camera else 2
+      if not low <= len(fields) <= (len(order) if header_seen else low + with_camera):
+        form = "path,identity,camera[,view]" if with_camera else "path,identity (as the rows before it)"
+        raise errors.ListFileError(f"{NAME}: {list_file}:{line}: expected '{form}', got {','.join(fields)!r}")
       row = dict(zip(order, fields))
-      if not row.get("path") or not row.get("identity") or not row.get("camera"):
+      if not row.get("path") or not row.get("identity") or (with_camera and not row.get("camera")):
         raise errors.ListFileError(f"{NAME}: {list_file}:{line}: empty path, identity or camera")
       relpath = row["path"]
       if check_files:
         layouts.check_exists(os.path.join(base, relpath), list_file, line, NAME)
-      rows.append((relpath, row["identity"], row["camera"], row.get("view") or "0"))
+      rows.append((relpath, row["identity"], row.get("camera", ""), row.get("view") or "0"))
   return rows
 
 
@@ -113,6 +122,13 @@ def load(root: str | os.PathLike, *, train_list: str = "train.csv", query_list: 
     raise errors.DatasetNotFoundError(
         f"{NAME}: missing {', '.join(missing) or root} under {root}; expected layout: {LAYOUT}")
   rows = {s: read_csv(x, check_files) if s != "train" or os.path.isfile(x) else [] for s, x in zip(SPLITS, lists)}
+  without = [x for s, x in zip(SPLITS, lists) if rows[s] and not rows[s][0][2]]
+  if without and len(without) < sum(bool(rows[s]) for s in SPLITS):
+    raise errors.ListFileError(f"{NAME}: {without[0]} has no camera column but "
+                               f"{next(x for s, x in zip(SPLITS, lists) if rows[s] and rows[s][0][2])} has; expected "
+                               "cameras in every list file or in none")
+  if without:  # cameras unknown: query 0, gallery 1, so no gallery image is removed as a same-camera match
+    rows = {s: [(p, i, "1" if s == "gallery" else "0", v) for p, i, _, v in rows[s]] for s in SPLITS}
   every = [r for s in SPLITS for r in rows[s]]
   cams = _numbering({r[2] for r in rows["train"]}, {r[2] for r in every})
   views = _numbering({r[3] for r in rows["train"]}, {r[3] for r in every})
