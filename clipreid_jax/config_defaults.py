@@ -49,6 +49,7 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   c.model.sie_view = False
   c.model.sie_coe = 1.0  # the official SIE+OLP recipe uses 1.0 (the code default is 3.0)
   c.model.baseline = False  # True: the paper's baseline (image encoder only, no text)
+  c.model.prompt_tokens = 4  # learned tokens per identity: "A photo of a X X X X person." (official: 4)
   c.model.dtype = "auto"  # auto: bfloat16 compute on GPU/TPU, float32 on CPU; parameters are always float32
   c.model.attention = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs in bf16/fp16; XLA's elsewhere)
   c.model.random_clip = ml_collections.ConfigDict()  # sizes of a random CLIP when init.clip is empty (tests)

@@ -154,6 +154,8 @@ def validate_config(config) -> None:
   _need(config.stage2.warmup_method in ("linear", "constant"), "stage2.warmup_method", config.stage2.warmup_method,
         "'linear' or 'constant'")
   if not m.baseline:
+    _need(_is_int(m.prompt_tokens) and 1 <= m.prompt_tokens <= clipreid.MAX_PROMPT_TOKENS, "model.prompt_tokens",
+          m.prompt_tokens, f"an integer in [1, {clipreid.MAX_PROMPT_TOKENS}] (the template fits CLIP's 77 tokens)")
     _need(config.stage1.lr_min <= config.stage1.base_lr, "stage1.lr_min", config.stage1.lr_min,
           f"at most stage1.base_lr ({config.stage1.base_lr:g}): the cosine falls from base_lr to lr_min")
     if config.stage1.warmup_epochs >= config.stage1.max_epochs:
@@ -411,7 +413,8 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
     return make(num_classes=dataset.num_train_pids, input_size=tuple(m.input_size), stride=m.stride,
                 sie_camera=m.sie_camera, sie_view=m.sie_view, camera_num=max(dataset.num_train_cams, 1),
                 view_num=max(dataset.num_train_views, 1), sie_coe=m.sie_coe, dataset=config.dataset.name,
-                with_text=not m.baseline, rng=jax.random.PRNGKey(config.seed), dtype=compute_dtype(m.dtype))
+                with_text=not m.baseline, prompt_tokens=m.prompt_tokens, rng=jax.random.PRNGKey(config.seed),
+                dtype=compute_dtype(m.dtype))
   except clipreid.GeometryError as e:  # its message starts with the argument, a model.* key here
     raise ConfigError(f"model.{e}") from None
   except checkpoints.CheckpointError as e:

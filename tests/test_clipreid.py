@@ -329,3 +329,43 @@ def test_test_feature_is_taken_before_the_bn_necks(converted):
                                 model.apply(variables, x, method=model.eval_feature))
   out = model.apply(drawn, x)  # the drawn necks do act on the training outputs' classifier scores
   assert np.abs(np.asarray(out["cls_score"]) - np.asarray(model.apply(variables, x)["cls_score"])).max() > 1e-3
+
+
+def test_prompt_tokens_other_than_four(tmp_path):
+  """model.prompt_tokens = n: "A photo of a X..X person." with n learned tokens; the prompt is the template's
+  token embeddings with the X rows replaced by the identity's tokens, and the text feature is read at its end token
+  (the truncated text pass still equals the full 77-token one)."""
+  from clipreid_jax.models.clip import load_clip
+  from clipreid_jax.tokenizer import tokenize
+  variant = next(v for v in VARIANTS if meta(v)["DATASETS.NAMES"] != "veri")
+  m = meta(variant)
+  clip_dir = tmp_path / "clip"
+  assert convert.main(["clip", str(variant.parent / "clip_openai_layout.npz"), str(clip_dir)]) == 0
+  clip_model, clip_vars = load_clip(clip_dir)
+  for n in (1, 2, 7):
+    model, variables = clipreid.from_clip(clip_model.config, clip_vars, num_classes=3,
+                                          input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0],
+                                          prompt_tokens=n)
+    cfg = model.config
+    assert cfg.prompt_tokens == n and cfg.template == f"A photo of a {' '.join('X' * n)} person."
+    assert cfg.eot_index == 7 + n
+    labels = jnp.asarray([2, 0])
+    prompts = model.apply(variables, labels, 77, method=lambda mod, l, k: mod.prompt_learner(l, k))
+    ctx = np.asarray(variables["params"]["prompt_learner"]["cls_ctx"])
+    assert ctx.shape[:2] == (3, n)
+    want = np.asarray(clip_vars["params"]["token_embedding"]["embedding"])[tokenize(cfg.template)[0]]
+    want = np.repeat(want[None], 2, axis=0)
+    want[:, 5:5 + n] = ctx[np.asarray(labels)]
+    np.testing.assert_array_equal(np.asarray(prompts), want)
+    short = model.apply(variables, labels, method=model.text_features)
+    full = model.apply(variables, labels, full_context=True, method=model.text_features)
+    _assert_close(f"truncated text features, {n} tokens", short, full, FWD)
+  # A converted checkpoint says how many tokens it learnt.
+  sd = dict(np.load(variant / "model_state.npz"))
+  sd["prompt_learner.cls_ctx"] = sd["prompt_learner.cls_ctx"][:, :2]
+  cfg = clipreid.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
+  assert (cfg.prompt_tokens, cfg.eot_index) == (2, 9)
+  sd["prompt_learner.cls_ctx"] = np.zeros((3, 70, 8), np.float32)
+  with pytest.raises(CheckpointError, match=r"x.pth: prompt_learner.cls_ctx has 70 tokens per identity; expected "
+                     r"1..69"):
+    clipreid.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])

@@ -483,5 +483,24 @@ def test_fine_tuning_needs_a_text_encoder_and_the_same_prompt_noun(finished):
   baseline = dataclasses.replace(source.config, with_text=False)
   with pytest.raises(CheckpointError, match=r"a baseline model \(no text encoder\)"):
     clipreid.from_clipreid(baseline, variables, **kw)
+  with pytest.raises(CheckpointError, match=r"a model of 4 prompt tokens per identity, this run asks for 2; expected "
+                     r"model.prompt_tokens=4"):
+    clipreid.from_clipreid(source.config, variables, prompt_tokens=2, **kw)
   model, _ = clipreid.from_clipreid(source.config, variables, dataset="veri", with_text=False, **kw)
   assert model.config.prompt_noun == "vehicle" and not model.config.with_text  # the image side alone: any dataset
+
+
+def test_stage1_learns_prompts_of_another_length(tmp_path):
+  """model.prompt_tokens: stage 1 learns that many tokens per identity and trains nothing else."""
+  config = tiny_config(tmp_path / "data")
+  config.model.prompt_tokens, config.stage1.max_epochs = 2, 1
+  dataset = train.load_dataset(config)
+  model, variables = train.build_model(config, dataset)
+  assert model.config.prompt_tokens == 2 and model.config.eot_index == 9
+  run = train.Run(str(tmp_path / "work"), config)
+  out = train.run_stage1(config, run, train.make_mesh(), model, variables, dataset, {})
+  run.close()
+  before, after = (jax.tree.map(np.asarray, v["params"]) for v in (variables, out))
+  assert after["prompt_learner"]["cls_ctx"].shape[1] == 2
+  assert not np.array_equal(before["prompt_learner"]["cls_ctx"], after["prompt_learner"]["cls_ctx"])
+  np.testing.assert_array_equal(before["image_encoder"]["proj"], after["image_encoder"]["proj"])

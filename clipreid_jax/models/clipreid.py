@@ -6,7 +6,7 @@ Parameter tree (Flax names of the official state dict):
   bottleneck, bottleneck_proj   BatchNorm1d necks (`scale`, `bias`; bias frozen at 0 by the optimizer)
   classifier, classifier_proj   bias-free Dense (`kernel`), init N(0, 0.001^2)
   cv_embed                 SIE table (rows, width), ViT only, when SIE is on
-  prompt_learner/cls_ctx   (C, 4, text_width) learnable tokens, init N(0, 0.02^2)
+  prompt_learner/cls_ctx   (C, 4, text_width) learnable tokens, init N(0, 0.02^2) (4: model.prompt_tokens)
   prompt_learner/token_prefix, token_suffix   frozen embeddings of the template around the X tokens
   text_encoder/...         CLIP text transformer, ln_final, text_projection
 """
@@ -28,11 +28,21 @@ from clipreid_jax.models.clip import BatchNorm, CLIPConfig, TextTransformer, vis
 
 Dtype = Any
 
-PERSON_TEMPLATE = "A photo of a X X X X person."
-VEHICLE_TEMPLATE = "A photo of a X X X X vehicle."
 VEHICLE_DATASETS = ("veri", "vehicleid")
-N_CTX = 4
-CTX_START = 5  # tokens 0..4 are [SOT, a, photo, of, a]; 5..8 are the learned X X X X
+N_CTX = 4  # learned tokens per identity in the official code (and the paper)
+CTX_START = 5  # tokens 0..4 are [SOT, a, photo, of, a]; then the learned X tokens
+MAX_PROMPT_TOKENS = 69  # with the template's other 8 tokens, CLIP's 77
+
+
+def prompt_template(noun: str, tokens: int = N_CTX) -> str:
+  """"A photo of a X X X X person." with `tokens` X's (one CLIP token each)."""
+  return f"A photo of a {' '.join(['X'] * tokens)} {noun}."
+
+
+def eot_index_of(noun: str, tokens: int = N_CTX) -> int:
+  """Where the template's end token is: its text feature is read there."""
+  from clipreid_jax.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
+  return int(tokenize(prompt_template(noun, tokens))[0].argmax())
 VIT_PIXEL_MEAN = VIT_PIXEL_STD = (0.5, 0.5, 0.5)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -51,6 +61,7 @@ class ReIDConfig:
   with_text: bool = True  # False: the paper's baseline (image side only)
   eot_index: int = 11  # end token of the tokenized template
   image_size: tuple[int, int] = ()  # the input (H, W); OLP's grid leaves edge pixels uncovered, so keep it
+  prompt_tokens: int = N_CTX  # learned X tokens per identity
 
 
   @property
@@ -84,7 +95,7 @@ class ReIDConfig:
 
   @property
   def template(self) -> str:
-    return VEHICLE_TEMPLATE if self.prompt_noun == "vehicle" else PERSON_TEMPLATE
+    return prompt_template(self.prompt_noun, self.prompt_tokens)
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -116,15 +127,16 @@ class PromptLearner(nn.Module):
   num_classes: int
   width: int
   context_length: int = 77
+  tokens: int = N_CTX
 
   @nn.compact
   def __call__(self, labels, length: int):
-    ctx = self.param("cls_ctx", nn.initializers.normal(0.02), (self.num_classes, N_CTX, self.width))
+    ctx = self.param("cls_ctx", nn.initializers.normal(0.02), (self.num_classes, self.tokens, self.width))
     prefix = self.param("token_prefix", nn.initializers.zeros, (1, CTX_START, self.width))
     suffix = self.param("token_suffix", nn.initializers.zeros,
-                        (1, self.context_length - CTX_START - N_CTX, self.width))
+                        (1, self.context_length - CTX_START - self.tokens, self.width))
     b = labels.shape[0]
-    suffix = suffix[:, :max(length - CTX_START - N_CTX, 0)]
+    suffix = suffix[:, :max(length - CTX_START - self.tokens, 0)]
     return jnp.concatenate([jnp.broadcast_to(prefix, (b,) + prefix.shape[1:]), ctx[labels],
                             jnp.broadcast_to(suffix, (b,) + suffix.shape[1:])], axis=1)
 
@@ -147,7 +159,7 @@ class CLIPReID(nn.Module):
       self.cv_embed = self.param("cv_embed", nn.initializers.normal(0.02), (cfg.sie_rows, cfg.feature_dim))
     if cfg.with_text:
       c = cfg.clip
-      self.prompt_learner = PromptLearner(cfg.num_classes, c.text_width, c.context_length)
+      self.prompt_learner = PromptLearner(cfg.num_classes, c.text_width, c.context_length, cfg.prompt_tokens)
       self.text_encoder = TextTransformer(c.text_width, c.text_layers, c.text_heads, c.embed_dim,
                                           c.context_length, self.dtype)
 
@@ -240,7 +252,8 @@ class GeometryError(ValueError):
 
 def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, input_size: tuple[int, int],
               stride: int = 16, sie_camera=False, sie_view=False, camera_num=1, view_num=1, sie_coe=3.0,
-              dataset: str = "market1501", with_text: bool = True, rng=None, dtype=jnp.float32):
+              dataset: str = "market1501", with_text: bool = True, prompt_tokens: int = N_CTX, rng=None,
+              dtype=jnp.float32):
   """A CLIP-ReID model initialised from converted CLIP variables, as the official `make_model` does.
 
   The image positional embedding is resized to the ReID grid; heads, SIE and prompt tokens are drawn
@@ -272,11 +285,11 @@ def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, i
                           f"another geometry), this model needs {grid[0]}x{grid[1]}; expected OpenAI's square grid: "
                           "convert without --input_size, or with this input size and stride")
   noun = prompt_noun_for(dataset)
-  tokens = tokenize(PERSON_TEMPLATE if noun == "person" else VEHICLE_TEMPLATE)[0]
+  tokens = tokenize(prompt_template(noun, prompt_tokens))[0]
   cfg = ReIDConfig(clip=dataclasses.replace(clip_cfg, vision_grid=grid), num_classes=num_classes,
                    sie_camera=sie_camera, sie_view=sie_view, camera_num=camera_num, view_num=view_num,
                    sie_coe=sie_coe, prompt_noun=noun, with_text=with_text, eot_index=int(tokens.argmax()),
-                   image_size=tuple(input_size))
+                   image_size=tuple(input_size), prompt_tokens=prompt_tokens)
   model = CLIPReID(cfg, dtype)
   variables = jax.tree.map(np.asarray, init_variables(model, rng if rng is not None else jax.random.PRNGKey(0)))
   params, stats = variables["params"], variables.get("batch_stats", {})
@@ -294,13 +307,14 @@ def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, i
     params["text_encoder"] = jax.tree.map(np.asarray, cp["text"])
     emb = np.asarray(cp["token_embedding"]["embedding"])[tokens]
     params["prompt_learner"]["token_prefix"] = emb[None, :CTX_START]
-    params["prompt_learner"]["token_suffix"] = emb[None, CTX_START + N_CTX:]
+    params["prompt_learner"]["token_suffix"] = emb[None, CTX_START + prompt_tokens:]
   return model, {"params": params, "batch_stats": stats}
 
 
 def from_clipreid(source: ReIDConfig, source_variables: dict, *, num_classes: int, input_size: tuple[int, int],
                   stride: int = 16, sie_camera=False, sie_view=False, camera_num=1, view_num=1, sie_coe=3.0,
-                  dataset: str = "market1501", with_text: bool = True, rng=None, dtype=jnp.float32):
+                  dataset: str = "market1501", with_text: bool = True, prompt_tokens: int = N_CTX, rng=None,
+                  dtype=jnp.float32):
   """A CLIP-ReID model whose encoders start from a trained CLIP-ReID model's (fine-tuning on another dataset):
   the image encoder, the text encoder and the prompt's fixed tokens are copied; the prompt tokens, classifiers,
   BN necks and SIE table are drawn fresh from `rng` for this dataset's identities and cameras.
@@ -322,6 +336,9 @@ def from_clipreid(source: ReIDConfig, source_variables: dict, *, num_classes: in
   if with_text and noun != source.prompt_noun:
     raise CheckpointError(f"a model of {source.prompt_noun} prompts, this dataset's are {noun} prompts; expected a "
                           f"model trained on {noun}s, or a converted CLIP")
+  if with_text and prompt_tokens != source.prompt_tokens:  # its fixed tokens are stored around that many X's
+    raise CheckpointError(f"a model of {source.prompt_tokens} prompt tokens per identity, this run asks for "
+                          f"{prompt_tokens}; expected model.prompt_tokens={source.prompt_tokens}")
   cfg = dataclasses.replace(source, num_classes=num_classes, sie_camera=sie_camera, sie_view=sie_view,
                             camera_num=camera_num, view_num=view_num, sie_coe=sie_coe, prompt_noun=noun,
                             with_text=with_text, image_size=tuple(input_size))
@@ -399,6 +416,9 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
                                  token_embedding_key="", square_grid=False)  # baseline: no text side
     num_classes = tensor_shape(sd, "classifier.weight", 2, "(identities, feature width)")[0]
     n_rows = tensor_shape(sd, "cv_embed", 2, "(SIE rows, width)")[0] if "cv_embed" in sd else 0
+    ctx_key = "prompt_learner.cls_ctx"
+    tokens = (tensor_shape(sd, ctx_key, 3, "(identities, prompt tokens, text width)")[1]
+              if with_text and ctx_key in sd else N_CTX)
   except CheckpointError as e:
     raise CheckpointError(f"{path}: {e}") from None
   clip_cfg = dataclasses.replace(clip_cfg, vision_stride=clip_cfg.vision_patch_size, resnet_last_stride=1)
@@ -459,11 +479,13 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
   elif sie in ("camera", "view", "camera_view"):
     raise CheckpointError(f"{path}: SIE '{sie}' requested, but the checkpoint has no cv_embed table")
   noun = prompt_noun_for(dataset or "")
-  from clipreid_jax.tokenizer import tokenize
-  eot = int(tokenize(PERSON_TEMPLATE if noun == "person" else VEHICLE_TEMPLATE)[0].argmax())
+  if tokens > MAX_PROMPT_TOKENS:
+    raise CheckpointError(f"{path}: prompt_learner.cls_ctx has {tokens} tokens per identity; expected 1.."
+                          f"{MAX_PROMPT_TOKENS}")
   return ReIDConfig(clip=clip_cfg, num_classes=int(num_classes), sie_camera=sie_camera,
                     sie_view=sie_view, camera_num=int(cams), view_num=int(views), sie_coe=float(sie_coe),
-                    prompt_noun=noun, with_text=with_text, eot_index=eot, image_size=tuple(input_size))
+                    prompt_noun=noun, with_text=with_text, eot_index=eot_index_of(noun, tokens),
+                    image_size=tuple(input_size), prompt_tokens=tokens)
 
 
 def convert_clipreid(src: str, dst: str, *, dataset=None, input_size=None, stride=None, sie=None,
