@@ -114,13 +114,36 @@ def quiet_late_reads() -> Iterator[None]:
   logging.getLogger("asyncio").removeFilter(abandoned)
 
 
+def _check_replaceable(dst: pathlib.Path) -> None:
+  """Only a model directory (or an empty folder) is replaced: --overwrite pointed at a workdir or any other folder
+  must not delete it."""
+  if not dst.is_dir():
+    raise CheckpointError(f"{dst}: exists and is not a folder; not replacing it: choose a new destination")
+  entries = sorted(p.name for p in dst.iterdir())
+  kind = None
+  if entries == ["config.json", "variables"]:
+    try:
+      kind = json.loads((dst / "config.json").read_text()).get("kind")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+      kind = None
+  if entries and kind not in ("clip", "clipreid"):
+    listed = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    raise CheckpointError(f"{dst}: exists and is not a model directory (it holds {listed}); not replacing it: choose "
+                          "a new destination")
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
   """Yields a staging directory that replaces `dst` only if the block finishes without error."""
   dst = pathlib.Path(dst).resolve()
   if dst.exists() and not overwrite:
     raise CheckpointError(f"{dst}: already exists; choose a new destination or pass --overwrite")
-  dst.parent.mkdir(parents=True, exist_ok=True)
+  if dst.exists():
+    _check_replaceable(dst)
+  try:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # a file where a parent folder should be, no permission
+    raise CheckpointError(f"{dst}: cannot create its folder {dst.parent} ({e.strerror or type(e).__name__})") from None
   stage = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
   stage.mkdir()
   try:

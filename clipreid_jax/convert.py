@@ -352,11 +352,11 @@ def main(argv=None) -> int:
   p.add_argument("--stride", type=int, help="ViT patch stride (12 = overlapping patches)")
   p.add_argument("--resnet_last_stride", type=int, default=2, choices=(1, 2))
   p.add_argument("--trust", action="store_true", help="load a TorchScript archive whose hash is not OpenAI's")
-  p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+  p.add_argument("--overwrite", action="store_true", help="replace DST if it is a model directory (or an empty folder)")
   r = sub.add_parser("clipreid", help="a released CLIP-ReID or baseline checkpoint (.pth)")
   r.add_argument("src")
   r.add_argument("dst")
-  r.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+  r.add_argument("--overwrite", action="store_true", help="replace DST if it is a model directory (or an empty folder)")
   r.add_argument("--dataset", help="dataset the checkpoint was trained on (default: from the file name); "
                  "sets the prompt noun and the SIE table layout")
   r.add_argument("--input_size", type=int, nargs=2, metavar=("H", "W"),

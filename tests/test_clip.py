@@ -302,7 +302,7 @@ def test_malformed_files_exit_2_with_one_line(vit_sd, tmp_path, capsys, case):
   assert not dst.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_existing_destination_is_kept(small, tmp_path):
+def test_existing_destination_is_kept(small, tmp_path, capsys):
   _, _, sd = small
   src = tmp_path / "clip.npz"
   np.savez(src, **sd)
@@ -311,8 +311,22 @@ def test_existing_destination_is_kept(small, tmp_path):
   (dst / "precious.txt").write_text("keep me")
   assert convert.main(["clip", str(src), str(dst)]) == 2
   assert (dst / "precious.txt").read_text() == "keep me"
-  assert convert.main(["clip", str(src), str(dst), "--overwrite"]) == 0
-  assert not (dst / "precious.txt").exists() and (dst / "config.json").is_file()
+  # --overwrite replaces a model directory only: pointed at any other folder (a training workdir) it deleted it.
+  assert convert.main(["clip", str(src), str(dst), "--overwrite"]) == 2
+  assert "exists and is not a model directory (it holds precious.txt); not replacing it" in capsys.readouterr().err
+  assert sorted(p.name for p in dst.iterdir()) == ["precious.txt"]
+  (dst / "precious.txt").unlink()
+  assert convert.main(["clip", str(src), str(dst), "--overwrite"]) == 0  # an empty folder
+  meta = json.loads((dst / "config.json").read_text())
+  (dst / "config.json").write_text(json.dumps({**meta, "note": "the previous conversion"}))
+  assert convert.main(["clip", str(src), str(dst), "--overwrite"]) == 0  # a model directory
+  assert json.loads((dst / "config.json").read_text()) == meta
+  assert sorted(p.name for p in dst.iterdir()) == ["config.json", "variables"]
+  capsys.readouterr()
+  # A destination below a file: one line, not a FileExistsError traceback.
+  assert convert.main(["clip", str(src), str(src / "sub")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "cannot create its folder" in err[0] and str(src) in err[0], err
 
 
 def _tiny_clip(vision_layers: int):
