@@ -449,10 +449,11 @@ class Run:
   """
 
   # The sections of config.json a restarted run must match (they change the numbers), less the keys inside them
-  # that do not: where the data and the CLIP live, count warnings, how often stage 1 logs and saves.
+  # that do not: where the data (or its packed copy) and the CLIP live, count warnings, how often stage 1 logs
+  # and saves, the attention kernel. The data's records are checked instead (`use_data`).
   _CONFIG_KEYS = ("dataset", "model", "init", "stage1", "stage2", "loss", "augment", "seed")
-  _FREE_KEYS = ("dataset.root", "dataset.check_counts", "stage1.log_every_epochs", "stage1.checkpoint_every_epochs",
-                "model.attention", "init.clip")
+  _FREE_KEYS = ("dataset.root", "dataset.packed_dir", "dataset.check_counts", "stage1.log_every_epochs",
+                "stage1.checkpoint_every_epochs", "model.attention", "init.clip")
 
   def __init__(self, workdir: str, config):
     self.dir = pathlib.Path(workdir).resolve()
@@ -716,13 +717,18 @@ class Run:
     except Exception as e:  # pylint: disable=broad-except
       raise self._unusable(step, e) from None
 
-  def restore_state(self, abstract_state):
+  def restore_state(self, like, mesh: Mesh):
+    """The latest checkpoint's state, with the structure of `like`, replicated over `mesh`: a run saved on other
+    devices (8 GPUs, then 4; a pod slice of another size) resumes on these (the checkpoint's own shardings name
+    devices that may not exist here)."""
     import orbax.checkpoint as ocp
     step = self.manager.latest_step()
+    replicated = NamedSharding(mesh, P())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          jax.eval_shape(lambda: like))
     try:
       with checkpoints.quiet_late_reads():
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
-            "state"]
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     except Exception as e:  # pylint: disable=broad-except
       raise self._unusable(step, e) from None
 
@@ -827,7 +833,7 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
   state = steps.create_state(variables["params"], variables["batch_stats"], tx)
   start = 1
   if meta.get("stage") == 1:
-    state = run.restore_state(jax.eval_shape(lambda: state))
+    state = run.restore_state(state, mesh)
     start = meta["epoch"] + 1
   state = replicate(mesh, state)
   epoch_fn = jax.jit(steps.make_stage1_epoch(model, tx, s.batch_size), donate_argnums=0)
@@ -889,7 +895,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
   offset = config.stage1.max_epochs if not baseline else 0
   start, resume_at, resume_sums = 1, None, None
   if meta.get("stage") == 2:
-    state = run.restore_state(jax.eval_shape(lambda: state))
+    state = run.restore_state(state, mesh)
     start = meta["epoch"] + 1
     resume_at = mid_epoch_position(meta)  # stopped mid-epoch (pre-emption): continue that epoch
     resume_sums = meta.get("sums")
@@ -1002,9 +1008,11 @@ def evaluate_model(config, mesh, model, variables, dataset, feature_fn=None) -> 
   e = config.eval
   rerank_args = dict(k1=e.k1, k2=e.k2, lambda_value=e.lambda_value) if e.rerank else None
   if dataset.name == "vehicleid":
-    # VehicleID: 10 seeded draws of a one-image-per-identity gallery over all test images; mean (and std).
-    trials = evaluation.vehicleid_trials(feats, np.concatenate([q.pids, g.pids]), num_trials=e.trials,
-                                         seed=config.seed, rerank_args=rerank_args)
+    # VehicleID: 10 seeded draws of a one-image-per-identity gallery over all test images; mean (and std). The
+    # images in path order: the loader's own query/gallery split (dataset.gallery_seed) must not change the draws.
+    by_path = np.argsort(np.concatenate([q.relpaths, g.relpaths]), kind="stable")
+    trials = evaluation.vehicleid_trials(feats[by_path], np.concatenate([q.pids, g.pids])[by_path],
+                                         num_trials=e.trials, seed=config.seed, rerank_args=rerank_args)
     ms = trials.mean_std()
     return {"mAP": ms["mAP"][0], "R1": ms["r1"][0], "R5": ms["r5"][0], "R10": ms["r10"][0],
             "mAP_std": ms["mAP"][1], "R1_std": ms["r1"][1], "R5_std": ms["r5"][1], "R10_std": ms["r10"][1],

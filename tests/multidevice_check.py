@@ -49,7 +49,7 @@ def main():
   loss_diff = max(abs(m1[k] - m8[k]) for k in m1)
   result = train.train_and_evaluate(config, f"{tmp}/work")
   print(json.dumps({"devices": [n1, n8], "loss_diff": loss_diff, "param_diff": param_diff, "stats_diff": stats_diff, "grad_rel": grad_rel,
-                    "lr": float(config.stage2.base_lr), "final": result}))
+                    "lr": float(config.stage2.base_lr), "final": result, "tmp": tmp}))
 
 
 if __name__ == "__main__":

@@ -37,10 +37,10 @@ kernel = train.to_host(state.params["classifier"]["kernel"])
 run = train.Run(out + ".work", config)
 run.save(1, state, {"stage": 2, "epoch": 1})
 run.wait()
-abstract = jax.eval_shape(lambda: steps.create_state(variables["params"], variables["batch_stats"], tx, text))
+like = steps.create_state(variables["params"], variables["batch_stats"], tx, text)
 restored = train.Run(out + ".work", config)
 assert restored.resume() == {"stage": 2, "epoch": 1}
-restored_kernel = np.asarray(restored.restore_state(abstract).params["classifier"]["kernel"])
+restored_kernel = train.to_host(restored.restore_state(like, mesh).params["classifier"]["kernel"])
 # Evaluation features over a mesh whose device order interleaves the hosts (process 1's first device second), as
 # an accelerator topology may order them: each feature must still come back with its own record index.
 local_rank = lambda d: [x for x in jax.devices() if x.process_index == d.process_index].index(d)

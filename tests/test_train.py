@@ -353,7 +353,7 @@ def test_save_returns_before_the_write_and_the_checkpoint_holds_the_saved_values
   disk.release.set()
   run.wait()
   assert (checkpoints / "1").is_dir() and not list(checkpoints.glob("*tmp*"))
-  restored = run.restore_state(jax.eval_shape(_small_state))
+  restored = run.restore_state(_small_state(), train.make_mesh())
   for k in saved:
     np.testing.assert_array_equal(np.asarray(restored[k]), saved[k])
   assert int(state["n"]) == 3
