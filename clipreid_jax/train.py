@@ -181,6 +181,8 @@ def validate_config(config) -> None:
 
 
 def _check_synthetic(ds) -> None:
+  _need(not ds.get("packed_dir"), "dataset.packed_dir", ds.get("packed_dir"), "'' for synthetic data, which is "
+        "generated, not read from a pack (pack its folder as market1501 and train with dataset.name=market1501)")
   keys = ("num_train_ids", "num_test_ids", "imgs_per_id", "num_cams", "seed")
   missing = [k for k in keys if k not in ds]
   _need(not missing, "dataset.name", ds.name, f"a config from recipe('synthetic', ...) (configs/demo.py), which has "

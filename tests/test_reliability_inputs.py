@@ -200,6 +200,8 @@ def test_batch_not_divisible_by_devices(tmp_path):
     ("--config.stage2.base_lr=nan", ["stage2.base_lr", "finite", "nan"]),
     ("--config.model.dtype=float16", ["model.dtype", "float16"]),
     ("--config.model.prompt_tokens=70", ["model.prompt_tokens", "[1, 69]", "got 70"]),
+    # A pack named for synthetic data was ignored silently (and recorded in config.json as read).
+    ("--config.dataset.packed_dir=/nonexistent/pack", ["dataset.packed_dir", "'' for synthetic data", "/nonexistent"]),
     # The synthetic data's sizes: checked on every host before process 0 writes (was "synthetic: need ..., got 9").
     ("--config.dataset.num_cams=9", ["dataset.num_cams", "[2, 6]", "got 9"]),
     ("--config.dataset.imgs_per_id=3", ["dataset.imgs_per_id", ">= 4", "got 3"]),
