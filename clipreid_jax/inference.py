@@ -13,6 +13,7 @@ from PIL import Image
 
 from clipreid_jax import outputs, steps
 from clipreid_jax.data import images as image_io
+from clipreid_jax.data.errors import DataError
 from clipreid_jax.models.clipreid import load_clipreid
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -294,6 +295,8 @@ def evaluate_checkpoint(config, workdir: str, overrides: frozenset = frozenset()
   variables = train.replicate(mesh, variables)
   try:
     result = train.evaluate_model(config, mesh, model, variables, dataset)
+  except DataError:  # an image or pack that cannot be read: the data's, said as such
+    raise
   except ValueError as e:  # features that are not finite: a broken checkpoint
     raise train.ConfigError(f"checkpoint: {config.checkpoint}: {e}") from None
   out.mkdir(parents=True, exist_ok=True)

@@ -151,3 +151,24 @@ def test_prepare_killed_removes_its_partial_pack(tmp_path):
   with pytest.warns(data.DataWarning, match=r"incomplete.ABC123_1.0.0: left by an interrupted prepare"):
     packed.prepare("market1501", root, out)
   assert left.is_dir() and packed.load_packed("market1501", out).stats() == data.get_dataset("market1501", root).stats()
+
+
+def test_a_truncated_pack_is_one_line(market, tmp_path):
+  """A pack cut short (a copy that stopped, a full disk): one line naming the pack and what to do, not
+  array_record's RuntimeError traceback."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  _, out = market
+  copy = tmp_path / "tfds"
+  shutil.copytree(out, copy)
+  gallery = next(copy.rglob("reid_packed-gallery.array_record-*"))
+  gallery.write_bytes(gallery.read_bytes()[: gallery.stat().st_size // 3])
+  try:
+    pack = packed.load_packed("market1501", copy)
+    for i in range(len(pack.gallery)):
+      pack.gallery.images[i]
+  except data.DataError as e:
+    message = str(e)
+  else:
+    raise AssertionError("a truncated pack read without error")
+  assert "\n" not in message and "corrupt or truncated: delete it and prepare it again" in message, message
+  assert message.startswith("packed market1501")

@@ -390,3 +390,18 @@ def test_eval_on_a_test_only_custom_set(setup, tmp_path):
   assert out.returncode == 2 and not (tmp_path / "t").exists()
   assert out.stderr.strip().splitlines()[-1] == (f"error: custom: {custom} has no training split (train.csv); "
                                                  "training needs one (eval and extract modes do not)")
+
+
+def test_eval_blames_an_unreadable_image_not_the_checkpoint(setup, tmp_path):
+  """A gallery image that cannot be decoded during evaluation was reported as `checkpoint: DIR: cannot decode ...`."""
+  _, model_dir, data = setup
+  copy = tmp_path / "data"
+  shutil.copytree(data, copy)
+  broken = [p for p in sorted((copy / "bounding_box_test").glob("*.jpg")) if p.name[:4] not in ("-1_c", "0000")][0]
+  broken.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+  out = _cli("--config", "configs/market1501_vit.py", "--workdir", str(tmp_path / "w"), "--config.mode=eval",
+             f"--config.checkpoint={model_dir}", f"--config.dataset.root={copy}", "--config.dataset.check_counts=False")
+  assert out.returncode == 2, out.stderr[-1500:]
+  line = out.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: ") and broken.name in line and "checkpoint" not in line, line
+  assert not (tmp_path / "w" / "metrics.json").exists()

@@ -98,8 +98,17 @@ class PackedImages:
     return len(self.source)
 
   def __getitem__(self, index: int):
-    record = self.source[index]
+    try:
+      record = self.source[index]
+    except Exception as e:  # pylint: disable=broad-except  # array_record raises RuntimeError/ValueError/OSError
+      raise errors.ImageReadError(f"packed {self.label}: cannot read record {index} ({_first_line(e)}); the pack is "
+                                  "corrupt or truncated: delete it and prepare it again") from None
     return images.decode_image(record["image_bytes"], f"{self.label}[{index}] ({record['relpath'].decode()})")
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def config_name(name: str, **opts) -> str:
@@ -165,13 +174,18 @@ def load_packed(name: str, data_dir: str | os.PathLike, **opts) -> ReidDataset:
     raise errors.DatasetNotFoundError(
         f"packed {config}: not prepared under {data_dir}; run python -m clipreid_jax.data.prepare {config} "
         f"--manual_dir ROOT --data_dir {data_dir}")
-  sources = builder.as_data_source()
+  try:
+    sources = builder.as_data_source()
+    lengths = {s: len(sources[s]) for s in SPLITS}
+  except Exception as e:  # pylint: disable=broad-except  # a truncated or corrupt array_record file
+    raise errors.DataError(f"packed {config}: cannot read the pack under {data_dir} ({_first_line(e)}); it is corrupt "
+                           "or truncated: delete it and prepare it again") from None
   tables = builder.info.metadata["splits"]
   splits = {}
   for s in SPLITS:
     t = tables[s]
-    if len(sources[s]) != len(t["pids"]):
-      raise errors.DataError(f"packed {config}: split {s} has {len(sources[s])} records, metadata {len(t['pids'])}")
+    if lengths[s] != len(t["pids"]):
+      raise errors.DataError(f"packed {config}: split {s} has {lengths[s]} records, metadata {len(t['pids'])}")
     splits[s] = Split(f"{builder.data_dir}#{s}", np.asarray(t["relpaths"], np.str_), np.asarray(t["pids"], np.int32),
                       np.asarray(t["camids"], np.int32), np.asarray(t["viewids"], np.int32),
                       PackedImages(sources[s], f"{config}/{s}"))
