@@ -172,3 +172,28 @@ def test_a_truncated_pack_is_one_line(market, tmp_path):
     raise AssertionError("a truncated pack read without error")
   assert "\n" not in message and "corrupt or truncated: delete it and prepare it again" in message, message
   assert message.startswith("packed market1501")
+
+
+def test_prepare_that_fails_leaves_nothing(tmp_path, capsys):
+  """A failed prepare (a bad image) left tfds' downloads/ and metadata folders and an empty pack folder behind; a
+  test-only custom set crashed in tfds ("No examples were yielded"); a file as --data_dir was a traceback."""
+  from clipreid_jax.data import prepare
+  root, out = tmp_path / "m", tmp_path / "tfds"
+  data.write_synthetic_market(root, num_train_ids=4, num_test_ids=2, imgs_per_id=4, num_cams=2, size=(32, 16), seed=2)
+  sorted((root / "bounding_box_train").glob("*.jpg"))[1].write_bytes(b"not an image")
+  assert prepare.main(["market1501", "--manual_dir", str(root), "--data_dir", str(out)]) == 2
+  assert "is not an image file" in capsys.readouterr().err and not out.exists()
+  custom = tmp_path / "c"
+  custom.mkdir()
+  image = sorted((root / "query").glob("*.jpg"))[0]
+  for split in ("query", "gallery"):
+    (custom / f"{split}.csv").write_text(f"{image},1,{split}\n")
+  assert prepare.main(["custom", "--manual_dir", str(custom), "--data_dir", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == (f"error: packed custom: {custom} has no training split; a pack holds all three splits (evaluate "
+                     "a test-only set from its folder)") and not out.exists()
+  out.write_text("a file")
+  data.write_synthetic_market(root / "ok", num_train_ids=4, num_test_ids=2, imgs_per_id=4, num_cams=2, size=(32, 16))
+  assert prepare.main(["market1501", "--manual_dir", str(root / "ok"), "--data_dir", str(out)]) == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --data_dir: {out} is a file; expected a folder " \
+      "for the pack"

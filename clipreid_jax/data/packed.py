@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
+import shutil
 import warnings
 from typing import Any
 
@@ -139,14 +141,28 @@ def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLik
   dataset_name, config_opts = CONFIGS[config]
   # Read (and check) the folder first, so a wrong layout gets our one-line error, not tfds' assertion.
   dataset = registry.get_dataset(dataset_name, manual_dir, **{**opts, **config_opts})
+  if not len(dataset.train):  # pylint: disable=g-explicit-length-test
+    raise errors.DataError(f"packed {config}: {os.fspath(manual_dir)} has no training split; a pack holds all three "
+                           "splits (evaluate a test-only set from its folder)")
+  root = pathlib.Path(data_dir)
+  if root.exists() and not root.is_dir():
+    raise errors.DataError(f"--data_dir: {root} is a file; expected a folder for the pack")
   builder = ReidPacked(config=config, data_dir=os.fspath(data_dir), dataset=dataset)
   # tfds writes into `incomplete.*` beside the pack and removes it on any exception; only a kill leaves one. It may
   # also be another host's pack in progress, so it is named, not deleted.
   for left in sorted(builder.data_path.parent.glob(f"incomplete.*_{builder.data_path.name}")):
     warnings.warn(f"{left}: left by an interrupted prepare (or one still running elsewhere); delete it to free "
                   "the space", errors.DataWarning, stacklevel=2)
-  builder.download_and_prepare(file_format="array_record",
-                               download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+  # What tfds creates around the pack (its downloads and metadata folders): removed again when packing fails.
+  created = [p for p in (root, root / "downloads", root / "reid_packed", root / "reid_packed" / ".config",
+                         root / "reid_packed" / config) if not p.exists()]
+  try:
+    builder.download_and_prepare(file_format="array_record",
+                                 download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+  except BaseException:
+    for p in created:
+      shutil.rmtree(p, ignore_errors=True)
+    raise
   # tfds keeps a pack that exists: make sure it is this folder's (a changed folder or option is not repacked).
   pack = load_packed(config, data_dir)
   stale = [s for s in SPLITS if not getattr(pack, s).same_records(getattr(dataset, s))]
