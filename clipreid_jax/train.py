@@ -204,9 +204,13 @@ def _random_clip_sizes(m) -> dict | None:
     return None
   vit = m.backbone.startswith("ViT")
   layers = sizes["vision_layers"]
-  # The shapes build_model makes of them: ViT heads are width // 64; a ResNet takes 4 stage depths.
+  # The shapes build_model makes of them: ViT heads are width // 64; a ResNet takes 4 stage depths (one number, from
+  # the command line, is each stage's).
+  if not vit and _is_int(layers):
+    layers = sizes["vision_layers"] = (layers,) * 4
   _need(_is_int(layers) if vit else isinstance(layers, (tuple, list)) and len(layers) == 4,
-        "model.random_clip.vision_layers", layers, "one block count for a ViT" if vit else "4 stage depths for an RN")
+        "model.random_clip.vision_layers", layers, "one block count for a ViT" if vit else
+        "4 stage depths (or one for all four) for an RN")
   _need(not vit or sizes["vision_width"] % 64 == 0, "model.random_clip.vision_width", sizes["vision_width"],
         "a multiple of 64 for a ViT (its heads are 64 wide)")
   return sizes
@@ -397,14 +401,14 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
       log.warning("model.backbone is %r but init.clip %s holds %s: training %s", m.backbone, config.init.clip,
                   clip_cfg.name, clip_cfg.name)
   elif _random_clip_sizes(m):
-    rc = m.random_clip
+    rc = _random_clip_sizes(m)
     vit = m.backbone.startswith("ViT")
     patch = re.fullmatch(r"ViT-\w+-(\d+)", m.backbone)  # ViT-L-14: patch 14
     patch = int(patch.group(1)) if patch else 16
-    clip_cfg = CLIPConfig(embed_dim=rc.embed_dim, vision_layers=rc.vision_layers if vit else tuple(rc.vision_layers),
-                          vision_width=rc.vision_width, vision_patch_size=patch, vision_stride=patch,
-                          text_width=rc.text_width, text_heads=max(1, rc.text_width // 64),
-                          text_layers=rc.text_layers, vision_grid=(4, 4) if vit else (2, 2))
+    clip_cfg = CLIPConfig(embed_dim=rc["embed_dim"], vision_layers=rc["vision_layers"] if vit else
+                          tuple(rc["vision_layers"]), vision_width=rc["vision_width"], vision_patch_size=patch,
+                          vision_stride=patch, text_width=rc["text_width"], text_heads=max(1, rc["text_width"] // 64),
+                          text_layers=rc["text_layers"], vision_grid=(4, 4) if vit else (2, 2))
     h, w = clip_cfg.input_size()
     clip_vars = CLIP(clip_cfg).init(jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, h, w, 3)),
                                     jnp.zeros((1, 4), jnp.int32))

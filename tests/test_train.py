@@ -8,6 +8,7 @@ import shutil
 import signal
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -504,3 +505,18 @@ def test_stage1_learns_prompts_of_another_length(tmp_path):
   assert after["prompt_learner"]["cls_ctx"].shape[1] == 2
   assert not np.array_equal(before["prompt_learner"]["cls_ctx"], after["prompt_learner"]["cls_ctx"])
   np.testing.assert_array_equal(before["image_encoder"]["proj"], after["image_encoder"]["proj"])
+
+
+def test_a_random_rn_clip_from_one_stage_depth(tmp_path):
+  """The command line cannot give a tuple: model.random_clip.vision_layers=N builds an RN of N blocks per stage (the
+  demo's ViT sizes with --config.model.backbone=RN50 failed with "expected 4 stage depths")."""
+  config = tiny_config(tmp_path / "data")  # a ViT
+  config.model.backbone = "RN50"
+  config.model.random_clip.vision_layers = 2
+  train.validate_config(config)
+  model, _ = train.build_model(config, train.load_dataset(config))
+  assert not model.config.clip.is_vit and tuple(model.config.clip.vision_layers) == (2, 2, 2, 2)
+  config.model.random_clip = ml_collections.ConfigDict({**config.model.random_clip.to_dict(), "vision_layers": (1, 2)})
+  with pytest.raises(train.ConfigError, match=r"model.random_clip.vision_layers: expected 4 stage depths \(or one "
+                     r"for all four\) for an RN, got \(1, 2\)"):
+    train.validate_config(config)
