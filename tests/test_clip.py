@@ -276,6 +276,8 @@ MALFORMED = {
                         "data_offsets"),
     "size_mismatch": ("clip", "a.safetensors", lambda p, sd: p.write_bytes(
         _safetensors({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8))), "needs 12"),
+    "tensor_one_byte_short": ("clip", "a.safetensors", lambda p, sd: p.write_bytes(
+        _safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(7))), "truncated"),
     "header_length_2**63": ("clip", "a.safetensors", lambda p, sd: p.write_bytes((2**63).to_bytes(8, "little") + b"{}"),
                             "truncated or corrupt"),
     "text_projection_1d": ("clip", "a.npz", _npz_with(text_projection=np.ravel), "2-D"),
@@ -327,6 +329,48 @@ def test_existing_destination_is_kept(small, tmp_path, capsys):
   assert convert.main(["clip", str(src), str(src / "sub")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "cannot create its folder" in err[0] and str(src) in err[0], err
+
+
+
+def test_atomic_directory_leaves_no_staging_or_old_copy(tmp_path):
+  """A block that fails leaves neither the destination nor its staging folder; a replaced directory's old copy is
+  removed once the new one is in place."""
+  from clipreid_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  dst = tmp_path / "model"
+  with pytest.raises(RuntimeError, match="half way"):
+    with checkpoints.atomic_directory(dst) as stage:
+      (stage / "config.json").write_text("{}")
+      raise RuntimeError("half way")
+  assert sorted(tmp_path.iterdir()) == []
+  for version in (1, 2):  # a model directory, then its replacement
+    with checkpoints.atomic_directory(dst, overwrite=version > 1) as stage:
+      (stage / "variables").mkdir()
+      (stage / "config.json").write_text(json.dumps({"kind": "clip", "version": version}))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+  assert json.loads((dst / "config.json").read_text())["version"] == 2
+  with pytest.raises(RuntimeError, match="again"):  # a failed replacement keeps the one in place
+    with checkpoints.atomic_directory(dst, overwrite=True) as stage:
+      raise RuntimeError("again")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+  assert json.loads((dst / "config.json").read_text())["version"] == 2
+
+
+def test_restore_reason_is_the_first_line_without_tensorstore_details():
+  from clipreid_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  e = ValueError("Error reading \"a\": truncated file See full TensorStore details: {spec...}\nsecond line")
+  assert checkpoints.restore_reason(e) == 'Error reading "a": truncated file'
+  assert checkpoints.restore_reason(RuntimeError()) == "RuntimeError"
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_state_dict_wrapped_in_a_checkpoint_dict_is_read(tmp_path, wrapper):
+  """torch.save({"state_dict": sd}) and {"model": sd} (training checkpoints) read as the plain state dict."""
+  from clipreid_jax.state_dicts import read_state_dict  # pylint: disable=g-import-not-at-top
+  sd = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
+  torch.save({wrapper: sd, "epoch": 3}, tmp_path / "ckpt.pth")
+  got = read_state_dict(tmp_path / "ckpt.pth")
+  assert sorted(got) == ["a.weight", "b"] and got["b"].dtype == np.float32
+  np.testing.assert_array_equal(got["a.weight"], np.arange(6, dtype=np.float32).reshape(2, 3))
 
 
 def _tiny_clip(vision_layers: int):

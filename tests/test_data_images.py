@@ -72,6 +72,14 @@ def test_image_modes_become_rgb(tmp_path, mode, fmt):
   assert arr.shape == (8, 4, 3) and arr.dtype == np.uint8
 
 
+def test_resize_of_a_picture_of_the_transposed_size():
+  """A landscape picture whose (width, height) is the (height, width) asked for is resized, not passed through."""
+  wide = np.arange(32 * 64 * 3, dtype=np.uint32).reshape(32, 64, 3).astype(np.uint8)  # height 32, width 64
+  out = images.resize(wide, (64, 32))
+  assert out.shape == (64, 32, 3)
+  np.testing.assert_array_equal(out, np.asarray(Image.fromarray(wide).resize((32, 64), images.BILINEAR)))
+
+
 def test_grayscale_is_replicated(tmp_path):
   Image.new("L", (4, 4), 77).save(tmp_path / "g.png")
   assert np.all(np.asarray(data.read_image(tmp_path / "g.png")) == 77)

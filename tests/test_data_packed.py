@@ -115,6 +115,39 @@ def test_prepare_refuses_a_stale_pack(tmp_path):
     packed.prepare("market1501", root, tmp_path / "tfds")
 
 
+
+@pytest.mark.parametrize("split_dir", ["query", "bounding_box_test"])
+def test_prepare_refuses_a_pack_stale_in_the_test_splits(tmp_path, split_dir):
+  """The query and gallery records are checked too: an old pack must not be reported as this folder's."""
+  root = tmp_path / "m"
+  data.write_synthetic_market(root, num_train_ids=4, num_test_ids=2, imgs_per_id=4, num_cams=2, size=(32, 16), seed=2)
+  packed.prepare("market1501", root, tmp_path / "tfds")
+  sorted((root / split_dir).glob("*.jpg"))[-1].unlink()  # not the junk (-1) image the reader skips
+  split = "query" if split_dir == "query" else "gallery"
+  with pytest.raises(data.DataError, match=f"holds other records than .* in split {split} "):
+    packed.prepare("market1501", root, tmp_path / "tfds")
+
+
+def test_prepare_names_an_image_that_does_not_decode(tmp_path):
+  """A broken image fails at packing time, naming the file, not in the middle of a training run."""
+  root = tmp_path / "m"
+  data.write_synthetic_market(root, num_train_ids=4, num_test_ids=2, imgs_per_id=4, num_cams=2, size=(32, 16), seed=2)
+  victim = sorted((root / "bounding_box_train").glob("*.jpg"))[3]
+  victim.write_bytes(b"not a picture at all")
+  with pytest.raises(data.ImageReadError, match=f"{victim.name} is not an image file"):
+    packed.prepare("market1501", root, tmp_path / "tfds")
+  with pytest.raises(data.DatasetNotFoundError, match="not prepared"):
+    packed.load_packed("market1501", tmp_path / "tfds")
+
+
+def test_config_names_of_vehicleid_test_sizes():
+  assert packed.config_name("VehicleID") == packed.config_name("vehicleid", test_size=800) == "vehicleid"
+  assert packed.config_name("vehicleid", test_size=2400) == "vehicleid_2400"
+  assert packed.config_name("vehicleid_1600") == "vehicleid_1600"
+  # A size without a config is named as such (and refused by prepare), never packed as the 800 one.
+  assert packed.config_name("vehicleid", test_size=400) == "vehicleid_400"
+
+
 _SLOW_PREPARE = """
 import sys, time
 from clipreid_jax.data import images, prepare

@@ -167,3 +167,22 @@ def test_grain_workers_ignore_a_terminal_ctrl_c(dataset):
   finally:
     it.close()
   assert all(_equal(x, y) for x, y in zip(got, expected)) and len(got) == len(expected)
+
+
+def test_each_loader_resizes_with_its_own_filter(dataset):
+  """Train batches are PIL bicubic (the official train transform), stage-1 and evaluation batches PIL bilinear (the
+  test transform), at a size the files do not have (at the files' own size every filter is the identity)."""
+  size = (24, 12)
+  bicubic = data.load_resized(dataset.train.path(0), size, data.images.BICUBIC)
+  bilinear = data.load_resized(dataset.train.path(0), size, data.images.BILINEAR)
+  assert not np.array_equal(bicubic, bilinear)  # the filters differ on these pictures
+
+  def image_of(batches, index):
+    return next(b["image"][i] for b in batches for i in range(len(b["index"])) if b["index"][i] == index)
+
+  np.testing.assert_array_equal(image_of(list(_loader(dataset, image_size=size)), 0), bicubic)
+  stage1 = list(data.stage1_loader(dataset.train, image_size=size, batch_size=16))
+  np.testing.assert_array_equal(image_of(stage1, 0), bilinear)
+  evaluation = list(data.eval_loader(dataset.query, dataset.gallery, image_size=size, batch_size=16))
+  np.testing.assert_array_equal(image_of(evaluation, 0),
+                                data.load_resized(dataset.query.path(0), size, data.images.BILINEAR))

@@ -350,3 +350,25 @@ def test_market1501_refuses_a_seventh_camera(tmp_path, sub):
   touch_images(d / sub, market_names(2, [7], start=50))
   with pytest.raises(data.DataError, match=r"0002_c7s1_000050_01\.jpg: camera 7 outside 1\.\.6"):
     data.get_dataset("market1501", tmp_path, check_counts=False)
+
+
+def test_split_records_fingerprint_and_concat_of_other_roots():
+  """Every column of a record counts (a resumed run checks the fingerprint; `prepare` checks `same_records`), and
+  splits of two roots concatenate with each record's own path."""
+  a = data.Split.from_records("/a", [("x/1.jpg", 0, 0, 0), ("x/2.jpg", 1, 1, 1)])
+  fp = a.fingerprint()
+  for column in ("pids", "camids", "viewids"):
+    values = getattr(a, column).copy()
+    values[0] = 5
+    other = data.Split(a.root, a.relpaths, **{k: values if k == column else getattr(a, k)
+                                              for k in ("pids", "camids", "viewids")})
+    assert other.fingerprint()["sha256"] != fp["sha256"] and not other.same_records(a), column
+  renamed = data.Split(a.root, np.asarray(["x/1.jpg", "x/3.jpg"]), a.pids, a.camids, a.viewids)
+  assert renamed.fingerprint()["sha256"] != fp["sha256"] and not renamed.same_records(a)
+  moved = data.Split("/elsewhere", a.relpaths, a.pids, a.camids, a.viewids)
+  assert moved.fingerprint() == fp and moved.same_records(a)
+  b = data.Split.from_records("/b", [("y/9.jpg", 7, 2, 0)])
+  both = data.Split.concat(a, b)
+  assert [both.path(i) for i in range(3)] == [os.path.join("/a", "x/1.jpg"), os.path.join("/a", "x/2.jpg"),
+                                              os.path.join("/b", "y/9.jpg")]
+  np.testing.assert_array_equal(both.pids, [0, 1, 7])

@@ -362,3 +362,49 @@ def test_extract_output_that_cannot_be_written(tmp_path, models):
     _error(out, "extract.output: cannot write /proc/clipreid_features")
   else:
     _error(out, "extract.output")
+
+
+def test_an_output_below_a_file_is_refused_before_the_work(tmp_path):
+  """--out / extract.output under a file: refused up front naming the key (the work would fail at its end)."""
+  from clipreid_jax import outputs  # pylint: disable=g-import-not-at-top
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match=r"^extract.output: cannot create .*file/a/b: .*file is not a folder$"):
+    outputs.check_writable(tmp_path / "file" / "a" / "b", "extract.output")
+  with pytest.raises(ValueError, match=r"^--out: .*file exists and is not a folder"):
+    outputs.output_anchor(tmp_path / "file", "--out")
+  assert outputs.output_anchor(tmp_path / "new" / "deeper", "--out") == tmp_path.resolve()
+  assert outputs.check_writable(tmp_path / "new", "--out") == tmp_path / "new" and not (tmp_path / "new").exists()
+
+
+_RAISE_IN_TRAINING = """
+import sys
+from absl import app
+from clipreid_jax import main, train
+from clipreid_jax.data.errors import DataError
+
+def stop(config, workdir):
+  raise {exception}
+
+train.train_and_evaluate = stop
+app.run(lambda argv: sys.exit(main.main(argv)), flags_parser=main.parse_flags)
+"""
+
+
+@pytest.mark.parametrize("exception,code,expected", [
+    ("train.TrainingStopped('stage 2 epoch 1 step 3: non-finite loss; kept')", 1,
+     "error: stage 2 epoch 1 step 3: non-finite loss; kept"),
+    ("KeyboardInterrupt()", 130, "error: interrupted (Ctrl-C); rerun the same command to resume a training run"),
+    ("DataError('market1501: no query')", 2, "error: market1501: no query"),
+], ids=["stopped", "ctrl-c", "data"])
+def test_exit_code_of_each_way_a_run_ends(tmp_path, exception, code, expected):
+  """1: stopped on a condition met while training; 130: a second Ctrl-C; 2: bad input. One line each."""
+  out = subprocess.run([sys.executable, "-c", _RAISE_IN_TRAINING.format(exception=exception), "--config",
+                        f"{CONFIG}:{tmp_path / 'synthetic'}", "--workdir", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, **_ENV})
+  assert _error(out, code=code) == expected
+
+
+def test_a_stray_argument_is_refused(tmp_path):
+  out = _cli("--config", f"{CONFIG}:{tmp_path / 'synthetic'}", "--workdir", tmp_path / "work", "extra")
+  assert _error(out) == "error: unexpected arguments ['extra']"
+  assert not (tmp_path / "work").exists()

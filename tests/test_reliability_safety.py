@@ -129,6 +129,11 @@ def test_every_recipe_is_valid(key):
     ("model.dtype", "float16", "'auto' or 'float32' or 'bfloat16'"),
     ("model.attention", "flash", "'xla' or 'cudnn'"),
     ("mode", "serve", "'train', 'eval' or 'extract'"),
+    # A zero period was a ZeroDivisionError at the end of the first epoch (stage 2: after hours of training).
+    ("checkpoint_every_epochs", 0, "a positive integer"),
+    ("stage1.checkpoint_every_epochs", 0, "a positive integer"),
+    ("eval.lambda_value", 1.5, "a number in [0, 1]"),
+    ("stage1.lr_min", 1.0, "at most stage1.base_lr"),
 ])
 def test_bad_value_names_key_value_and_expectation(key, value, expected):
   c = config_defaults.official("market1501", config_defaults.VIT)
@@ -164,6 +169,35 @@ def test_eval_mode_checks_only_what_it_uses():
   train.validate_config(c)
   c.eval.batch_size = 0
   with pytest.raises(train.ConfigError, match="eval.batch_size"):
+    train.validate_config(c)
+
+
+
+@pytest.mark.parametrize("key,value", [
+    ("eval.lambda_value", 0.0),  # re-ranking on the Jaccard distance alone
+    ("eval.lambda_value", 1.0),
+    ("stage1.lr_min", 3.5e-4),  # = stage1.base_lr: a constant stage-1 rate after the warmup
+    ("stage2.steps", (30, 60)),  # a milestone at the last epoch decays that epoch's rate
+])
+def test_boundary_values_are_accepted_without_a_warning(key, value, caplog, monkeypatch):
+  monkeypatch.setattr(train, "_warned", set())
+  c = config_defaults.official("market1501", config_defaults.VIT)
+  c.init.clip = "converted/clip"
+  section, _, leaf = key.rpartition(".")
+  c[section][leaf] = value
+  assert c.stage1.base_lr == 3.5e-4 and c.stage2.max_epochs == 60
+  train.validate_config(c)
+  assert not caplog.records, caplog.text
+
+
+def test_eval_mode_checks_the_evaluation_keys():
+  """eval mode evaluates: its re-ranking and VehicleID keys are checked like a training run's."""
+  for key, value in (("k1", 0), ("k2", -1), ("trials", 0), ("lambda_value", 2.0)):
+    c = config_defaults.official("market1501", config_defaults.VIT)
+    c.mode, c.eval[key] = "eval", value
+    with pytest.raises(train.ConfigError, match=f"^eval.{key}: expected"):
+      train.validate_config(c)
+    c.mode = "extract"  # extracts features only
     train.validate_config(c)
 
 

@@ -53,3 +53,16 @@ def test_matches_openai_package_on_more_text():
            "    ", "donaudampfschifffahrtsgesellschaftskapitän", "x" * 300]
   for text in texts:
     assert tokenizer.default_tokenizer().encode(text) == ref.encode(text), text
+
+
+def test_a_text_that_fills_the_context_exactly_is_kept_whole():
+  """Start + 75 tokens + end is 77: no error and no truncation; one token more needs `truncate`."""
+  tok = tokenizer.default_tokenizer()
+  text = " ".join(["a"] * 75)
+  assert len(tok.encode(text)) == 75
+  ids = tokenizer.tokenize(text)[0]
+  assert ids[0] == tokenizer.SOT_ID and ids[-1] == tokenizer.EOT_ID and list(ids[1:-1]) == tok.encode(text)
+  with pytest.raises(ValueError, match="too long for context length 77"):
+    tokenizer.tokenize(text + " a")
+  np.testing.assert_array_equal(tokenizer.tokenize(text + " a", truncate=True)[0], ids)
+

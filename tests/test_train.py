@@ -24,6 +24,12 @@ def _variables(path):
   return jax.tree.map(np.asarray, v)
 
 
+def _records(workdir):
+  """metrics.jsonl without the wall-clock figures."""
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [{k: v for k, v in json.loads(l).items() if k not in ("time_s", "images_per_s")} for l in lines]
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   root = tmp_path_factory.mktemp("run")
@@ -214,6 +220,9 @@ def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch, c
   a, b = _variables(root / "work" / "model"), _variables(tmp_path / "work" / "model")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+  # The interrupted epoch's record averages all its steps, those before the pre-emption included.
+  records = [_records(w) for w in (root / "work", tmp_path / "work")]
+  assert records[0] == records[1] and [r.get("epoch") for r in records[1] if r.get("stage") == 2] == [1, 2]
 
 
 def test_mid_epoch_position_reads_every_checkpoint_form():
@@ -520,3 +529,125 @@ def test_a_random_rn_clip_from_one_stage_depth(tmp_path):
   with pytest.raises(train.ConfigError, match=r"model.random_clip.vision_layers: expected 4 stage depths \(or one "
                      r"for all four\) for an RN, got \(1, 2\)"):
     train.validate_config(config)
+
+
+def test_restart_drops_the_records_and_files_a_kill_left(tmp_path):
+  """metrics.jsonl keeps the records up to the checkpoint resumed from (stage, epoch), never half a line; the
+  staging, replaced and temporary files of a killed run go, the run's own files stay."""
+  config = tiny_config(tmp_path / "data")
+  work = tmp_path / "work"
+  records = [{"stage": 1, "epoch": 1, "loss": 1.0}, {"stage": 1, "epoch": 2, "loss": 0.9},
+             {"stage": 2, "epoch": 1, "loss": 3.0}, {"stage": 2, "epoch": 2, "loss": 2.0},
+             {"final": True, "mAP": 0.1}]
+  text = "".join(json.dumps(r) + "\n" for r in records) + '{"stage": 2, "epoch": 3, "lo'
+  leftovers = [work / ".stage1.partial-1a2b3c4d", work / ".model.old-1a2b3c4d", work / "checkpoints" /
+               "5.orbax-checkpoint-tmp-1700000000"]
+  kept = [work / "stage1", work / "checkpoints" / "4", work / "checkpoints" / "3"]
+  for d in leftovers + kept:
+    d.mkdir(parents=True)
+  (work / ".metrics.jsonl.tmp-4242").write_text("{}")
+  run = train.Run(str(work), config)
+  run._remove_leftovers()
+  assert sorted(p.name for p in work.iterdir()) == ["checkpoints", "stage1"]
+  assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["3", "4"]
+  for done, expected in (((2, 2), records[:4]), ((2, 1), records[:3]), ((1, 2), records[:2]), ((0, 0), [])):
+    (work / "metrics.jsonl").write_text(text)
+    run._trim_metrics(done)
+    lines = (work / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l) for l in lines] == expected, done
+
+
+def test_percent_and_format_metrics():
+  """metrics.json holds rates (and their VehicleID spreads) in percent and counts as they are; the log line the same."""
+  m = {"mAP": 0.5, "mINP": 0.25, "R1": 0.625, "R5": 0.75, "R10": 0.875, "mAP_std": 0.0125, "R1_std": 0.02,
+       "R5_std": 0.03, "R10_std": 0.04, "num_valid_queries": 7, "trials": 10}
+  assert train.percent(m) == pytest.approx({"mAP": 50.0, "mINP": 25.0, "R1": 62.5, "R5": 75.0, "R10": 87.5,
+                                            "mAP_std": 1.25, "R1_std": 2.0, "R5_std": 3.0, "R10_std": 4.0,
+                                            "num_valid_queries": 7, "trials": 10})
+  assert train.format_metrics(m) == "mAP 50.0 ± 1.2  R1 62.5 ± 2.0  R5 75.0 ± 3.0  R10 87.5 ± 4.0"
+  assert train.format_metrics({"mAP": 0.5, "R1": 0.25, "R5": float("nan")}) == "mAP 50.0  R1 25.0"
+
+
+@pytest.mark.parametrize("name", ["market1501", "vehicleid"])
+def test_evaluate_model_orders_the_features_and_follows_the_protocol(tmp_path, monkeypatch, name):
+  """The features come back in the loader's (host-interleaved) order with their record indices: they are put in
+  query + gallery order before the protocol (VehicleID: eval.trials seeded draws from the config's seed, over the
+  images in path order)."""
+  from clipreid_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from clipreid_jax.data.records import ReidDataset, Split  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  pids = np.repeat(np.arange(6), 3)
+  cams = np.tile([0, 1, 2], 6)
+  split = lambda sel: Split(str(tmp_path), np.asarray([f"{i:03d}.jpg" for i in np.flatnonzero(sel)]), pids[sel],
+                            cams[sel], np.zeros(sel.sum(), np.int32))
+  query = np.zeros(pids.size, bool)
+  query[::3] = True
+  dataset = ReidDataset(name, split(np.ones(pids.size, bool)), split(query), split(~query))
+  feats = (np.eye(6)[pids] + 0.7 * rng.standard_normal((pids.size, 6))).astype(np.float32)
+  ordered = np.concatenate([feats[query], feats[~query]])
+  shuffle = rng.permutation(pids.size)
+  monkeypatch.setattr(train, "extract_features", lambda *a: (ordered[shuffle], shuffle.astype(np.int64)))
+  config = tiny_config(tmp_path / "data")
+  config.seed, config.eval.trials = 3, 4
+  model = type("Model", (), {"config": type("Config", (), {"input_size": (32, 16)})()})()
+  got = train.evaluate_model(config, None, model, None, dataset, feature_fn=lambda *a: None)
+  q, g = dataset.query, dataset.gallery
+  if name == "vehicleid":
+    # VehicleID draws its trials over the test images in path order (here the original one), whatever the split.
+    ms = evaluation.vehicleid_trials(feats, pids, num_trials=4, seed=3).mean_std()
+    assert got == {"mAP": ms["mAP"][0], "R1": ms["r1"][0], "R5": ms["r5"][0], "R10": ms["r10"][0],
+                   "mAP_std": ms["mAP"][1], "R1_std": ms["r1"][1], "R5_std": ms["r5"][1], "R10_std": ms["r10"][1],
+                   "trials": 4}
+    assert len({ms["mAP"][0], ms["r1"][0], ms["r5"][0]}) > 1  # the keys are not interchangeable here
+  else:
+    res = evaluation.evaluate(ordered[:len(q)], ordered[len(q):], q.pids, g.pids, q.camids, g.camids)
+    assert got == {"mAP": float(res.mAP), "mINP": float(res.mINP), "R1": res.rank(1), "R5": res.rank(5),
+                   "R10": res.rank(10), "num_valid_queries": int(res.num_valid_queries)}
+    assert res.rank(1) < 1  # a ranking the order of the features changes
+
+
+def test_checkpoint_and_evaluation_cadence(tmp_path, monkeypatch):
+  """Checkpoints every stage1.checkpoint_every_epochs (stage 1) and checkpoint_every_epochs (stage 2) epochs and
+  at the last epoch of each stage; periodic evaluations every eval.period stage-2 epochs but the last."""
+  config = tiny_config(tmp_path / "data")
+  config.stage1.max_epochs, config.stage1.checkpoint_every_epochs = 4, 3
+  config.stage2.max_epochs, config.checkpoint_every_epochs, config.eval.period = 3, 2, 2
+  config.stage2.steps, config.eval.untrained = (3,), False
+  saved, original = [], train.Run.save
+
+  def save(self, counter, state, meta, force=False):
+    saved.append((meta["stage"], meta["epoch"], counter))
+    original(self, counter, state, meta, force)
+
+  monkeypatch.setattr(train.Run, "save", save)
+  train.train_and_evaluate(config, str(tmp_path / "work"))
+  assert [(s, e) for s, e, _ in saved] == [(1, 3), (1, 4), (2, 2), (2, 3)]
+  assert [c for s, _, c in saved if s == 1] == [3, 4] and all(c > 4 for s, _, c in saved if s == 2)
+  records = [json.loads(l) for l in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records if r.get("stage") == 2 and "eval_mAP" in r] == [2]
+
+
+def test_stage1_batch_may_hold_every_training_image(tmp_path):
+  config = tiny_config(tmp_path / "data")
+  dataset = train.load_dataset(config)
+  config.stage1.batch_size = len(dataset.train)  # one full batch an epoch
+  train.check_data(config, dataset)
+  config.stage1.batch_size += 1
+  with pytest.raises(train.ConfigError, match=f"^stage1.batch_size: {len(dataset.train) + 1} is more than the "
+                     f"{len(dataset.train)} training images"):
+    train.check_data(config, dataset)
+
+
+def test_a_restart_before_the_first_checkpoint_starts_metrics_afresh(tmp_path):
+  """Killed after stage-1 epoch 1 was logged but before its checkpoint: the restart trains epoch 1 again, and its
+  record must not follow the stale one."""
+  config = tiny_config(tmp_path / "data")
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "metrics.jsonl").write_text('{"stage": 1, "epoch": 1, "loss": 9.0}\n')
+  run = train.Run(str(work), config)
+  assert run.resume() == {}
+  run.log_metrics({"stage": 1, "epoch": 1, "loss": 1.0})
+  run.close()
+  assert [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()] == [
+      {"stage": 1, "epoch": 1, "loss": 1.0}]

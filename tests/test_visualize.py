@@ -123,6 +123,86 @@ def test_choose_queries_worst_skips_queries_without_match():
   np.testing.assert_array_equal(picked, [0, 2, 3, 4])
 
 
+
+def test_rank_list_keeps_other_identities_of_the_query_camera():
+  """The protocol drops only the query's identity seen by the query's camera; another person in that camera stays."""
+  qf = np.array([[1.0, 0.0]])
+  angles = np.array([0.0, 0.1, 0.2])
+  gf = np.stack([np.cos(angles), np.sin(angles)], 1)
+  (rank,) = ranks.rank_lists(qf, gf, [7], [7, 3, 7], [0], [0, 0, 1], queries=[0], topk=3)
+  np.testing.assert_array_equal(rank.gallery, [1, 2])
+  np.testing.assert_array_equal(rank.matches, [False, True])
+  assert rank.ap == pytest.approx(1 / 2)
+
+
+def test_tiles_keep_the_input_aspect_and_distances_show_the_smallest():
+  assert ranks.tile_size((256, 128)) == (128, 64) and ranks.tile_size((256, 256)) == (128, 128)
+  assert ranks.tile_size((224, 224), height=64) == (64, 64)
+  assert ranks.distance_decimals(np.array([0.0, 0.0012, 0.9])) == 5  # 0.00120: three significant digits
+  assert ranks.distance_decimals(np.array([0.25, 1.5])) == 3
+
+
+def test_tsne_of_fewer_points_than_the_perplexity_needs():
+  """A small run (a dozen points) lowers the perplexity to (n - 1) / 3 instead of failing."""
+  x, _ = _clusters(num=3, per=4)
+  y = tsne.tsne(x, tsne.TSNEOptions(num_iters=50, seed=0))
+  assert y.shape == (12, 2) and np.all(np.isfinite(y))
+
+
+def test_curves_keep_the_last_record_of_an_epoch():
+  """A resumed run of an older version logged the epochs after its checkpoint again: the last record wins."""
+  from clipreid_jax.visualize import curves  # pylint: disable=g-import-not-at-top
+  records = [{"stage": 2, "epoch": 1, "loss": 5.0}, {"stage": 2, "epoch": 2, "loss": 4.0},
+             {"stage": 2, "epoch": 2, "loss": 3.0}, {"final": True, "mAP": 0.1}, {"final": True, "mAP": 0.2}]
+  stage1, stage2, final = curves.by_epoch(records)
+  assert stage1 == {} and {e: r["loss"] for e, r in stage2.items()} == {1: 5.0, 2: 3.0} and final["mAP"] == 0.2
+
+
+
+def test_root_reads_the_folder_of_a_run_trained_on_a_pack(tmp_path):
+  """--root names the folder to read, also where the run's config.json records the packed copy it trained on."""
+  from clipreid_jax import data  # pylint: disable=g-import-not-at-top
+  from clipreid_jax.visualize import inputs  # pylint: disable=g-import-not-at-top
+  root = data.write_synthetic_market(tmp_path / "m", num_train_ids=4, num_test_ids=2, imgs_per_id=4, num_cams=2,
+                                     size=(32, 16), seed=2)
+  _write_files(tmp_path, {"w/config.json": json.dumps({"dataset": {
+      "name": "market1501", "root": "/nonexistent/folder", "packed_dir": "/nonexistent/pack", "check_counts": False}})})
+  ds = inputs.dataset_for(None, str(root), tmp_path / "w")
+  assert ds.name == "market1501" and ds.train.images is None and ds.train.same_records(
+      data.get_dataset("market1501", root, check_counts=False).train)
+
+
+def test_staged_folder_moves_nothing_where_a_file_is_in_the_way(tmp_path):
+  from clipreid_jax.visualize import inputs  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "vis"
+  _write_files(out, {"ranks": "a file", "keep.txt": "mine"})
+  in_the_way = r"^--out: cannot write .*vis/ranks/q\.png: .*vis/ranks is in the way"
+  with pytest.raises(inputs.VisualizeError, match=in_the_way):
+    with inputs.staged_folder(out, "--out") as stage:
+      _write_files(stage, {"a.png": "new", "ranks/q.png": "new"})
+  assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "ranks"] and (out / "ranks").read_text() == "a file"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["vis"]  # no staging folder left
+
+
+
+def test_sample_identities_owner_is_the_position_of_the_label():
+  """The t-SNE colours images by `owner`, the position of their identity in `labels` (not the label itself), with
+  at most `max_per_id` images each, in index order."""
+  from clipreid_jax.data.records import Split  # pylint: disable=g-import-not-at-top
+  from clipreid_jax.visualize import embedding  # pylint: disable=g-import-not-at-top
+  pids = np.repeat(np.arange(30), np.arange(30) % 7 + 1)
+  n = pids.size
+  split = Split("/x", np.asarray([f"{i}.jpg" for i in range(n)]), pids, np.zeros(n, np.int32), np.zeros(n, np.int32))
+  s = embedding.sample_identities(split, num_ids=5, max_per_id=3, seed=4)
+  assert s.labels.size == 5 and np.all(np.diff(s.labels) > 0) and s.labels.max() >= 5
+  np.testing.assert_array_equal(pids[s.indices], s.labels[s.owner])
+  for k, label in enumerate(s.labels):
+    own = s.indices[s.owner == k]
+    assert own.size == min(3, np.sum(pids == label)) and np.all(np.diff(own) > 0)
+  again = embedding.sample_identities(split, num_ids=5, max_per_id=3, seed=4)
+  np.testing.assert_array_equal(again.indices, s.indices)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A tiny trained run.
 
@@ -275,6 +355,10 @@ def _write_files(root: pathlib.Path, files: dict) -> None:
     (["ranks", "--checkpoint", "{tmp}", "--out", "{tmp}/r"], {}, "is not a model directory"),
     (["ranks", "--checkpoint", "{tmp}", "--out", "{tmp}/r", "--batch-size", "0"], {},
      "--batch-size: expected a positive number, got 0"),
+    (["ranks", "--checkpoint", "{tmp}", "--out", "{tmp}/r", "--topk", "0"], {},
+     "--topk: expected a positive number, got 0"),
+    (["ranks", "--checkpoint", "{tmp}/m", "--out", "{tmp}/r"], {"m/config.json": "{}"},
+     "--checkpoint: .*m is not a model directory \\(expected config.json and variables/ in it\\)"),
     # `all --num 0` drew no rank lists without a word; refused as `ranks --num 0` is.
     (["all", "--workdir", "{tmp}", "--out", "{tmp}/v", "--num", "0"], {}, "--num: expected a positive number, got 0"),
     (["curves", "--workdir", "{tmp}", "--out", "{tmp}/c.png"], {}, "metrics.jsonl not found"),
@@ -284,6 +368,9 @@ def _write_files(root: pathlib.Path, files: dict) -> None:
     (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/c.png"],
      {"w/metrics.jsonl": "\n".join([_RECORDS[0], "[1, 2]"] + _RECORDS[1:]) + "\n"},
      r"metrics\.jsonl: line 2 is not a JSON object"),
+    (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/c.png"],
+     {"w/metrics.jsonl": "\n".join(_RECORDS[:2] + ['{"stage": 2, "ep', _RECORDS[2]]) + "\n"},
+     r"metrics\.jsonl: line 3 is not JSON"),
     (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/c.png"],
      {"w/metrics.jsonl": '{"stage": 2, "epoch": "two", "loss": 1.0}\n'}, "epoch 'two', expected an integer"),
     (["curves", "--workdir", "{tmp}/w", "--out", "{tmp}/c.pdf"], {"w/metrics.jsonl": "\n".join(_RECORDS)},
@@ -300,7 +387,8 @@ def _write_files(root: pathlib.Path, files: dict) -> None:
                                                "packed_dir": "/nonexistent/pack"}})},
      "packed market1501: .*under /nonexistent/pack"),
 ], ids=["curves-workdir", "tsne-workdir", "ranks-checkpoint", "ranks-not-a-model", "ranks-batch-size-0",
-        "all-num-0", "curves-no-metrics", "curves-null-line", "curves-list-line", "curves-epoch-not-int",
+        "ranks-topk-0", "ranks-no-variables", "all-num-0", "curves-no-metrics", "curves-null-line", "curves-list-line",
+        "curves-torn-line", "curves-epoch-not-int",
         "curves-out-pdf", "curves-out-under-a-file", "root-and-packed-dir", "packed-dir-not-prepared",
         "recorded-pack-missing"])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, files, message):
