@@ -1130,6 +1130,12 @@ def _train_and_evaluate(config, run: Run) -> dict:
   eval_features = jax.jit(steps.make_feature_fn(model, "eval", flip=config.eval.flip))
   evaluate_fn = lambda v: evaluate_model(config, mesh, model, v, dataset, eval_features)
   variables = run_stage2(config, run, mesh, model, variables, dataset, meta, evaluate_fn)
+  # Training is over and its last checkpoint on disk: from here a signal stops the run at once (no step boundary
+  # will act on it; model/ is written atomically, and a rerun saves it and evaluates again from that checkpoint).
+  stop = run.stop_agreed()  # one that came after the last step's check
+  run.release_signals()
+  if stop:
+    raise SystemExit(run.exit_code)
   save_model(run.dir / "model", variables, model, overwrite=True)
   result = evaluate_fn(variables)
   summary = {"final": percent(result)}

@@ -651,3 +651,31 @@ def test_a_restart_before_the_first_checkpoint_starts_metrics_afresh(tmp_path):
   run.close()
   assert [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()] == [
       {"stage": 1, "epoch": 1, "loss": 1.0}]
+
+
+def test_ctrl_c_after_training_stops_at_once(finished, tmp_path, monkeypatch):
+  """Once training is over, a first Ctrl-C (during the model's save or the final evaluation) stops the run at once:
+  it was announced as "saving at the next step boundary, then exiting" and ignored, the run going on to exit 0. The
+  rerun saves the model and evaluates from the last checkpoint."""
+  import os  # pylint: disable=g-import-not-at-top
+  config, root, _ = finished
+  config = config.copy_and_resolve_references()
+  config.eval.untrained = False  # one evaluation: one Ctrl-C (a second one stops anyway)
+  work = tmp_path / "work"
+  shutil.copytree(root / "work", work)
+  shutil.rmtree(work / "model")
+  (work / "metrics.json").unlink()
+  original = train.evaluate_model
+
+  def ctrl_c_then_evaluate(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(train, "evaluate_model", ctrl_c_then_evaluate)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(work))
+  assert not (work / "metrics.json").exists()
+  monkeypatch.setattr(train, "evaluate_model", original)
+  train.train_and_evaluate(config, str(work))
+  final = json.loads((root / "work" / "metrics.json").read_text())["final"]
+  assert json.loads((work / "metrics.json").read_text()) == {"final": final}
