@@ -40,8 +40,9 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
     c.dataset.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  # ViT-* or RN*: picks the family (loss weights, pixel normalisation); the architecture is init.clip's (a random
-  # CLIP takes its ViT patch from the name)
+  # ViT-* or RN*: the family's pixel normalisation (and ID-loss weight where loss.id_weight is None); the architecture
+  # is init.clip's (a random CLIP takes its ViT patch from the name). The solver, epochs and loss weights are set by
+  # the recipe for its backbone: for the other family use its recipe file (configs/*_cnn.py, *_vit.py), not this key.
   c.model.backbone = backbone
   c.model.input_size = (256, 256) if vehicle else (256, 128)
   c.model.stride = 16  # 12 = overlapping patches (OLP)

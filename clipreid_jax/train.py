@@ -369,31 +369,43 @@ def check_sie_ids(dataset, sie_camera: bool, sie_view: bool, camera_num: int, vi
 # Model.
 
 
+def check_init_clip(config) -> str:
+  """The kind of model init.clip holds ('clip', or 'clipreid' to fine-tune), checked against model.backbone from its
+  config.json alone, before any weight is read (--dry_run stops here)."""
+  try:
+    found = checkpoints.read_config(config.init.clip)
+  except checkpoints.CheckpointError as e:
+    raise ConfigError(f"init.clip: {e}") from None
+  kind = found.get("kind")
+  if kind not in ("clip", "clipreid"):
+    raise ConfigError(f"init.clip: {config.init.clip} holds a model of kind {kind!r}; expected a converted CLIP "
+                      "directory (kind 'clip', from python -m clipreid_jax.convert clip) or a CLIP-ReID model "
+                      "directory (kind 'clipreid')")
+  try:
+    clip_cfg = CLIPConfig.from_dict(found["clip"] if kind == "clip" else found["reid"]["clip"])
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise ConfigError(f"init.clip: {config.init.clip}/config.json: not a usable {kind} configuration "
+                      f"({type(e).__name__})") from None
+  if clip_cfg.is_vit != config.model.backbone.startswith("ViT"):
+    what = "CLIP" if kind == "clip" else "CLIP-ReID model"
+    raise ConfigError(f"init.clip: {config.init.clip} holds a {'ViT' if clip_cfg.is_vit else 'ResNet'} {what}, "
+                      f"but model.backbone is {config.model.backbone!r}")
+  return kind
+
+
 def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
   """CLIP-ReID initialised from a converted CLIP directory, from a CLIP-ReID model's encoders (fine-tuning it on
   this dataset), or from a random CLIP (demo, tests)."""
   m = config.model
   if config.init.clip:
-    # The architecture is in config.json: check it before restoring any weights.
-    try:
-      found = checkpoints.read_config(config.init.clip)
-      kind = found.get("kind")
-      if kind not in ("clip", "clipreid"):
-        raise ConfigError(f"init.clip: {config.init.clip} holds a model of kind {kind!r}; expected a converted CLIP "
-                          "directory (kind 'clip', from python -m clipreid_jax.convert clip) or a CLIP-ReID model "
-                          "directory (kind 'clipreid')")
-      if kind == "clipreid":  # its encoders, fine-tuned on this dataset
+    if check_init_clip(config) == "clipreid":  # its encoders, fine-tuned on this dataset
+      try:
         source, source_vars = clipreid.load_clipreid(config.init.clip)
-        clip_cfg, what = source.config.clip, "CLIP-ReID model"
-        make = functools.partial(clipreid.from_clipreid, source.config, source_vars)
-      else:
-        clip_cfg, what = CLIPConfig.from_dict(found["clip"]), "CLIP"
-    except checkpoints.CheckpointError as e:
-      raise ConfigError(f"init.clip: {e}") from None
-    if clip_cfg.is_vit != m.backbone.startswith("ViT"):
-      raise ConfigError(f"init.clip: {config.init.clip} holds a {'ViT' if clip_cfg.is_vit else 'ResNet'} {what}, "
-                        f"but model.backbone is {m.backbone!r}")
-    if kind == "clip":
+      except checkpoints.CheckpointError as e:
+        raise ConfigError(f"init.clip: {e}") from None
+      clip_cfg = source.config.clip
+      make = functools.partial(clipreid.from_clipreid, source.config, source_vars)
+    else:
       clip_model, clip_vars = load_clip(config.init.clip)
       clip_cfg = clip_model.config
       make = functools.partial(clipreid.from_clip, clip_cfg, clip_vars)
