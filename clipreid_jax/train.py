@@ -120,6 +120,10 @@ def validate_config(config) -> None:
   _need(len(size) == 2 and all(_is_int(v) and v > 0 for v in size), "model.input_size", size,
         "two positive integers (height, width)")
   _need(_is_int(m.stride) and m.stride > 0, "model.stride", m.stride, "a positive integer")
+  if not m.backbone.startswith("ViT"):  # as `:sie_olp` on an RN recipe: the official RN model has neither
+    for key in ("sie_camera", "sie_view"):
+      _need(not m[key], f"model.{key}", m[key], "False for an RN backbone (SIE is ViT-only)")
+    _need(m.stride == 16, "model.stride", m.stride, "16 for an RN backbone (the patch stride, OLP, is ViT-only)")
   _need(_is_real(m.sie_coe), "model.sie_coe", m.sie_coe, "a finite number")
   positive_ints = ["stage2.num_ids", "stage2.num_instances", "stage2.max_epochs", "checkpoint_every_epochs",
                    "stage1.checkpoint_every_epochs", "log_every_steps", "prefetch_batches"]

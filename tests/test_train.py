@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import re
 import shutil
 import signal
 
@@ -679,3 +680,15 @@ def test_ctrl_c_after_training_stops_at_once(finished, tmp_path, monkeypatch):
   train.train_and_evaluate(config, str(work))
   final = json.loads((root / "work" / "metrics.json").read_text())["final"]
   assert json.loads((work / "metrics.json").read_text()) == {"final": final}
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("sie_camera", True, "model.sie_camera: expected False for an RN backbone (SIE is ViT-only), got True"),
+    ("sie_view", True, "model.sie_view: expected False for an RN backbone (SIE is ViT-only), got True"),
+    ("stride", 12, "model.stride: expected 16 for an RN backbone (the patch stride, OLP, is ViT-only), got 12")])
+def test_vit_only_options_on_an_rn_are_refused(tmp_path, key, value, expected):
+  """They trained silently as a no-op, and the model's config.json recorded SIE it never had."""
+  config = tiny_config(tmp_path / "data", "RN50")
+  config.model[key] = value
+  with pytest.raises(train.ConfigError, match="^" + re.escape(expected) + "$"):
+    train.validate_config(config)
