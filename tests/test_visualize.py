@@ -386,11 +386,17 @@ def _write_files(root: pathlib.Path, files: dict) -> None:
      {"w/config.json": json.dumps({"dataset": {"name": "market1501", "root": "/nonexistent/folder",
                                                "packed_dir": "/nonexistent/pack"}})},
      "packed market1501: .*under /nonexistent/pack"),
+    # A model directory or an eval workdir given as --workdir: said as such (it named a config.json that did not
+    # exist, or asked for --dataset and --root).
+    (["tsne", "--workdir", "{tmp}/m", "--out", "{tmp}/t"], {"m/config.json": '{"kind": "clipreid"}', "m/variables/x": ""},
+     r"both are needed \(.*m is a model directory, not a training workdir: pass the workdir that holds it\)"),
+    (["tsne", "--workdir", "{tmp}/e", "--out", "{tmp}/t"], {"e/metrics.json": "{}"},
+     r"both are needed \(.*e holds no config.json: not a training workdir\)"),
 ], ids=["curves-workdir", "tsne-workdir", "ranks-checkpoint", "ranks-not-a-model", "ranks-batch-size-0",
         "ranks-topk-0", "ranks-no-variables", "all-num-0", "curves-no-metrics", "curves-null-line", "curves-list-line",
         "curves-torn-line", "curves-epoch-not-int",
         "curves-out-pdf", "curves-out-under-a-file", "root-and-packed-dir", "packed-dir-not-prepared",
-        "recorded-pack-missing"])
+        "recorded-pack-missing", "workdir-is-a-model", "workdir-of-an-evaluation"])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, files, message):
   _write_files(tmp_path, files)
   before = sorted(tmp_path.rglob("*"))

@@ -70,7 +70,15 @@ def dataset_for(name: Optional[str], root: Optional[str], workdir: Optional[str 
   settings = training_settings(workdir) if workdir is not None else None
   if settings is None:
     if not (name and (root or packed_dir)):
-      where = f" ({pathlib.Path(workdir) / 'config.json'} names no training dataset)" if workdir is not None else ""
+      where = ""
+      if workdir is not None:
+        f = pathlib.Path(workdir) / "config.json"
+        if f.is_file() and (pathlib.Path(workdir) / "variables").is_dir():
+          where = f" ({workdir} is a model directory, not a training workdir: pass the workdir that holds it)"
+        elif f.is_file():
+          where = f" ({f} names no training dataset)"
+        else:
+          where = f" ({workdir} holds no config.json: not a training workdir)"
       raise VisualizeError(f"--dataset and --root (or --packed_dir): both are needed{where}")
     settings = {}
   import ml_collections
