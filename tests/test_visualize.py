@@ -388,7 +388,8 @@ def _write_files(root: pathlib.Path, files: dict) -> None:
      "packed market1501: .*under /nonexistent/pack"),
     # A model directory or an eval workdir given as --workdir: said as such (it named a config.json that did not
     # exist, or asked for --dataset and --root).
-    (["tsne", "--workdir", "{tmp}/m", "--out", "{tmp}/t"], {"m/config.json": '{"kind": "clipreid"}', "m/variables/x": ""},
+    (["tsne", "--workdir", "{tmp}/m", "--out", "{tmp}/t"],
+     {"m/config.json": '{"kind": "clipreid"}', "m/variables/x": ""},
      r"both are needed \(.*m is a model directory, not a training workdir: pass the workdir that holds it\)"),
     (["tsne", "--workdir", "{tmp}/e", "--out", "{tmp}/t"], {"e/metrics.json": "{}"},
      r"both are needed \(.*e holds no config.json: not a training workdir\)"),
