@@ -287,7 +287,7 @@ MALFORMED = {
     "int_keys": ("clipreid", "a.pth", lambda p, sd: torch.save({1: torch.zeros(2)}, p), "not a string"),
     # A text file named .pt: torch's whole message is "101" (a KeyError of the first byte).
     "text_file": ("clip", "a.pt", lambda p, sd: p.write_text("hello"),
-                  "not a readable PyTorch checkpoint (KeyError: 104); expected a file written by torch.save"),
+                  "not a readable PyTorch checkpoint (KeyError: 101); expected a file written by torch.save"),
 }
 
 
