@@ -321,6 +321,9 @@ def convert_clip(src: str, dst: str, *, input_size=None, stride=None, resnet_las
     if stride is not None:
       if not cfg.is_vit:
         raise CheckpointError(f"{src}: --stride applies to ViT checkpoints only; this is a ResNet")
+      if stride > cfg.vision_patch_size:  # the trainer refuses it too: the patches would skip pixels
+        raise CheckpointError(f"{src}: --stride {stride} is more than the CLIP's {cfg.vision_patch_size}-pixel patch, "
+                              f"which would skip pixels; expected 1..{cfg.vision_patch_size}")
       cfg = dataclasses.replace(cfg, vision_stride=stride)
     grid = None
     if input_size:

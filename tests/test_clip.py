@@ -530,3 +530,13 @@ def test_even_length_attention_is_exact(causal):
   loss = lambda f: lambda *a: (f(*a) * jax.numpy.arange(16.0)).sum()
   for g_pad, g_plain in zip(jax.grad(loss(padded), (0, 1, 2))(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(g_pad, g_plain, rtol=1e-4, atol=1e-5)
+
+
+def test_convert_refuses_a_stride_above_the_patch(vit_sd, tmp_path, capsys):
+  """It converted, and the trainer refused the directory later ("model.stride: 20 is more than the CLIP's patch")."""
+  src = tmp_path / "clip.npz"
+  np.savez(src, **vit_sd)
+  assert convert.main(["clip", str(src), str(tmp_path / "out"), "--input_size", "64", "32", "--stride", "20"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: {src}: --stride 20 is more than the CLIP's 16-pixel patch, which would skip pixels; "
+                 "expected 1..16"] and not (tmp_path / "out").exists()
