@@ -877,6 +877,7 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
       run.save(epoch, state, {"stage": 1, "epoch": epoch})
     if stop:
       run.wait()
+      log.warning("pre-empted: saved stage 1 epoch %d", epoch)
       raise SystemExit(run.exit_code)
   run.wait()  # a stage's last checkpoint is on disk before the next stage starts
   params = jax.device_get(state.params)
@@ -1001,6 +1002,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
       run.save(counter(), state, {"stage": 2, "epoch": epoch})
     if stop:
       run.wait()
+      log.warning("pre-empted: saved stage 2 epoch %d", epoch)
       raise SystemExit(run.exit_code)
   run.wait()
   return {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)}
