@@ -14,6 +14,7 @@ from PIL import Image
 from clipreid_jax import outputs, steps
 from clipreid_jax.data import images as image_io
 from clipreid_jax.data.errors import DataError
+from clipreid_jax.checkpoints import read_config
 from clipreid_jax.models.clipreid import load_clipreid
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -213,7 +214,10 @@ def check_overrides(config, model, overrides: frozenset) -> None:
     pairs["model.backbone"] = (m.backbone, cfg.backbone)
   for key, (wanted, value) in pairs.items():
     if key in overrides and value is not None and wanted != value:
-      how = ("convert with --input_size / --stride to change it" if key in ("model.input_size", "model.stride")
+      # A released checkpoint's geometry is chosen at conversion; a trained model's is the one it learnt at.
+      converted = str(read_config(config.checkpoint).get("source", "")).endswith((".pth", ".pt", ".npz"))
+      how = ("convert with --input_size / --stride to change it" if converted and key in ("model.input_size",
+                                                                                          "model.stride")
              else "it was trained so")
       raise train.ConfigError(f"{key}: {wanted!r} contradicts the checkpoint {config.checkpoint}, which has "
                               f"{value!r}; eval and extract use the checkpoint's ({how})")

@@ -109,6 +109,7 @@ def test_flip_is_the_mean_over_the_mirror_image(setup):
     (["--config.model.attention=flash"], "model.attention"),
     # The geometry comes from the checkpoint; a different one asked for on the command line is refused.
     (["--config.model.input_size=(384, 128)"], "model.input_size: (384, 128) contradicts the checkpoint"),
+    (["--config.model.stride=12"], "use the checkpoint's (convert with --input_size / --stride to change it)"),
     # So do SIE, the backbone and the baseline form (they were ignored silently).
     (["--config.model.sie_camera=True"], "model.sie_camera: True contradicts the checkpoint"),
     (["--config.model.backbone=RN50"], "model.backbone: 'RN50' contradicts the checkpoint"),

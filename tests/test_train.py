@@ -692,3 +692,14 @@ def test_vit_only_options_on_an_rn_are_refused(tmp_path, key, value, expected):
   config.model[key] = value
   with pytest.raises(train.ConfigError, match="^" + re.escape(expected) + "$"):
     train.validate_config(config)
+
+
+def test_eval_geometry_override_of_a_trained_model_says_it_was_trained_so(finished):
+  """Only a converted checkpoint's geometry is chosen at conversion: a trained model's error pointed at convert."""
+  config, root, _ = finished
+  c = config.copy_and_resolve_references()
+  c.checkpoint, c.model.input_size = str(root / "work" / "model"), (96, 32)
+  model, _ = load_clipreid(c.checkpoint)
+  with pytest.raises(train.ConfigError, match=r"^model.input_size: \(96, 32\) contradicts the checkpoint .*, which "
+                     r"has \(64, 32\); eval and extract use the checkpoint's \(it was trained so\)$"):
+    inference.check_overrides(c, model, frozenset({"model.input_size"}))
