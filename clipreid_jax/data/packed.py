@@ -169,7 +169,8 @@ def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLik
   if stale:
     raise errors.DataError(f"packed {config}: {builder.data_dir} holds other records than {os.fspath(manual_dir)} "
                            f"in split {stale[0]} ({len(getattr(pack, stale[0]))} packed, "
-                           f"{len(getattr(dataset, stale[0]))} now); expected the same: delete it to pack again")
+                           f"{len(getattr(dataset, stale[0]))} now; other reader options such as gallery_seed "
+                           "draw other records too); expected the same: delete it to pack again")
   return f"reid_packed/{config}"
 
 
