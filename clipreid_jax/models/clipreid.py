@@ -33,6 +33,9 @@ N_CTX = 4  # learned tokens per identity in the official code (and the paper)
 CTX_START = 5  # tokens 0..4 are [SOT, a, photo, of, a]; then the learned X tokens
 MAX_PROMPT_TOKENS = 69  # with the template's other 8 tokens, CLIP's 77
 
+VIT_PIXEL_MEAN = VIT_PIXEL_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 
 def prompt_template(noun: str, tokens: int = N_CTX) -> str:
   """"A photo of a X X X X person." with `tokens` X's (one CLIP token each)."""
@@ -43,8 +46,6 @@ def eot_index_of(noun: str, tokens: int = N_CTX) -> int:
   """Where the template's end token is: its text feature is read there."""
   from clipreid_jax.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
   return int(tokenize(prompt_template(noun, tokens))[0].argmax())
-VIT_PIXEL_MEAN = VIT_PIXEL_STD = (0.5, 0.5, 0.5)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
