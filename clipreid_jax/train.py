@@ -375,7 +375,7 @@ def check_sie_ids(dataset, sie_camera: bool, sie_view: bool, camera_num: int, vi
 
 def check_init_clip(config) -> str:
   """The kind of model init.clip holds ('clip', or 'clipreid' to fine-tune), checked against model.backbone from its
-  config.json alone, before any weight is read (--dry_run stops here)."""
+  config.json alone, before any weight is read."""
   try:
     found = checkpoints.read_config(config.init.clip)
   except checkpoints.CheckpointError as e:
