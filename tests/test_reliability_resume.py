@@ -128,11 +128,27 @@ def test_same_seed_same_metrics(env, reference):
   assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in records if "stage" in r)
 
 
+# Each stage-2 batch 0.2 s late: a signal sent at a logged step lands inside the epoch even when the test process
+# reads the output seconds late on a busy host (a whole tiny stage 2 takes under a second, and a Ctrl-C meant for
+# epoch 1 has landed after training).
+_SLOW_STEPS = """
+import time
+from clipreid_jax.data import prefetch
+_prefetch = prefetch.prefetch
+def _slow(*args, **kwargs):
+  for batch in _prefetch(*args, **kwargs):
+    time.sleep(0.2)
+    yield batch
+prefetch.prefetch = _slow
+"""
+
+
 class _Process:
   """A CLI process whose output lines are collected as they come, to signal it at a chosen point."""
 
-  def __init__(self, env, workdir):
-    self.p = subprocess.Popen([sys.executable, "-m", "clipreid_jax.main", *_args(env, workdir)], cwd=REPO,
+  def __init__(self, env, workdir, slow_steps: bool = False):
+    cmd = ["-c", _SLOW_STEPS + _MAIN] if slow_steps else ["-m", "clipreid_jax.main"]
+    self.p = subprocess.Popen([sys.executable, *cmd, *_args(env, workdir)], cwd=REPO,
                               env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines: list[str] = []
     self._reader = threading.Thread(target=lambda: self.lines.extend(self.p.stdout), daemon=True)
@@ -183,7 +199,7 @@ def test_killed_anywhere_resumes_bit_exactly(env, reference):
   ]
   hit = []
   for name, condition, sig in points:
-    proc = _Process(env, work)
+    proc = _Process(env, work, slow_steps=sig != signal.SIGKILL)
     if not proc.signal_when(lambda c=condition, p=proc: c(p), sig):
       pytest.fail(f"{name}: the run ended before the point\n{''.join(proc.lines[-30:])}")
     code = proc.wait()
