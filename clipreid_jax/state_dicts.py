@@ -182,4 +182,10 @@ def read_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, n
     raise CheckpointError(f"{path}: unknown checkpoint extension {suffix!r}; expected .pt, .pth, .safetensors or .npz")
   if not sd:
     raise CheckpointError(f"{path}: holds no tensors")
+  # A diverged or corrupt checkpoint converts silently otherwise, and every feature of the model is NaN.
+  bad = [k for k, v in sd.items() if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
+  if bad:
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    raise CheckpointError(f"{path}: tensor {bad[0]!r}{more} holds NaN or infinite values; expected finite weights (a "
+                          "diverged or corrupt checkpoint)")
   return sd

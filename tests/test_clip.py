@@ -285,6 +285,8 @@ MALFORMED = {
     "conv1_1d": ("clip", "a.npz", _npz_with(**{"visual.conv1.weight": np.ravel}), "4-D"),  # once asked for TiBs
     "grid_not_square": ("clip", "a.npz", _npz_with(**{"visual.positional_embedding": lambda v: v[:-1]}), "square"),
     "int_keys": ("clipreid", "a.pth", lambda p, sd: torch.save({1: torch.zeros(2)}, p), "not a string"),
+    "nan_weights": ("clip", "a.npz", _npz_with(**{"ln_final.weight": lambda v: np.full_like(v, np.nan)}),
+                    "tensor 'ln_final.weight' holds NaN or infinite values; expected finite weights"),
     # A text file named .pt: torch's whole message is "101" (a KeyError of the first byte).
     "text_file": ("clip", "a.pt", lambda p, sd: p.write_text("hello"),
                   "not a readable PyTorch checkpoint (KeyError: 101); expected a file written by torch.save"),
