@@ -230,3 +230,12 @@ def test_prepare_that_fails_leaves_nothing(tmp_path, capsys):
   assert prepare.main(["market1501", "--manual_dir", str(root / "ok"), "--data_dir", str(out)]) == 2
   assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --data_dir: {out} is a file; expected a folder " \
       "for the pack"
+
+
+def test_a_folder_inside_the_pack_names_the_packs_root(market):
+  """packed_dir = .../reid_packed/market1501/1.0.0 told the user to prepare a pack inside the pack."""
+  _, out = market
+  for inner in (out / "reid_packed", out / "reid_packed" / "market1501" / "1.0.0"):
+    with pytest.raises(data.DatasetNotFoundError, match=f"is a folder inside a pack; expected the folder given to "
+                       f"prepare --data_dir, which holds reid_packed/ \\({out}\\)"):
+      packed.load_packed("market1501", inner)

@@ -188,6 +188,11 @@ def load_packed(name: str, data_dir: str | os.PathLike, **opts) -> ReidDataset:
   except Exception as e:  # pylint: disable=broad-except
     raise errors.DatasetNotFoundError(f"packed {config}: cannot open under {data_dir}: {e}") from None
   if not prepared:
+    parts = pathlib.Path(data_dir).resolve().parts
+    if "reid_packed" in parts:  # a folder inside a pack (reid_packed/NAME/1.0.0): the pack's own root is above it
+      top = pathlib.Path(*parts[:parts.index("reid_packed")])
+      raise errors.DatasetNotFoundError(f"packed {config}: {data_dir} is a folder inside a pack; expected the folder "
+                                        f"given to prepare --data_dir, which holds reid_packed/ ({top})")
     raise errors.DatasetNotFoundError(
         f"packed {config}: not prepared under {data_dir}; run python -m clipreid_jax.data.prepare {config} "
         f"--manual_dir ROOT --data_dir {data_dir}")
