@@ -132,7 +132,11 @@ def test_same_seed_same_metrics(env, reference):
 # reads the output seconds late on a busy host (a whole tiny stage 2 takes under a second, and a Ctrl-C meant for
 # epoch 1 has landed after training).
 _SLOW_STEPS = """
+import signal
 import time
+# Ctrl-C as a terminal's foreground job has it: a suite started in the background (`cmd &` in a script) ignores
+# SIGINT, and the run, inheriting that, rightly leaves it ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from clipreid_jax.data import prefetch
 _prefetch = prefetch.prefetch
 def _slow(*args, **kwargs):

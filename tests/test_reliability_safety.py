@@ -172,7 +172,6 @@ def test_eval_mode_checks_only_what_it_uses():
     train.validate_config(c)
 
 
-
 @pytest.mark.parametrize("key,value", [
     ("eval.lambda_value", 0.0),  # re-ranking on the Jaccard distance alone
     ("eval.lambda_value", 1.0),

@@ -673,8 +673,13 @@ def test_ctrl_c_after_training_stops_at_once(finished, tmp_path, monkeypatch):
     return original(*args, **kwargs)
 
   monkeypatch.setattr(train, "evaluate_model", ctrl_c_then_evaluate)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(work))
+  # Ctrl-C as a terminal's foreground job has it (a suite started in the background ignores SIGINT).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, str(work))
+  finally:
+    signal.signal(signal.SIGINT, previous)
   assert not (work / "metrics.json").exists()
   monkeypatch.setattr(train, "evaluate_model", original)
   train.train_and_evaluate(config, str(work))
