@@ -215,7 +215,7 @@ def check_overrides(config, model, overrides: frozenset) -> None:
   for key, (wanted, value) in pairs.items():
     if key in overrides and value is not None and wanted != value:
       # A released checkpoint's geometry is chosen at conversion; a trained model's is the one it learnt at.
-      converted = str(read_config(config.checkpoint).get("source", "")).endswith((".pth", ".pt", ".npz"))
+      converted = bool(read_config(config.checkpoint).get("source"))  # `convert` records the file it read
       how = ("convert with --input_size / --stride to change it" if converted and key in ("model.input_size",
                                                                                           "model.stride")
              else "it was trained so")
