@@ -416,8 +416,7 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
     if clip_cfg.name != m.backbone:  # the name only picks the family (loss weights, normalisation); say which ran
       log.warning("model.backbone is %r but init.clip %s holds %s: training %s", m.backbone, config.init.clip,
                   clip_cfg.name, clip_cfg.name)
-  elif _random_clip_sizes(m):
-    rc = _random_clip_sizes(m)
+  elif rc := _random_clip_sizes(m):
     vit = m.backbone.startswith("ViT")
     patch = re.fullmatch(r"ViT-\w+-(\d+)", m.backbone)  # ViT-L-14: patch 14
     patch = int(patch.group(1)) if patch else 16
