@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from clipreid_jax.data import errors
+
 FORMAT_VERSION = 1
 
 
@@ -63,8 +65,7 @@ def restore_variables(path: str | os.PathLike) -> dict:
 
 def restore_reason(e: Exception) -> str:
   """The first line of a restore error, without TensorStore's pointer to its details (a pybind11 method repr)."""
-  text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-  return text.split(" See full TensorStore details")[0][:200]
+  return errors.first_line(e, limit=10_000).split(" See full TensorStore details")[0][:200]
 
 
 def _late_read_error(e, tb) -> bool:

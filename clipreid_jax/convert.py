@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from clipreid_jax.checkpoints import CheckpointError, save_model_dir
-from clipreid_jax.data.errors import warnings_as_lines
+from clipreid_jax.data.errors import describe, warnings_as_lines
 from clipreid_jax.models.clip import CLIPConfig
 from clipreid_jax.state_dicts import read_state_dict
 
@@ -299,9 +299,7 @@ def naming_file(path):
   except CheckpointError:
     raise
   except Exception as e:  # numpy, jax and torch raise many types for malformed data
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    raise CheckpointError(f"{path}: not a usable checkpoint ({type(e).__name__}{': ' + first if first else ''})"
-                          ) from None
+    raise CheckpointError(f"{path}: not a usable checkpoint ({describe(e)})") from None
 
 
 def convert_clip(src: str, dst: str, *, input_size=None, stride=None, resnet_last_stride: int = 2,

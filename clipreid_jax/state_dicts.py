@@ -21,6 +21,7 @@ import zipfile
 import numpy as np
 
 from clipreid_jax.checkpoints import CheckpointError
+from clipreid_jax.data.errors import describe
 
 # SHA-256 of OpenAI's CLIP archives, as published in their download URLs.
 OPENAI_SHA256 = {
@@ -106,12 +107,10 @@ def _read_torch(path: pathlib.Path, trust: bool) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    first = f"{type(e).__name__}: {first[:157] + '...' if len(first) > 160 else first}".rstrip(": ")
     if "weights_only" in str(e) or "Unsupported" in str(e) or "GLOBAL" in str(e):
       raise CheckpointError(f"{path}: not a plain state dict (it needs arbitrary code to unpickle); refusing to load") from None
-    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first}); expected a file written by "
-                          "torch.save, an OpenAI CLIP archive or an .npz") from None
+    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({describe(e, limit=160)}); expected a file "
+                          "written by torch.save, an OpenAI CLIP archive or an .npz") from None
   return _to_numpy(_unwrap(obj, path), path)
 
 

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipreid_jax import checkpoints, losses, optim, steps
 from clipreid_jax.data import pipelines, prefetch, sampler, synthetic
+from clipreid_jax.data import errors
 from clipreid_jax.data.errors import DataError
 from clipreid_jax.models import clip as clip_lib
 from clipreid_jax.models import clipreid
@@ -709,8 +710,8 @@ class Run:
     if jax.process_index() == 0:
       for p in (self.dir / "checkpoints").glob(f"{counter}.orbax-checkpoint-tmp*"):
         shutil.rmtree(p, ignore_errors=True)
-    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    raise SaveError(f"{self.dir / 'checkpoints' / str(counter)}: cannot save ({reason}); {self.last_good()}; "
+    raise SaveError(f"{self.dir / 'checkpoints' / str(counter)}: cannot save ({errors.first_line(e)}); "
+                    f"{self.last_good()}; "
                     "rerun the same command to resume from it") from e
 
   def settle(self) -> None:
@@ -1086,7 +1087,7 @@ def save_model(path: pathlib.Path, variables, model, overwrite: bool = False) ->
       checkpoints.save_model_dir(path, variables, {"kind": "clipreid", "reid": model.config.to_dict()},
                                  overwrite=overwrite)
     except (OSError, checkpoints.CheckpointError) as e:  # a full disk, a vanished mount: the checkpoints are kept
-      raise TrainingStopped(f"{path}: cannot save ({type(e).__name__}: {e}); the training checkpoints are kept, "
+      raise TrainingStopped(f"{path}: cannot save ({errors.describe(e)}); the training checkpoints are kept, "
                             "rerun the same command once it can be written") from None
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"{path.name}/ written")

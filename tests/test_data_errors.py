@@ -8,6 +8,7 @@ from PIL import Image
 
 from clipreid_jax import data
 from clipreid_jax.data import __main__ as inspect_cli
+from clipreid_jax.data import errors
 
 
 def _jpeg(size=(16, 32)) -> bytes:
@@ -159,3 +160,13 @@ def test_cli_exit_code_2(tmp_path, capsys, argv, match):
   assert code == 2 and out.out == ""
   lines = out.err.strip().splitlines()
   assert len(lines) == 1 and match in lines[0] and lines[0].startswith("error: ")
+
+
+def test_one_line_forms_of_foreign_errors():
+  """What of another library's error reaches a one-line message: its first line, cut with "...", or its type."""
+  assert errors.first_line(OSError("disk full\n  details\n")) == "disk full"
+  assert errors.first_line(RuntimeError("  ")) == "RuntimeError"
+  assert errors.first_line(ValueError("x" * 250)) == "x" * 197 + "..."
+  assert errors.first_line(ValueError("x" * 200)) == "x" * 200
+  assert errors.describe(ValueError("bad input\nmore"), limit=5) == "ValueError: ba..."
+  assert errors.describe(KeyError()) == "KeyError"

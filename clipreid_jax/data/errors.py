@@ -2,7 +2,8 @@
 
 Every error a user can cause with their data (a wrong root, an empty split, a broken image, a bad list file, too few
 identities for the sampler) raises a subclass of `DataError` with a one-line message that names the file or folder,
-so a CLI can print `str(err)` and exit with code 2.
+so a CLI can print `str(err)` and exit with code 2. `first_line` and `describe` give the one-line form of any other
+library's exception for such messages (the whole package uses them).
 """
 import contextlib
 import sys
@@ -49,3 +50,18 @@ def warnings_as_lines():
   with warnings.catch_warnings():
     warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
     yield
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+  """The first line of `e`'s message cut to `limit` characters ("..." marks a cut), or its type's name where the
+  message is empty: what of a library's error fits in a one-line message."""
+  text = str(e).strip()
+  if not text:
+    return type(e).__name__
+  line = text.splitlines()[0]
+  return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def describe(e: BaseException, limit: int = 200) -> str:
+  """`Type: first line of the message`, or `Type` where the message is empty."""
+  return f"{type(e).__name__}: {first_line(e, limit)}" if str(e).strip() else type(e).__name__

@@ -67,7 +67,7 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     raise errors.ImageReadError(f"{name} is not an image file PIL can read") from None
   except (OSError, SyntaxError, ValueError) as e:
     if "truncated" not in str(e).lower():
-      raise errors.ImageReadError(f"cannot decode image {name}: {e}") from None
+      raise errors.ImageReadError(f"cannot decode image {name}: {errors.first_line(e)}") from None
     img = _load_truncated(data, name, e)
   return to_rgb(img)
 

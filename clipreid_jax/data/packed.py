@@ -103,14 +103,9 @@ class PackedImages:
     try:
       record = self.source[index]
     except Exception as e:  # pylint: disable=broad-except  # array_record raises RuntimeError/ValueError/OSError
-      raise errors.ImageReadError(f"packed {self.label}: cannot read record {index} ({_first_line(e)}); the pack is "
-                                  "corrupt or truncated: delete it and prepare it again") from None
+      raise errors.ImageReadError(f"packed {self.label}: cannot read record {index} ({errors.first_line(e)}); "
+                                  "the pack is corrupt or truncated: delete it and prepare it again") from None
     return images.decode_image(record["image_bytes"], f"{self.label}[{index}] ({record['relpath'].decode()})")
-
-
-def _first_line(e: Exception) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def config_name(name: str, **opts) -> str:
@@ -186,7 +181,7 @@ def load_packed(name: str, data_dir: str | os.PathLike, **opts) -> ReidDataset:
     builder = ReidPacked(config=config, data_dir=data_dir)
     prepared = builder.is_prepared()
   except Exception as e:  # pylint: disable=broad-except
-    raise errors.DatasetNotFoundError(f"packed {config}: cannot open under {data_dir}: {e}") from None
+    raise errors.DatasetNotFoundError(f"packed {config}: cannot open under {data_dir}: {errors.describe(e)}") from None
   if not prepared:
     parts = pathlib.Path(data_dir).resolve().parts
     if "reid_packed" in parts:  # a folder inside a pack (reid_packed/NAME/1.0.0): the pack's own root is above it
@@ -200,7 +195,8 @@ def load_packed(name: str, data_dir: str | os.PathLike, **opts) -> ReidDataset:
     sources = builder.as_data_source()
     lengths = {s: len(sources[s]) for s in SPLITS}
   except Exception as e:  # pylint: disable=broad-except  # a truncated or corrupt array_record file
-    raise errors.DataError(f"packed {config}: cannot read the pack under {data_dir} ({_first_line(e)}); it is corrupt "
+    raise errors.DataError(f"packed {config}: cannot read the pack under {data_dir} ({errors.first_line(e)}); "
+                           "it is corrupt "
                            "or truncated: delete it and prepare it again") from None
   tables = builder.info.metadata["splits"]
   splits = {}

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipreid_jax.data import errors
 from clipreid_jax.models.clip import BatchNorm, CLIPConfig, TextTransformer, vision_tower
 
 Dtype = Any
@@ -374,9 +375,8 @@ def load_clipreid(path: str | pathlib.Path, dtype: Dtype = jnp.float32):
     # forward pass (or build a model that cannot run, e.g. an image size its positional embedding lacks).
     expected = expected_variables(cfg)
   except (KeyError, TypeError, ValueError, AttributeError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise checkpoints.CheckpointError(f"{path / 'config.json'}: not a usable CLIP-ReID configuration "
-                                      f"({type(e).__name__}: {first})") from None
+                                      f"({errors.describe(e)})") from None
   variables = checkpoints.restore_variables(path)
   from clipreid_jax.convert import check_variables  # pylint: disable=g-import-not-at-top
   check_variables(str(path), variables, expected)
