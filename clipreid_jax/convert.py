@@ -1,11 +1,13 @@
-"""Converts PyTorch checkpoints into Flax model directories.
+"""Converts PyTorch checkpoints into Flax model directories, and CLIP-ReID models back.
 
   python -m clipreid_jax.convert clip SRC DST [--input_size H W] [--stride S] [--trust] [--overwrite]
   python -m clipreid_jax.convert clipreid SRC.pth DST [...]
+  python -m clipreid_jax.convert export MODEL_DIR DST.pth [--overwrite]
 
 `clip` reads an OpenAI CLIP file and infers the architecture from tensor shapes (as OpenAI's
 `build_model` does); `clipreid` reads a released CLIP-ReID / baseline checkpoint. DST gets
-`config.json` + `variables/` (see `clipreid_jax.checkpoints`). Errors are one line naming the file,
+`config.json` + `variables/` (see `clipreid_jax.checkpoints`). `export` writes a model directory as the
+official code's state dict (what its test.py and trackers load). Errors are one line naming the file,
 exit code 2, and nothing is written to DST.
 """
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
+import pathlib
 import re
 import sys
 from typing import Callable, Optional
@@ -22,6 +26,7 @@ import numpy as np
 from clipreid_jax.checkpoints import CheckpointError, save_model_dir
 from clipreid_jax.data.errors import describe, warnings_as_lines
 from clipreid_jax.models.clip import CLIPConfig
+from clipreid_jax.outputs import check_writable
 from clipreid_jax.state_dicts import read_state_dict
 
 # --------------------------------------------------------------------------------------------------
@@ -201,6 +206,77 @@ def map_key(key: str, arr: np.ndarray, top_renames: dict[str, str]) -> Optional[
   return collection, (*modules, leaf), fn
 
 
+_MODULE_NAMES_BACK = [
+    (re.compile(r"resblocks_(\d+)"), r"resblocks.\1"),
+    (re.compile(r"layer(\d)_(\d+)"), r"layer\1.\2"),
+    (re.compile(r"downsample_conv"), "downsample.0"),
+    (re.compile(r"downsample_bn"), "downsample.1"),
+]
+
+
+def torch_entry(collection: str, path: tuple[str, ...], value: np.ndarray) -> tuple[str, np.ndarray]:
+  """The inverse of `map_key` (no top-level renames): a Flax leaf as a torch state-dict (key, tensor)."""
+  *modules, leaf = path
+  module = ".".join(modules)
+  for rx, repl in _MODULE_NAMES_BACK:
+    module = rx.sub(repl, module)
+  if collection == "batch_stats":
+    leaf = {"mean": "running_mean", "var": "running_var"}[leaf]
+  elif leaf == "kernel":
+    leaf, value = "weight", (value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T)
+  elif leaf in ("scale", "embedding"):
+    leaf = "weight"
+  key = f"{module}.{leaf}" if module else leaf
+  if module.endswith("attn.in_proj"):  # nn.MultiheadAttention keeps its packed q,k,v projection as two tensors
+    key = f"{module}_{leaf}"
+  return key, np.array(value, order="C")
+
+
+def torch_state_dict(variables: dict) -> dict[str, np.ndarray]:
+  """A state dict as PyTorch modules of the same names hold it: every tensor of `variables` under its torch key,
+  plus each BatchNorm's `num_batches_tracked` (0: Flax keeps no count; it matters only for momentum None)."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  sd = {}
+  for (collection, *path), value in traverse_util.flatten_dict(variables).items():
+    key, array = torch_entry(collection, tuple(path), np.asarray(value))
+    sd[key] = array
+    if collection == "batch_stats" and path[-1] == "mean":
+      sd[key[:-len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+  return sd
+
+
+def check_torch_destination(dst: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
+  """`dst` resolved, where a state dict may be written there (checked before the work that makes it)."""
+  dst = pathlib.Path(dst).resolve()
+  if dst.suffix.lower() not in (".pth", ".pt"):
+    raise CheckpointError(f"{dst}: expected a .pth or .pt file name (torch.save's state dict)")
+  if dst.is_dir():
+    raise CheckpointError(f"{dst}: is a folder; expected a .pth file name")
+  if dst.exists() and not overwrite:
+    raise CheckpointError(f"{dst}: already exists; choose a new file name or pass --overwrite")
+  check_writable(dst.parent, str(dst), CheckpointError)
+  return dst
+
+
+def save_torch_state_dict(dst: str | os.PathLike, sd: dict[str, np.ndarray], overwrite: bool = False) -> pathlib.Path:
+  """Writes `sd` with torch.save as a .pth/.pt file, atomically (a partial file never takes `dst`'s name)."""
+  dst = check_torch_destination(dst, overwrite)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise CheckpointError(f"{dst}: writing a .pth needs PyTorch: pip install -e '.[convert]'") from None
+  stage = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+  try:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, str(stage))
+    os.replace(stage, dst)
+  except (OSError, RuntimeError) as e:  # a full disk; torch.save reports failed writes as RuntimeError
+    raise CheckpointError(f"{dst}: cannot write ({describe(e)})") from None
+  finally:
+    stage.unlink(missing_ok=True)
+  return dst
+
+
 def convert_state_dict(sd: dict[str, np.ndarray], top_renames: dict[str, str], *, skip=()) -> dict:
   """Builds the Flax variables {collection: nested dict} from a state dict, casting floats to float32."""
   variables: dict = {}
@@ -367,26 +443,34 @@ def main(argv=None) -> int:
   r.add_argument("--camera_num", type=int, help="cameras in the training split (SIE)")
   r.add_argument("--view_num", type=int, help="views in the training split (SIE)")
   r.add_argument("--sie_coe", type=float, default=1.0, help="SIE scale (the official SIE recipe uses 1.0)")
+  e = sub.add_parser("export", help="a model directory (trained or converted) as an official CLIP-ReID .pth")
+  e.add_argument("src", help="a model directory: WORKDIR/model, or one written by `convert clipreid`")
+  e.add_argument("dst", help="the .pth file to write")
+  e.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
   args = parser.parse_args(argv)
   try:
     with warnings_as_lines():
-      _convert(args)
+      note = _convert(args)
   except (CheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {args.dst}")
+  print(f"wrote {args.dst}" + (f"; the official code loads it with {note}" if note else ""))
   return 0
 
 
-def _convert(args: argparse.Namespace) -> None:
+def _convert(args: argparse.Namespace) -> str:
+  """Does the subcommand; returns what the user must know beyond the destination (export: the official settings)."""
+  from clipreid_jax.models import clipreid  # pylint: disable=g-import-not-at-top
   if args.kind == "clip":
     convert_clip(args.src, args.dst, input_size=args.input_size, stride=args.stride,
                  resnet_last_stride=args.resnet_last_stride, trust=args.trust, overwrite=args.overwrite)
+  elif args.kind == "export":
+    return clipreid.official_settings(clipreid.export_clipreid(args.src, args.dst, overwrite=args.overwrite))
   else:
-    from clipreid_jax.models import clipreid  # pylint: disable=g-import-not-at-top
     clipreid.convert_clipreid(args.src, args.dst, dataset=args.dataset, input_size=args.input_size,
                               stride=args.stride, sie=args.sie, camera_num=args.camera_num,
                               view_num=args.view_num, sie_coe=args.sie_coe, overwrite=args.overwrite)
+  return ""
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Data-driven over every variant folder in $CLIPREID_GOLDEN (vit/*, rn50/*, and wh
 no sizes, seeds or class counts are assumed beyond what meta.json and the arrays state.
 """
 
+import pathlib
+
 import chex
 from flax import traverse_util
 import jax.numpy as jnp
@@ -369,3 +371,81 @@ def test_prompt_tokens_other_than_four(tmp_path):
   with pytest.raises(CheckpointError, match=r"x.pth: prompt_learner.cls_ctx has 70 tokens per identity; expected "
                      r"1..69"):
     clipreid.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v.parent.name}/{v.name}")
+def test_export_writes_the_official_state_dict(variant, tmp_path, capsys):
+  """`convert export` writes what the official code's model.state_dict() holds: every key, dtype and value of the
+  golden state dict (BatchNorm counters included), and converting the file back gives the same model."""
+  import torch
+  model_dir, out = tmp_path / "model", tmp_path / "out" / "model.pth"
+  assert convert.main(convert_args(variant, model_dir)) == 0
+  capsys.readouterr()
+  assert convert.main(["export", str(model_dir), str(out)]) == 0
+  m = meta(variant)
+  line = capsys.readouterr().out.strip()
+  h, w = m["SIZE_TRAIN"]
+  assert line.startswith(f"wrote {out}; the official code loads it with MODEL.NAME ") and (
+      f"INPUT.SIZE_TEST [{h}, {w}], MODEL.STRIDE_SIZE [{m['STRIDE_SIZE'][0]}, {m['STRIDE_SIZE'][0]}]" in line), line
+  assert ("MODEL.SIE_CAMERA" in line) == bool(m["SIE_CAMERA"] or m["SIE_VIEW"]) and "\n" not in line
+  want = dict(np.load(variant / "model_state.npz"))
+  got = {k: v.numpy() for k, v in torch.load(out, map_location="cpu", weights_only=True).items()}
+  assert sorted(got) == sorted(want)
+  for k in want:
+    assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert list(out.parent.iterdir()) == [out]  # no staging file left
+  args = convert_args(variant, tmp_path / "back")
+  args[1] = str(out)
+  assert convert.main(args) == 0
+  chex.assert_trees_all_equal(clipreid.load_clipreid(tmp_path / "back")[1], clipreid.load_clipreid(model_dir)[1])
+
+
+def test_export_bad_inputs(tmp_path, capsys, monkeypatch):
+  """One line, exit 2, nothing written: an existing file, another extension, a folder, a workdir, a model with
+  prompts the official code cannot build, a failed write."""
+  import torch
+  from clipreid_jax import checkpoints
+  from clipreid_jax.models.clip import load_clip
+  variant = VARIANTS[0]
+  model_dir = tmp_path / "model"
+  assert convert.main(convert_args(variant, model_dir)) == 0
+  (tmp_path / "old.pth").write_bytes(b"keep")
+  (tmp_path / "dir.pth").mkdir()
+  (tmp_path / "work" / "model").mkdir(parents=True)
+  (tmp_path / "work" / "model" / "config.json").write_text("{}")
+  (tmp_path / "work" / "config.json").write_text('{"mode": "train"}')  # a workdir's record of its training config
+  # Prompts of 2 tokens: the official PromptLearner builds 4.
+  assert convert.main(["clip", str(variant.parent / "clip_openai_layout.npz"), str(tmp_path / "clip")]) == 0
+  clip_model, clip_vars = load_clip(tmp_path / "clip")
+  m = meta(variant)
+  two, two_vars = clipreid.from_clip(clip_model.config, clip_vars, num_classes=3, input_size=tuple(m["SIZE_TRAIN"]),
+                                     stride=m["STRIDE_SIZE"][0], prompt_tokens=2)
+  checkpoints.save_model_dir(tmp_path / "two", two_vars, {"kind": "clipreid", "reid": two.config.to_dict()})
+  cases = [
+      (["old.pth"], "old.pth: already exists; choose a new file name or pass --overwrite"),
+      (["m.npz"], "m.npz: expected a .pth or .pt file name (torch.save's state dict)"),
+      (["dir.pth", "--overwrite"], "dir.pth: is a folder; expected a .pth file name"),
+      (["w.pth"], "expected a CLIP-ReID model directory (config.json kind 'clipreid'), got kind None (a training "
+       "workdir: its trained model is "),
+      (["two.pth"], "two: its prompts have 2 learned tokens per identity; the official code builds 4"),
+  ]
+  sources = {"w.pth": tmp_path / "work", "two.pth": tmp_path / "two"}
+  for (name, *flags), expected in cases:
+    capsys.readouterr()
+    code = convert.main(["export", str(sources.get(name, model_dir)), str(tmp_path / name), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and expected in err and "\n" not in err, err
+  assert (tmp_path / "old.pth").read_bytes() == b"keep" and list((tmp_path / "dir.pth").iterdir()) == []
+  assert not any((tmp_path / n).exists() for n in ("m.npz", "w.pth", "two.pth"))
+  # A write that fails half-way: no file under the name, no staging file, one line.
+  def failing_save(obj, f):
+    pathlib.Path(f).write_bytes(b"partial")
+    raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64\nmore")
+  monkeypatch.setattr(torch, "save", failing_save)
+  (tmp_path / "fail").mkdir()
+  assert convert.main(["export", str(model_dir), str(tmp_path / "fail" / "m.pth")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.endswith("m.pth: cannot write (RuntimeError: [enforce fail at inline_container.cc:603] . unexpected "
+                      "pos 64)"), err
+  assert list((tmp_path / "fail").iterdir()) == []

@@ -511,3 +511,32 @@ def convert_clipreid(src: str, dst: str, *, dataset=None, input_size=None, strid
     check_variables(src, variables, expected_variables(cfg))
   save_model_dir(dst, variables, {"kind": "clipreid", "reid": cfg.to_dict(), "source": str(src)}, overwrite=overwrite)
   return cfg
+
+
+def export_clipreid(src: str | pathlib.Path, dst: str | pathlib.Path, *, overwrite: bool = False) -> ReIDConfig:
+  """Writes a model directory (trained or converted) as the official code's state dict, `.pth`: the file its
+  test.py (`load_param`) and the trackers built on it load. The inverse of `convert_clipreid`."""
+  from clipreid_jax.checkpoints import CheckpointError
+  from clipreid_jax.convert import check_torch_destination, save_torch_state_dict, torch_state_dict
+  check_torch_destination(dst, overwrite)
+  model, variables = load_clipreid(src)
+  cfg = model.config
+  if cfg.with_text and cfg.prompt_tokens != N_CTX:
+    raise CheckpointError(f"{src}: its prompts have {cfg.prompt_tokens} learned tokens per identity; the official "
+                          f"code builds {N_CTX} (model.prompt_tokens), so it could not load this model")
+  save_torch_state_dict(dst, torch_state_dict(variables), overwrite=overwrite)
+  return cfg
+
+
+def official_settings(cfg: ReIDConfig) -> str:
+  """The official config values (and dataset sizes) under which its code builds the model a state dict fits."""
+  h, w = cfg.input_size
+  stride = cfg.clip.vision_stride if cfg.clip.is_vit else 16
+  sie = (f"MODEL.SIE_CAMERA {cfg.sie_camera}, MODEL.SIE_VIEW {cfg.sie_view}, MODEL.SIE_COE {cfg.sie_coe}, "
+         if cfg.sie_rows else "")
+  sizes = f"{cfg.num_classes} training identities"
+  if cfg.sie_rows:
+    sizes += f", {cfg.camera_num} cameras, {cfg.view_num} views"
+  return (f"MODEL.NAME {cfg.backbone}, INPUT.SIZE_TEST [{h}, {w}], MODEL.STRIDE_SIZE [{stride}, {stride}], {sie}"
+          f"{'the baseline (processor.py, make_model.py)' if not cfg.with_text else 'CLIP-ReID (make_model_clipreid.py)'}"
+          f", and a dataset of {sizes}")
