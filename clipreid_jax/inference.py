@@ -23,12 +23,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 class FeatureExtractor:
   """ReID features of images from a trained or converted model directory.
 
-    extractor = clipreid_jax.FeatureExtractor("workdirs/msmt17_vit/model")
+    extractor = clipreid_jax.FeatureExtractor("workdirs/msmt17_vit_clipreid/model")
     feats = extractor(["a.jpg", "b.jpg"])   # (2, 1280) float32, not normalised (L2-normalise to compare)
 
   `images`: a list or tuple of images, or a uint8 batch (N, H, W, C), gives one row per image; one image alone gives
   (1, D). An image is a path, a PIL image (any mode; converted to RGB as files are) or a uint8 array (H, W, 3),
-  (H, W, 1), (H, W) or (H, W, 4) (gray is repeated, alpha dropped); a 3-D array is always one image, so N gray
+  (H, W, 1), (H, W) or (H, W, 4) in RGB(A) order (gray is repeated, alpha dropped; OpenCV's BGR: `x[..., ::-1]`);
+  EXIF orientation is not applied, as in training; a 3-D array is always one image, so N gray
   images are a list of (H, W) arrays or an (N, H, W, 1) batch. Images are resized with PIL bilinear to the model's
   input size (the official test transform). SIE models need `cams` (and `views` when the table has views): one id
   per image, numbered as in their training set; other models ignore them. `flip=True`: the mean of each image's
@@ -47,13 +48,16 @@ class FeatureExtractor:
   def input_size(self) -> tuple[int, int]:
     return self.model.config.input_size
 
-  def _load(self, item) -> np.ndarray:
+  def _load(self, item, index: int) -> np.ndarray:
     if isinstance(item, (str, os.PathLike)):
       item = image_io.read_image(item)
     elif isinstance(item, Image.Image):
       item = image_io.to_rgb(item)
     else:
       item = _rgb_array(item)
+    h, w = (item.height, item.width) if isinstance(item, Image.Image) else item.shape[:2]
+    if not h or not w:  # PIL resizes an empty crop (a box outside the frame) to black: a feature of nothing
+      raise ValueError(f"images[{index}]: empty image of {h}x{w} pixels; expected at least one pixel")
     return image_io.resize(item, self.input_size, image_io.BILINEAR)
 
   def _ids(self, ids, n: int, name: str, word: str, used: bool, num: int) -> np.ndarray:
@@ -80,7 +84,7 @@ class FeatureExtractor:
     views = self._ids(views, n, "views", "view", bool(cfg.sie_rows) and cfg.sie_view, cfg.view_num)
     out = []
     for lo in range(0, n, self.batch_size):
-      chunk = [self._load(x) for x in images[lo:lo + self.batch_size]]
+      chunk = [self._load(x, lo + i) for i, x in enumerate(images[lo:lo + self.batch_size])]
       pad = self.batch_size - len(chunk)  # one compiled shape for every batch
       batch = np.stack(chunk + [np.zeros_like(chunk[0])] * pad)
       b = {"image": batch, "camid": np.pad(cams[lo:lo + len(chunk)], (0, pad)),
@@ -158,7 +162,9 @@ def list_images(spec: str) -> ImageList:
   from clipreid_jax.data.errors import DatasetNotFoundError, EmptySplitError, ListFileError
   p = pathlib.Path(spec)
   if p.is_dir():
-    files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    # Hidden entries skipped, as the dataset readers do: macOS copies leave `._NAME.jpg` (not images) beside each
+    files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                   and not any(part.startswith(".") for part in f.relative_to(p).parts))
     if not files:
       raise EmptySplitError(f"extract.input: {spec} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return ImageList(files)
@@ -167,7 +173,7 @@ def list_images(spec: str) -> ImageList:
   if not p.is_file():
     raise DatasetNotFoundError(f"extract.input: {spec} is neither a folder of images, an image nor a list file")
   try:
-    lines = p.read_text(encoding="utf-8").splitlines()
+    lines = p.read_text(encoding="utf-8-sig").splitlines()  # a BOM (Excel, Notepad) would hide the header
   except UnicodeDecodeError:
     raise ListFileError(f"{p}: expected a UTF-8 text list of image paths (or an image file named *"
                         f"{', *'.join(IMAGE_SUFFIXES)}), got undecodable bytes") from None
@@ -237,8 +243,12 @@ def extract_to_files(config, overrides: frozenset = frozenset()) -> pathlib.Path
   check_overrides(config, extractor.model, overrides)
   try:
     feats = extractor(images.files, cams=images.cams, views=images.views)
+  except DataError:  # an unreadable image: its own message (it is a ValueError too, but not about SIE ids)
+    raise
   except ValueError as e:  # SIE ids missing or outside the table
-    hint = "" if images.cams is not None else " (give extract.input as a list file of `path,camera[,view]` lines)"
+    # `cams=` / `views=` are the Python API's words: say which list-file column gives them
+    missing = images.cams is None or (images.views is None and str(e).startswith("views:"))
+    hint = " (give extract.input as a list file of `path,camera[,view]` lines)" if missing else ""
     raise train.ConfigError(f"extract.input: {config.extract.input}: {e}{hint}") from None
   # Both files are written in full before either replaces the previous pair: a failed write never leaves new
   # features beside an old index.

@@ -53,6 +53,24 @@ def test_wrong_layout_names_it(tmp_path, name, expected):
   assert expected in _one_line(e.value)
 
 
+def test_partial_layout_names_the_missing_entry(tmp_path):
+  """A dataset folder that lacks one entry (a split folder not unpacked, a VehicleID test list not there) was
+  reported as `no dataset found under ROOT`, leaving the user to compare the folder with the layout."""
+  veri = tmp_path / "a" / "VeRi"
+  for sub in ("image_train", "image_test"):
+    (veri / sub).mkdir(parents=True)
+  with pytest.raises(data.DatasetNotFoundError) as e:
+    data.get_dataset("veri", tmp_path / "a")
+  assert f"{veri} has no image_query; expected layout: " in _one_line(e.value)
+  vid = tmp_path / "b" / "VehicleID_V1.0"
+  (vid / "image").mkdir(parents=True)
+  (vid / "train_test_split").mkdir()
+  for n in ("train_list", "test_list_800"):
+    (vid / "train_test_split" / f"{n}.txt").write_text("")
+  with pytest.raises(data.DatasetNotFoundError, match=f"{vid} has no train_test_split/test_list_1600.txt;"):
+    data.get_dataset("vehicleid", tmp_path / "b", test_size=1600)
+
+
 def test_empty_split(tmp_path):
   _market(tmp_path, query=())
   with pytest.raises(data.EmptySplitError, match="split 'query' is empty") as e:
@@ -67,6 +85,17 @@ def test_unreadable_image_names_the_file(tmp_path, content, match):
   if content is not None:
     path.write_bytes(content)
   with pytest.raises(data.ImageReadError, match=match) as e:
+    data.read_image(path)
+  assert str(path) in _one_line(e.value)
+
+
+def test_image_above_the_decompression_bomb_limit_is_an_image_read_error(tmp_path, monkeypatch):
+  """PIL refuses an image of more than twice MAX_IMAGE_PIXELS (179 M by default) with its own exception, which was
+  not a DataError: a traceback and exit code 1 from extraction or training instead of one line naming the file."""
+  path = tmp_path / "huge.png"
+  Image.new("L", (20, 10)).save(path)
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 90)  # 200 pixels > 2 x 90, as a 15000 x 12000 picture by default
+  with pytest.raises(data.ImageReadError, match="exceeds limit") as e:
     data.read_image(path)
   assert str(path) in _one_line(e.value)
 

@@ -3,6 +3,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import warnings
@@ -176,6 +177,17 @@ def test_veri_keypoint_files_both_or_neither(tmp_path):
     data.get_dataset("veri", tmp_path, keypoint_dir=str(tmp_path / "empty"))
 
 
+def test_veri_keypoint_files_that_name_no_image_of_a_split(tmp_path):
+  """Keypoint files of another copy (other names) drop every image of a split; that was reported as `split
+  'train' is empty (no usable images in .../image_train)` beside a folder full of images."""
+  d = make_veri(tmp_path, keypoints=True)
+  (d / "keypoint_train.txt").write_text((d / "keypoint_train.txt").read_text().replace("_c", "_x"))
+  with pytest.raises(data.EmptySplitError, match=r"none of the 4 images in .*image_train has an entry in .*"
+                                                 r"keypoint_train.txt or .*keypoint_test.txt") as e:
+    data.get_dataset("veri", tmp_path, check_counts=False)
+  assert "\n" not in str(e.value)
+
+
 def make_vehicleid(root: pathlib.Path) -> pathlib.Path:
   d = root / "VehicleID_V1.0"
   train = [(f"{i:07d}", pid) for i, pid in enumerate([7, 7, 3, 3, 3, 9])]
@@ -240,6 +252,28 @@ def test_custom_csv(tmp_path):
   assert ds.query.pids.tolist() == [0, 1] and ds.gallery.pids.tolist() == [0, 2, 2]
   assert os.path.isfile(ds.gallery.path(2)) and ds.gallery.relpaths[2] == "images/eve/2.png"
   assert ds.stats()["num_train_views"] == 2
+
+
+def test_list_files_with_a_utf8_bom(tmp_path):
+  """Excel's "CSV UTF-8" and Windows editors start a file with a byte-order mark: it hid the header of a custom
+  list (`names a missing image ROOT/<BOM>path`) and of an extract list, and glued itself to the first name of a
+  VehicleID (MSMT17, VeRi keypoint) list."""
+  from clipreid_jax import inference  # pylint: disable=g-import-not-at-top
+  make_custom(tmp_path / "plain")
+  plain = data.get_dataset("custom", tmp_path / "plain")
+  bom = pathlib.Path(shutil.copytree(tmp_path / "plain", tmp_path / "bom"))
+  for name in ("train.csv", "query.csv", "gallery.csv"):
+    (bom / name).write_bytes(b"\xef\xbb\xbf" + (bom / name).read_text().replace("\n", "\r\n").encode())
+  ds = data.get_dataset("custom", bom)
+  for a, b in ((ds.train, plain.train), (ds.query, plain.query), (ds.gallery, plain.gallery)):
+    assert a.same_records(b)
+  (bom / "list.txt").write_bytes(b"\xef\xbb\xbfpath,camera\r\nimages/bob/1.jpg,1\r\n")
+  listed = inference.list_images(str(bom / "list.txt"))
+  assert listed.files == [str(bom / "images" / "bob" / "1.jpg")] and listed.cams.tolist() == [1]
+  d = make_vehicleid(tmp_path / "vid")
+  lists = d / "train_test_split"
+  (lists / "train_list.txt").write_bytes(b"\xef\xbb\xbf" + (lists / "train_list.txt").read_bytes())
+  assert data.get_dataset("vehicleid", tmp_path / "vid", check_counts=False).train.relpaths[0] == "image/0000000.jpg"
 
 
 def test_custom_numbers_train_cameras_first(tmp_path):

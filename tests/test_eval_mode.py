@@ -205,6 +205,30 @@ def test_extract_sie_model_needs_cameras(setup, sie_model, tmp_path):
     ext(names[:2], cams=[0])
 
 
+def test_extract_blames_an_unreadable_image_not_the_sie_ids(setup, tmp_path):
+  """An image that cannot be read was reported with the SIE hint (`give extract.input as a list file of
+  path,camera[,view] lines`), for any model; a view-SIE model given cameras only gets the hint for its views."""
+  _, model_dir, data = setup
+  folder = tmp_path / "crops"
+  folder.mkdir()
+  shutil.copy(sorted(pathlib.Path(data, "query").glob("*.jpg"))[0], folder / "a.jpg")
+  (folder / "b.jpg").write_bytes(b"not a jpeg")
+  base = ["--config", "configs/market1501_vit.py", "--config.mode=extract"]
+  out = _cli(*base, f"--config.checkpoint={model_dir}", f"--config.extract.input={folder}",
+             f"--config.extract.output={tmp_path / 'f'}")
+  line = out.stderr.strip().splitlines()[-1]
+  assert out.returncode == 2 and "b.jpg is not an image file" in line and "path,camera" not in line, line
+  assert not (tmp_path / "f").exists()
+  camview = next(v for v in variants() if v.parent.name == "vit" and v.name == "d_sie_camview")
+  assert convert.main(convert_args(camview, tmp_path / "camview")) == 0
+  (tmp_path / "list.txt").write_text(f"{folder / 'a.jpg'},0\n")
+  out = _cli(*base, f"--config.checkpoint={tmp_path / 'camview'}", f"--config.extract.input={tmp_path / 'list.txt'}",
+             f"--config.extract.output={tmp_path / 'g'}")
+  line = out.stderr.strip().splitlines()[-1]
+  assert out.returncode == 2 and line.startswith("error: extract.input: ") and "views:" in line, line
+  assert "path,camera[,view]" in line, line
+
+
 def test_extract_inputs(setup, tmp_path):
   """One image file as the input; a path with a comma in a list; an output that is a file (refused before any
   work); PIL images of any mode and gray / RGBA uint8 arrays, as their files would be read."""
@@ -366,6 +390,21 @@ def test_extract_camera_and_view_ids_per_image(setup, tmp_path):
   np.testing.assert_allclose(np.load(tmp_path / "f" / "features.npy"), feats, rtol=1e-5, atol=1e-6)
 
 
+def test_extract_folder_skips_hidden_entries(tmp_path):
+  """A folder copied from macOS holds `._NAME.jpg` resource forks beside the images (and a tool may keep
+  `.thumbnails/`): extraction stopped at the first with `is not an image file`; the dataset readers skip them."""
+  (tmp_path / "crops" / "sub").mkdir(parents=True)
+  (tmp_path / "crops" / ".thumbnails").mkdir()
+  for name in ("a.jpg", "sub/b.png", "._a.jpg", ".thumbnails/a.jpg", "sub/._b.png"):
+    (tmp_path / "crops" / name).write_bytes(b"x")
+  listed = inference.list_images(str(tmp_path / "crops"))
+  assert listed.files == [str(tmp_path / "crops" / "a.jpg"), str(tmp_path / "crops" / "sub" / "b.png")]
+  hidden = tmp_path / ".cache" / "crops"  # a hidden folder above the input is the user's choice, not skipped
+  hidden.mkdir(parents=True)
+  (hidden / "c.jpg").write_bytes(b"x")
+  assert inference.list_images(str(hidden)).files == [str(hidden / "c.jpg")]
+
+
 def test_eval_on_a_test_only_custom_set(setup, tmp_path):
   """Cross-domain evaluation on a set that has only query and gallery (a custom dataset without train.csv): the
   numbers equal those of the same images read as Market-1501; training on it is refused in one line."""
@@ -406,3 +445,19 @@ def test_eval_blames_an_unreadable_image_not_the_checkpoint(setup, tmp_path):
   line = out.stderr.strip().splitlines()[-1]
   assert line.startswith("error: ") and broken.name in line and "checkpoint" not in line, line
   assert not (tmp_path / "w" / "metrics.json").exists()
+
+
+def test_extractor_refuses_an_empty_image(setup):
+  """A tracker's crop of a box outside the frame is (0, W) or (H, 0): it was resized to a black image and given a
+  feature, which then matched other empty crops; now it is refused, naming its position."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  _, model_dir, _ = setup
+  ext = FeatureExtractor(model_dir, batch_size=2)
+  crop = np.zeros((8, 4, 3), np.uint8)
+  empties = [(np.zeros((0, 4, 3), np.uint8), 2), (np.zeros((8, 0), np.uint8), 2), (Image.new("RGB", (0, 5)), 2),
+             (np.zeros((3, 0, 0, 3), np.uint8), 0)]  # the last: a batch of empty crops
+  for empty, at in empties:
+    images = [crop, crop, empty] if at else empty
+    with pytest.raises(ValueError, match=rf"images\[{at}\]: empty image of \d+x\d+ pixels"):
+      ext(images)
+  assert ext([crop]).shape[0] == 1 and ext(np.zeros((0, 8, 4, 3), np.uint8)).shape[0] == 0

@@ -52,7 +52,8 @@ def read_csv(list_file: str, check_files: bool = True) -> list[Row]:
   rows: list[Row] = []
   header_seen = False
   with_camera = None  # set by the header or the first row: every row of a file has a camera, or none has
-  with open(list_file, newline="", encoding="utf-8") as f:
+  # utf-8-sig: Excel's "CSV UTF-8" and Notepad start the file with a BOM, which would hide the header
+  with open(list_file, newline="", encoding="utf-8-sig") as f:
     for line, fields in enumerate(csv.reader(f), 1):
       fields = [x.strip() for x in fields]
       if not any(fields) or fields[0].startswith("#"):

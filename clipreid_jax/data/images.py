@@ -65,7 +65,7 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     img.load()
   except UnidentifiedImageError:
     raise errors.ImageReadError(f"{name} is not an image file PIL can read") from None
-  except (OSError, SyntaxError, ValueError) as e:
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # a bomb: above 2x MAX_IMAGE_PIXELS
     if "truncated" not in str(e).lower():
       raise errors.ImageReadError(f"cannot decode image {name}: {errors.first_line(e)}") from None
     img = _load_truncated(data, name, e)

@@ -34,11 +34,18 @@ def find_dataset_dir(root: str | os.PathLike, name: str, candidates: Sequence[st
   if not os.path.isdir(root):
     raise errors.DatasetNotFoundError(f"{name}: root {root} is not a folder; expected layout: {layout}")
   tried = list(candidates) + ([] if "." in candidates else ["."])
+  partial = []  # (entries found, folder, entries missing) of folders that hold some of a set
   for sub in tried:
     d = os.path.normpath(os.path.join(root, sub))
     for entries in required:
-      if all(os.path.exists(os.path.join(d, e)) for e in entries):
+      missing = [e for e in entries if not os.path.exists(os.path.join(d, e))]
+      if not missing:
         return d, tuple(entries)
+      if len(missing) < len(entries):
+        partial.append((len(entries) - len(missing), d, missing))
+  if partial:  # e.g. VeRi/ without image_query, or VehicleID without the test list asked for: name what is missing
+    _, d, missing = max(partial, key=lambda x: x[0])
+    raise errors.DatasetNotFoundError(f"{name}: {d} has no {', no '.join(missing)}; expected layout: {layout}")
   raise errors.DatasetNotFoundError(f"{name}: no dataset found under {root}; expected layout: {layout}")
 
 
@@ -117,7 +124,7 @@ def read_list_file(path: str, name: str, min_fields: int = 2) -> list[tuple[int,
   if not os.path.isfile(path):
     raise errors.ListFileError(f"{name}: list file {path} not found")
   out = []
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8-sig") as f:  # a leading BOM (Windows editors) is not part of the first name
     for n, line in enumerate(f, 1):
       fields = line.split()
       if not fields or fields[0].startswith("#"):

@@ -33,12 +33,12 @@ def read_keypoint_views(path: str) -> dict[str, int]:
   return views
 
 
-def _keypoint_maps(search: list[str]) -> list[dict[str, int]] | None:
+def _keypoint_maps(search: list[str]) -> tuple[list[str], list[dict[str, int]]] | None:
   for folder in search:
     paths = [os.path.join(folder, f) for f in KEYPOINT_FILES]
     found = [os.path.isfile(p) for p in paths]
     if all(found):
-      return [read_keypoint_views(p) for p in paths]
+      return paths, [read_keypoint_views(p) for p in paths]
     if any(found):  # with one file only, every image of the other split lacks a view and would be dropped
       missing = paths[found.index(False)]
       raise errors.DatasetNotFoundError(f"{NAME}: {missing} is missing (its pair {paths[found.index(True)]} is "
@@ -52,7 +52,9 @@ def load(root: str | os.PathLike, *, keypoint_dir: str | None = None, check_coun
   if keypoint_dir and not any(os.path.isfile(os.path.join(keypoint_dir, f)) for f in KEYPOINT_FILES):
     raise errors.DatasetNotFoundError(f"{NAME}: keypoint_dir {keypoint_dir} holds neither {' nor '.join(KEYPOINT_FILES)}")
   search = ([keypoint_dir] if keypoint_dir else []) + [d, os.fspath(root)]
-  maps = _keypoint_maps(search)
+  found = _keypoint_maps(search)
+  maps = found[1] if found else None
+  no_entry = []  # images of the split being read that no keypoint file names
   if maps is None:
     warnings.warn(f"{NAME}: no {' or '.join(KEYPOINT_FILES)} in {', '.join(search)}: every view id is 0 and no image "
                   "is dropped (the official code uses the keypoint files)", errors.DataWarning, stacklevel=2)
@@ -64,11 +66,19 @@ def load(root: str | os.PathLike, *, keypoint_dir: str | None = None, check_coun
       for m in maps:
         if fname in m:
           return m[fname]
+      no_entry.append(fname)
       return None
 
-  train, query, gallery = (layouts.parse_folder(d, sub, name=NAME, num_cams=20, skip_junk=True, view_of=view_of)
-                           for sub in SPLIT_DIRS)
-  dataset = layouts.folder_dataset(NAME, d, SPLIT_DIRS, train, query, gallery)
+  splits = []
+  for sub in SPLIT_DIRS:
+    no_entry.clear()
+    splits.append(layouts.parse_folder(d, sub, name=NAME, num_cams=20, skip_junk=True, view_of=view_of))
+    if not splits[-1] and no_entry:  # said as "no usable images", the keypoint files went unmentioned
+      raise errors.EmptySplitError(
+          f"{NAME}: none of the {len(no_entry)} images in {os.path.join(d, sub)} has an entry in "
+          f"{' or '.join(found[0])} (views are looked up by file name, e.g. {no_entry[0]}); expected the keypoint "
+          "files of this VeRi copy, or neither file (every view 0)")
+  dataset = layouts.folder_dataset(NAME, d, SPLIT_DIRS, *splits)
   if check_counts:
     published.check_counts(dataset, NAME if maps is not None else "veri_no_keypoints", d)
   return dataset
