@@ -285,6 +285,18 @@ def check_eval_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   return out
 
 
+def evaluation_record(config, dataset: str) -> dict:
+  """What an evaluation's numbers are of, kept beside them in metrics.json: evaluations of other test lists,
+  datasets or settings share the default workdir."""
+  d, e = config.dataset, config.eval
+  record = {"checkpoint": str(pathlib.Path(config.checkpoint).resolve()), "dataset": dataset,
+            "data": str(pathlib.Path(d.get("packed_dir") or d.root).resolve()), "flip": bool(e.flip),
+            "rerank": {"k1": e.k1, "k2": e.k2, "lambda_value": e.lambda_value} if e.rerank else False}
+  if dataset == "vehicleid":
+    record.update(test_size=d.test_size, trials=e.trials, seed=config.seed)
+  return record
+
+
 def evaluate_checkpoint(config, workdir: str, overrides: frozenset = frozenset()) -> dict:
   """--config.mode=eval: a model directory on a dataset's query/gallery; metrics.json in the workdir."""
   from clipreid_jax import train
@@ -314,6 +326,7 @@ def evaluate_checkpoint(config, workdir: str, overrides: frozenset = frozenset()
   except ValueError as e:  # features that are not finite: a broken checkpoint
     raise train.ConfigError(f"checkpoint: {config.checkpoint}: {e}") from None
   out.mkdir(parents=True, exist_ok=True)
-  train._write_atomic(out / "metrics.json", json.dumps({"final": train.percent(result)}, indent=1) + "\n")
+  record = {"final": train.percent(result), "evaluated": evaluation_record(config, dataset.name)}
+  train._write_atomic(out / "metrics.json", json.dumps(record, indent=1) + "\n")
   print(f"final: {train.format_metrics(result)}", flush=True)
   return result

@@ -54,8 +54,11 @@ def test_eval_mode_matches_reference(setup, flip):
   assert out.returncode == 0, out.stderr[-2000:]
   final = out.stdout.strip().splitlines()[-1]
   assert final.startswith("final: mAP") and "R10" in final
-  got = {k: v / 100 for k, v in json.loads((work / "metrics.json").read_text())["final"].items()
-         if k in ("mAP", "R1", "R5")}  # metrics.json is in percent
+  record = json.loads((work / "metrics.json").read_text())
+  got = {k: v / 100 for k, v in record["final"].items() if k in ("mAP", "R1", "R5")}  # metrics.json is in percent
+  # What the numbers are of (evaluations share the default workdir).
+  assert record["evaluated"] == {"checkpoint": str(model_dir.resolve()), "dataset": "market1501",
+                                 "data": str(pathlib.Path(data).resolve()), "flip": flip, "rerank": False}
   # Reference: features from the Python API, the official algorithm in float64 numpy on the full matrix.
   ds = get_dataset("market1501", data, check_counts=False)
   ext = FeatureExtractor(model_dir, flip=flip)
@@ -424,7 +427,8 @@ def test_eval_on_a_test_only_custom_set(setup, tmp_path):
   ref = _cli(*common, "--workdir", str(tmp_path / "market"), f"--config.dataset.root={data}")
   assert ref.returncode == 0, ref.stderr[-1500:]
   got, want = (json.loads((tmp_path / w / "metrics.json").read_text()) for w in ("custom", "market"))
-  assert got == want and got["final"]["mAP"] > 0
+  assert got["final"] == want["final"] and got["final"]["mAP"] > 0
+  assert (got["evaluated"]["dataset"], want["evaluated"]["dataset"]) == ("custom", "market1501")
   out = _cli("--config", "tests/tiny_run_config.py:" + str(tmp_path / "unused"), "--workdir", str(tmp_path / "t"),
              "--config.dataset.name=custom", f"--config.dataset.root={custom}")
   assert out.returncode == 2 and not (tmp_path / "t").exists()
@@ -461,3 +465,15 @@ def test_extractor_refuses_an_empty_image(setup):
     with pytest.raises(ValueError, match=rf"images\[{at}\]: empty image of \d+x\d+ pixels"):
       ext(images)
   assert ext([crop]).shape[0] == 1 and ext(np.zeros((0, 8, 4, 3), np.uint8)).shape[0] == 0
+
+
+def test_evaluation_record_names_what_vehicleid_numbers_depend_on(tmp_path):
+  """VehicleID's numbers depend on the test list, the trials and the seed that draws them; re-ranking on its
+  parameters; all are kept beside the numbers, as are the checkpoint and the data read (the pack where one is)."""
+  from clipreid_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  c = config_defaults.recipe("vehicleid", vehicle=True)
+  c.checkpoint, c.dataset.packed_dir, c.dataset.test_size, c.eval.rerank, c.eval.k1 = "m", str(tmp_path), 1600, True, 20
+  assert inference.evaluation_record(c, "vehicleid") == {
+      "checkpoint": str(pathlib.Path("m").resolve()), "dataset": "vehicleid", "data": str(tmp_path.resolve()),
+      "flip": False, "rerank": {"k1": 20, "k2": 15, "lambda_value": 0.3}, "test_size": 1600, "trials": 10,
+      "seed": 1234}

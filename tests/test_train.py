@@ -74,7 +74,8 @@ def test_eval_mode_reproduces_final_metrics(finished, tmp_path):
   c.mode, c.checkpoint = "eval", str(root / "work" / "model")
   again = inference.evaluate_checkpoint(c, str(tmp_path))
   assert again == pytest.approx(result, abs=1e-6)
-  assert json.loads((tmp_path / "metrics.json").read_text()) == {"final": train.percent(again)}
+  record = json.loads((tmp_path / "metrics.json").read_text())
+  assert record["final"] == train.percent(again) and record["evaluated"]["checkpoint"] == c.checkpoint
   c.checkpoint = str(root / "work")  # the run's workdir instead of its model: the error names the model
   with pytest.raises(CheckpointError, match=r"got kind None \(a training workdir: its trained model is .*work/model\)"):
     inference.evaluate_checkpoint(c, str(tmp_path / "again"))
