@@ -89,7 +89,7 @@ class CosineLRSchedule:
       length = self.t_initial * self.cycle_limit
     else:
       length = int(math.ceil(self.t_initial * (self.t_mul**self.cycle_limit - 1) / (self.t_mul - 1)))
-    return length + (self.warmup_t if self.warmup_prefix else 0) + 1
+    return length + (self.warmup_t if self.warmup_prefix else 0)  # from there on, t is past the last cycle
 
 
 def stage1_cosine(base_lr: float, num_epochs: int, lr_min: float, warmup_lr_init: float, warmup_t: int,

@@ -198,3 +198,30 @@ def test_flip_and_erase_are_independent():
   erased = ((x != black) & (x != white)).any((1, 2))
   assert 0.45 < flipped.mean() < 0.55 and 0.45 < erased.mean() < 0.55
   assert abs((flipped & erased).mean() - flipped.mean() * erased.mean()) < 0.03
+
+
+def test_flip_top_and_left_are_separate_draws():
+  # Flip, crop top and crop left each read their own uniform: no flip with top 0 and left 20 (the top-right window),
+  # a flip with top 20 and left 0, and a flip with the centred window (the mirror image itself).
+  x = np.random.default_rng(1).integers(0, 256, (3, H, W, 3), dtype=np.uint8)
+  u = np.zeros((3, aug._NUM_UNIFORMS), np.float32)
+  u[:, aug._FLIP] = [0.9, 0.1, 0.0]
+  u[:, aug._CROP] = [[0.0, 0.99999], [0.99999, 0.0], [0.5, 0.5]]
+  out = np.asarray(aug._flip_pad_crop(jnp.asarray(x), jnp.asarray(u), 0.5, 10))
+  pad = lambda a: np.pad(a, ((10, 10), (10, 10), (0, 0)))
+  np.testing.assert_array_equal(out[0], pad(x[0])[:H, 20:20 + W])
+  np.testing.assert_array_equal(out[1], pad(x[1][:, ::-1])[20:20 + H, :W])
+  np.testing.assert_array_equal(out[2], x[2][:, ::-1])
+
+
+def test_placement_draws_are_not_the_last_attempts_draws():
+  # Nine attempts too wide (aspect 0.3 at the largest area: 7 x 24), the tenth 13 x 13 and placed at the bottom-right
+  # corner: the placement uniforms are their own, apart from the tenth attempt's aspect ratio.
+  x = jnp.full((1, H, W, 3), 100.0, jnp.float32)
+  ratio = np.zeros((1, aug.ERASE_ATTEMPTS), np.float32)
+  ratio[0, -1] = 0.5
+  u = _uniforms(1, np.ones((1, aug.ERASE_ATTEMPTS), np.float32), ratio, place=np.array([[0.99999, 0.99999]]))
+  out = np.asarray(aug._erase(x, u, jnp.zeros_like(x), 0.5, 0.02, 1 / 3, 0.3))[0, :, :, 0] == 0.0
+  expect = np.zeros((H, W), bool)
+  expect[H - 13:, W - 13:] = True
+  np.testing.assert_array_equal(out, expect)

@@ -382,6 +382,8 @@ def test_extract_camera_and_view_ids_per_image(setup, tmp_path):
   assert np.abs(feats - ext(names, cams=cams, views=1 - views)).max() > 1e-3  # the view matters
   with pytest.raises(ValueError, match=r"views: expected ids in 0..1 \(the model's SIE table\), got 2"):
     ext(names[:1], cams=[0], views=[2])  # a valid camera id, past the 2 views
+  with pytest.raises(ValueError, match=r"cams: expected ids in 0..2 \(the model's SIE table\), got 3"):
+    ext(names[:1], cams=[3], views=[0])  # past the 3 cameras, though inside the 6-row camera x view table
   rows = "".join(f"{n},{c},{v}\n" for n, c, v in zip(names, cams, views))
   (tmp_path / "list.txt").write_text("path,cam,view\n" + rows)  # a header row, in the custom lists' spellings
   (tmp_path / "bad.txt").write_text("path,identity\n" + rows)

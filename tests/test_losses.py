@@ -265,3 +265,38 @@ def test_loss_weights_from_dict_defaults():
   w = losses.LossWeights.from_dict({"margin": 0.5, "label_smoothing_epsilon": 0.2, "no_margin": False})
   assert (w.label_smoothing, w.margin) == (0.2, 0.5)
   assert losses.LossWeights.from_dict({"NO_MARGIN": True}).margin is None
+
+
+@pytest.mark.parametrize("margin", [0.7, None])
+def test_stage2_loss_passes_every_weight_and_setting_on(margin):
+  """Non-default weights, smoothing and margin, with i2t logits: each term is its own loss with these settings."""
+  rng = np.random.default_rng(7)
+  y = jnp.array([0, 0, 1, 1, 2, 2])
+  scores = tuple(jnp.asarray(rng.normal(size=(6, 3)), jnp.float32) for _ in range(2))
+  feats = tuple(jnp.asarray(rng.normal(size=(6, d)), jnp.float32) for d in (8, 8, 4))
+  logits = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  w = losses.LossWeights(id=0.5, triplet=2.0, i2t=3.0, label_smoothing=0.2, margin=margin)
+  total, comps = stage2_loss(scores, feats, y, logits, w)
+  ce = lambda s: losses.cross_entropy_label_smooth(s, y, 0.2)
+  ref = {"id_cls": ce(scores[0]), "id_proj": ce(scores[1]), "i2t": ce(logits)}
+  ref.update({n: losses.triplet_loss(f, y, margin)[0] for n, f in zip(losses.TRIPLET_NAMES, feats)})
+  assert sorted(comps) == sorted(ref)
+  for n, v in ref.items():
+    assert_close(comps[n], v, rtol=1e-6, atol=0, what=n)
+  assert float(ref["tri_feat"]) != float(losses.triplet_loss(feats[1], y, 0.3)[0])  # the margin matters here
+  expect = 0.5 * (ref["id_cls"] + ref["id_proj"]) + 2.0 * sum(ref[n] for n in losses.TRIPLET_NAMES) + 3.0 * ref["i2t"]
+  assert_close(total, expect, rtol=1e-6, atol=0)
+
+
+def test_float64_inputs_stay_float64():
+  """Only half-precision inputs are upcast: with x64 on, float64 is kept (e.g. for float64 reference checks)."""
+  rng = np.random.default_rng(8)
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.normal(size=(6, 5)), jnp.float64)
+    y = jnp.array([0, 0, 1, 1, 2, 2])
+    d = losses.euclidean_dist(x, x)
+    assert d.dtype == jnp.float64
+    ref = np.sqrt(np.maximum(((np.asarray(x)[:, None] - np.asarray(x)[None]) ** 2).sum(-1), 1e-12))
+    np.testing.assert_allclose(np.asarray(d), ref, rtol=1e-10, atol=1e-10)
+    assert losses.cross_entropy_label_smooth(x, y).dtype == jnp.float64
+    assert losses.supcon_loss(x, x, y, y).dtype == jnp.float64

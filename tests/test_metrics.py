@@ -255,3 +255,34 @@ def test_accelerator_path_untuned_and_in_pieces(monkeypatch):
   res = metrics.evaluate(qf, gf, *labels)  # "auto" picks the device ranking here
   np.testing.assert_array_equal(res.cmc, ref.cmc)
   assert res.mAP == ref.mAP and res.num_valid_queries == ref.num_valid_queries
+
+
+def test_non_finite_gallery_features_are_refused():
+  """The finiteness check covers the gallery too, not only the query (a gallery NaN would surface later, as a NaN
+  distance blamed on a re-ranking)."""
+  f = np.eye(3, 4, dtype=np.float32) + 0.5
+  ids, cams = np.arange(3), np.zeros(3, int)
+  for bad in (np.nan, np.inf):
+    g = f.copy()
+    g[1, 2] = bad
+    _one_line_value_error(metrics.evaluate, f, g, ids, ids, cams, cams + 1, match="features: expected finite")
+
+
+def test_euclidean_distance_chunks_cover_every_row():
+  rng = np.random.default_rng(13)
+  qf, gf = rng.standard_normal((11, 6)).astype(np.float32), rng.standard_normal((9, 6)).astype(np.float32)
+  ref = ((qf.astype(np.float64)[:, None] - gf.astype(np.float64)[None]) ** 2).sum(-1)
+  for chunk in (1, 3, 4, 10, 11, 64):  # remainders of 0, 1, 2, 3 rows, one chunk, a chunk beyond the queries
+    got = metrics.euclidean_distance(qf, gf, chunk=chunk)
+    assert got.shape == (11, 9) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("ranking", RANKINGS)
+def test_negative_zero_ties_with_zero(ranking):
+  """-0.0 == 0.0: an exact tie, broken by gallery index like any other (a sort alone puts -0.0 first)."""
+  dist = np.array([[0.0, -0.0, 0.5, -0.0]], np.float32)
+  labels = tuple(map(np.array, ([1], [2, 1, 1, 3], [0], [1, 1, 1, 1])))
+  ref = _brute_force(dist, *labels)
+  assert ref[1] == (1 / 2 + 2 / 4) / 2  # the match at -0.0 ranks second, after gallery entry 0 at +0.0
+  _check(metrics.evaluate_distmat(dist, *labels, ranking=ranking), ref)

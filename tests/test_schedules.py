@@ -103,3 +103,24 @@ def test_uneven_epochs_change_lr_at_each_epoch_start():
   assert float(fn(sum(lengths) + 10)) == np.float32(sched(len(lengths)))
   with pytest.raises(ValueError):
     schedules.to_optax(sched, [3, 0])
+
+
+@pytest.mark.parametrize("milestones", [(2,), ()])
+def test_multistep_warmup_longer_than_the_milestones_is_held_exactly(milestones):
+  """The lr keeps changing until the warmup ends even after the last milestone: the optax table must reach it."""
+  sched = schedules.WarmupMultiStepSchedule(base_lr=1.0, milestones=milestones, gamma=0.1, warmup_factor=0.1,
+                                            warmup_iters=5, warmup_method="linear")
+  assert sched.constant_from() == 5
+  fn = schedules.to_optax(sched, 2)
+  got = np.asarray([fn(c) for c in range(16)])
+  want = np.asarray([sched(c // 2 + 1) for c in range(16)], np.float32)
+  np.testing.assert_array_equal(got, want)
+  assert len(set(want[:10].tolist())) == 5  # five different warmup epochs before the lr settles
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_epochs=120, warmup_t=5), dict(num_epochs=60, warmup_t=5),
+                                    dict(num_epochs=7, warmup_t=0)])
+def test_cosine_constant_from_is_the_first_epoch_of_the_held_lr(kwargs):
+  sched = schedules.stage1_cosine(3.5e-4, lr_min=1e-6, warmup_lr_init=1e-5, **kwargs)
+  c = sched.constant_from()
+  assert sched(c - 1) != sched(c) and all(sched(e) == sched(c) == 1e-6 for e in range(c, c + 50))

@@ -110,6 +110,13 @@ def test_stage2_step(variant, converted):
     _check_step(name, fn(state_np[name]), _get(new_state.params, path), fn(opt[f"after_step/{name}"]), g, wd, lr)
     checked += 1
   assert checked
+  # The logged gradient norm is over the trained leaves only: not the text side, the prompts or the BN-neck biases.
+  trained = {k: v for k, v in grads.items() if k not in ("text_encoder", "prompt_learner")}
+  sq = sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree.leaves(trained))
+  necks = [np.asarray(grads[neck]["bias"], np.float64) for neck in ("bottleneck", "bottleneck_proj")]
+  assert all(np.any(g) for g in necks)  # non-zero, so leaving them out is visible
+  sq -= sum(np.sum(np.square(g)) for g in necks)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), np.sqrt(sq), rtol=1e-4)
   # Frozen: the text side, the prompts and the BN-neck biases do not move.
   for frozen in [("bottleneck", "bias"), ("bottleneck_proj", "bias"), ("prompt_learner", "cls_ctx"),
                  ("text_encoder", "text_projection")]:
