@@ -49,12 +49,12 @@ class FeatureExtractor:
     return self.model.config.input_size
 
   def _load(self, item, index: int) -> np.ndarray:
-    if isinstance(item, (str, os.PathLike)):
-      item = image_io.read_image(item)
+    if isinstance(item, (str, bytes, os.PathLike)):
+      item = image_io.read_image(os.fsdecode(item))
     elif isinstance(item, Image.Image):
       item = image_io.to_rgb(item)
     else:
-      item = _rgb_array(item)
+      item = _rgb_array(item, index)
     h, w = (item.height, item.width) if isinstance(item, Image.Image) else item.shape[:2]
     if not h or not w:  # PIL resizes an empty crop (a box outside the frame) to black: a feature of nothing
       raise ValueError(f"images[{index}]: empty image of {h}x{w} pixels; expected at least one pixel")
@@ -97,7 +97,7 @@ class FeatureExtractor:
 
 def _as_batch(images) -> Sequence:
   """`images` as a sequence of images: one image alone is not iterated (a path per character, an array per row)."""
-  if isinstance(images, (str, os.PathLike, Image.Image)):
+  if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
     return [images]
   if isinstance(images, (list, tuple)):
     return images
@@ -118,15 +118,16 @@ def _as_batch(images) -> Sequence:
                     f"got {type(images).__name__}") from None
 
 
-def _rgb_array(x) -> np.ndarray:
+def _rgb_array(x, index: int) -> np.ndarray:
   x = np.asarray(x)
   if x.dtype != np.uint8:
-    raise ValueError(f"images: expected uint8 image arrays (or paths or PIL images), got dtype {x.dtype}")
+    got = type(x.item()).__name__ if x.dtype == object and x.ndim == 0 else f"dtype {x.dtype}"  # e.g. None
+    raise ValueError(f"images[{index}]: expected uint8 image arrays, paths or PIL images, got {got}")
   if x.ndim == 2 or (x.ndim == 3 and x.shape[2] == 1):
     return np.repeat(x.reshape(x.shape[0], x.shape[1], 1), 3, axis=2)
   if x.ndim == 3 and x.shape[2] in (3, 4):
     return x[..., :3]  # as PIL's RGBA -> RGB: alpha dropped
-  raise ValueError(f"images: expected (H, W, 3), (H, W) or (H, W, 4) arrays, got shape {x.shape}")
+  raise ValueError(f"images[{index}]: expected an (H, W, 3), (H, W) or (H, W, 4) array, got shape {x.shape}")
 
 
 @dataclasses.dataclass(frozen=True)

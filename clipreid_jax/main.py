@@ -140,7 +140,10 @@ def parse_flags(argv):
     return rest
   except flags.Error as e:
     message = str(e)
-    if "Traceback (most recent call last)" in message:  # an exception inside get_config: its own text is the news
+    given = [a.split("=")[0] for a in argv[1:]]
+    if "--config" not in given and any(a.startswith("--config.") for a in given):  # absl: "Unknown ... flag"
+      message = "--config is required for --config.KEY overrides, e.g. --config configs/demo.py --config.seed=1"
+    elif "Traceback (most recent call last)" in message:  # an exception inside get_config: its own text is the news
       head = message.split(": Error whilst parsing config file", 1)[0]
       lines = message.strip().splitlines()
       last = max((i for i, l in enumerate(lines) if _EXCEPTION_LINE.match(l)), default=len(lines) - 1)

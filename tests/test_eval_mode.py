@@ -3,6 +3,7 @@ checkpoint (the golden tiny ViT) and a small Market-layout dataset, against a re
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -479,3 +480,19 @@ def test_evaluation_record_names_what_vehicleid_numbers_depend_on(tmp_path):
       "checkpoint": str(pathlib.Path("m").resolve()), "dataset": "vehicleid", "data": str(tmp_path.resolve()),
       "flip": False, "rerank": {"k1": 20, "k2": 15, "lambda_value": 0.3}, "test_size": 1600, "trials": 10,
       "seed": 1234}
+
+
+def test_extractor_names_the_bad_image_and_reads_bytes_paths(setup):
+  """An element that is not an image is named by its position (a tracker's list of crops); a path given as bytes
+  (os.fsencode) is read as the same path, not iterated byte by byte."""
+  root, model_dir, data = setup
+  ext = FeatureExtractor(model_dir, batch_size=2)
+  crop = np.zeros((8, 4, 3), np.uint8)
+  for bad, expected in ((None, "got NoneType"), (crop.astype(np.float32), "got dtype float32"),
+                        (np.zeros((8, 4, 2), np.uint8), "expected an (H, W, 3), (H, W) or (H, W, 4) array, got shape "
+                         "(8, 4, 2)")):
+    with pytest.raises(ValueError, match=r"^images\[2\]: .*" + re.escape(expected)):
+      ext([crop, crop, bad])
+  path = sorted(pathlib.Path(data, "query").glob("*.jpg"))[0]
+  np.testing.assert_array_equal(ext(os.fsencode(path)), ext(str(path)))
+  np.testing.assert_array_equal(ext([os.fsencode(path), crop]), ext([str(path), crop]))

@@ -228,6 +228,14 @@ def test_bad_config_file(tmp_path, config, expected):
   assert not (tmp_path / "work").exists()
 
 
+def test_overrides_without_a_config_file(tmp_path):
+  """absl knows --config.KEY only once --config is given: it said `Unknown command line flag 'config.mode'`."""
+  line = _error(_cli("--config.mode=eval", "--config.checkpoint=m", "--workdir", tmp_path / "w"),
+                "error: --config is required for --config.KEY overrides, e.g. --config configs/demo.py")
+  assert "Unknown" not in line and not (tmp_path / "w").exists()
+  _error(_cli("--workdir", tmp_path / "w"), "error: --config is required, e.g. --config configs/demo.py")
+
+
 @pytest.mark.parametrize("body,expected", [
     ("def get_config():\n  return recipe('x')\n", "--config: NameError: name 'recipe' is not defined"),  # 38 lines
     ("import no_such_module_xyz\n", "--config: ModuleNotFoundError: No module named 'no_such_module_xyz'"),
