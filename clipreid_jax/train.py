@@ -354,6 +354,10 @@ def check_sie_ids(dataset, sie_camera: bool, sie_view: bool, camera_num: int, vi
   """With SIE, every camera (view) id of every split must have a row of the table, which has one per camera (view)
   of the training split, as in the official code. JAX clamps an out-of-range index instead of failing, so two
   cameras would silently share a row."""
+  if (sie_camera or sie_view) and dataset.name == "vehicleid":
+    raise DataError("vehicleid: SIE needs camera (view) ids, and VehicleID has none (its query/gallery camera marks "
+                    "only keep the same-camera filter off); expected a model without SIE (the :sie_olp recipe uses "
+                    "OLP alone on VehicleID, the paper's row)")
   for on, field, word, num in ((sie_camera, "camids", "camera", camera_num), (sie_view, "viewids", "view", view_num)):
     if not on:
       continue

@@ -118,3 +118,16 @@ def test_the_reported_metrics_do_not_depend_on_the_loaders_gallery_seed(tmp_path
   results = [train.evaluate_model(config, train.make_mesh(), model, variables,
                                   reader.load(tmp_path, gallery_seed=seed, check_counts=False)) for seed in (0, 7)]
   assert results[0] == results[1] and 0 < results[0]["mAP"] <= 1 and results[0]["trials"] == 4
+
+
+def test_sie_on_vehicleid_is_refused_as_such(tmp_path):
+  """VehicleID has no cameras: SIE used to fail on the gallery's camera mark (`gallery camera id 1 is outside the
+  SIE table ... every camera must occur in train`), which is no camera at all."""
+  from clipreid_jax import data, train
+  from test_data_readers import make_vehicleid
+  make_vehicleid(tmp_path)
+  ds = data.get_dataset("vehicleid", tmp_path, check_counts=False)
+  for cam, view in ((True, False), (False, True)):
+    with pytest.raises(data.DataError, match=r"^vehicleid: SIE needs camera \(view\) ids, and VehicleID has none"):
+      train.check_sie_ids(ds, cam, view, 1, 1)
+  train.check_sie_ids(ds, False, False, 1, 1)
