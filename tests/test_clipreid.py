@@ -449,3 +449,23 @@ def test_export_bad_inputs(tmp_path, capsys, monkeypatch):
   assert err.endswith("m.pth: cannot write (RuntimeError: [enforce fail at inline_container.cc:603] . unexpected "
                       "pos 64)"), err
   assert list((tmp_path / "fail").iterdir()) == []
+
+
+def test_export_of_a_baseline_model(tmp_path, capsys):
+  """The paper's baseline (make_model.py: image side only) exports to its own state dict: no text or prompt keys."""
+  import torch
+  variant = VARIANTS[0]
+  sd = {k: v for k, v in np.load(variant / "model_state.npz").items()
+        if not k.startswith(("text_encoder.", "prompt_learner."))}
+  np.savez(tmp_path / "baseline.npz", **sd)
+  args = convert_args(variant, tmp_path / "model")
+  args[1] = str(tmp_path / "baseline.npz")
+  assert convert.main(args) == 0
+  assert not clipreid.load_clipreid(tmp_path / "model")[0].config.with_text
+  capsys.readouterr()
+  assert convert.main(["export", str(tmp_path / "model"), str(tmp_path / "b.pth")]) == 0
+  assert "the baseline (processor.py, make_model.py)" in capsys.readouterr().out
+  got = torch.load(tmp_path / "b.pth", map_location="cpu", weights_only=True)
+  assert sorted(got) == sorted(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(got[k].numpy(), v, err_msg=k)
