@@ -277,12 +277,10 @@ def save_torch_state_dict(dst: str | os.PathLike, sd: dict[str, np.ndarray], ove
   return dst
 
 
-def convert_state_dict(sd: dict[str, np.ndarray], top_renames: dict[str, str], *, skip=()) -> dict:
+def convert_state_dict(sd: dict[str, np.ndarray], top_renames: dict[str, str]) -> dict:
   """Builds the Flax variables {collection: nested dict} from a state dict, casting floats to float32."""
   variables: dict = {}
   for key, arr in sd.items():
-    if any(key == s or key.startswith(s + ".") for s in skip):
-      continue
     mapped = map_key(key, arr, top_renames)
     if mapped is None:
       continue

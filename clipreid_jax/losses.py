@@ -124,11 +124,6 @@ def i2t_logits(image_features_proj: Array, text_features: Array) -> Array:
   return _matmul_t(image_features_proj, text_features)
 
 
-def i2t_loss(image_features_proj: Array, text_features: Array, targets: Array, epsilon: float = 0.1) -> Array:
-  """Stage-2 i2t loss: label-smoothed CE of `i2t_logits` ((B, E) x (C, E) -> (B, C)) against the IDs."""
-  return cross_entropy_label_smooth(i2t_logits(image_features_proj, text_features), targets, epsilon)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Triplet.
 

@@ -35,11 +35,6 @@ KNOWN_NAMES = tuple(READERS)
 _ALIASES = {"market": "market1501", "market-1501": "market1501", "duke": "dukemtmc", "dukemtmcreid": "dukemtmc",
             "occluded_duke": "occ_duke", "veri776": "veri", "veri-776": "veri"}
 
-# Folder or layout of each dataset, for messages and data/README.md.
-LAYOUTS = {"market1501": market1501.LAYOUT, "msmt17": msmt17.LAYOUT, "dukemtmc": dukemtmc.DUKE_LAYOUT,
-           "occ_duke": dukemtmc.OCC_DUKE_LAYOUT, "veri": veri.LAYOUT, "vehicleid": vehicleid.LAYOUT,
-           "custom": custom.LAYOUT, "synthetic": market1501.LAYOUT}
-
 # Vehicle datasets use the vehicle prompt ('A photo of a X X X X vehicle.').
 VEHICLE_DATASETS = frozenset({"veri", "vehicleid"})
 
