@@ -25,17 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipreid_jax.data import errors
+from clipreid_jax.data.images import PIXEL_STATS
+from clipreid_jax.data.registry import VEHICLE_DATASETS
 from clipreid_jax.models.clip import BatchNorm, CLIPConfig, TextTransformer, vision_tower
 
 Dtype = Any
 
-VEHICLE_DATASETS = ("veri", "vehicleid")
 N_CTX = 4  # learned tokens per identity in the official code (and the paper)
 CTX_START = 5  # tokens 0..4 are [SOT, a, photo, of, a]; then the learned X tokens
 MAX_PROMPT_TOKENS = 69  # with the template's other 8 tokens, CLIP's 77
-
-VIT_PIXEL_MEAN = VIT_PIXEL_STD = (0.5, 0.5, 0.5)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def prompt_template(noun: str, tokens: int = N_CTX) -> str:
@@ -76,11 +74,11 @@ class ReIDConfig:
 
   @property
   def pixel_mean(self) -> tuple[float, ...]:
-    return VIT_PIXEL_MEAN if self.clip.is_vit else IMAGENET_MEAN
+    return PIXEL_STATS["vit" if self.clip.is_vit else "rn50"][0]
 
   @property
   def pixel_std(self) -> tuple[float, ...]:
-    return VIT_PIXEL_STD if self.clip.is_vit else IMAGENET_STD
+    return PIXEL_STATS["vit" if self.clip.is_vit else "rn50"][1]
 
   @property
   def feature_dim(self) -> int:
