@@ -328,6 +328,6 @@ def evaluate_checkpoint(config, workdir: str, overrides: frozenset = frozenset()
     raise train.ConfigError(f"checkpoint: {config.checkpoint}: {e}") from None
   out.mkdir(parents=True, exist_ok=True)
   record = {"final": train.percent(result), "evaluated": evaluation_record(config, dataset.name)}
-  train._write_atomic(out / "metrics.json", json.dumps(record, indent=1) + "\n")
+  outputs.write_atomic(out / "metrics.json", json.dumps(record, indent=1) + "\n")
   print(f"final: {train.format_metrics(result)}", flush=True)
   return result

@@ -1,4 +1,4 @@
-"""Output folders, checked before the work that fills them (which can take hours)."""
+"""Output folders, checked before the work that fills them (which can take hours), and files written whole."""
 from __future__ import annotations
 
 import os
@@ -29,3 +29,10 @@ def check_writable(out: str | os.PathLike, key: str, error: type[Exception] = Va
   if not os.access(anchor, os.W_OK | os.X_OK):
     raise error(f"{key}: cannot create or write {out} ({anchor} is not a writable folder)")
   return pathlib.Path(out)
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+  """A killed write leaves the old file (or none), never half of the new one."""
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, path)

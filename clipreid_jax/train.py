@@ -32,7 +32,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from clipreid_jax import checkpoints, losses, optim, steps
+from clipreid_jax import checkpoints, losses, optim, outputs, steps
 from clipreid_jax.data import pipelines, prefetch, sampler, synthetic
 from clipreid_jax.data import errors
 from clipreid_jax.data.errors import DataError
@@ -585,7 +585,7 @@ class Run:
       self.dir.mkdir(parents=True, exist_ok=True)
       f = self.dir / "config.json"
       if not f.is_file():
-        _write_atomic(f, json.dumps(self.config, indent=1, sort_keys=True, default=str) + "\n")
+        outputs.write_atomic(f, json.dumps(self.config, indent=1, sort_keys=True, default=str) + "\n")
     multihost_utils.sync_global_devices("workdir created")
     self._open_manager()
 
@@ -637,7 +637,7 @@ class Run:
         keep.append(line)
     trimmed = "".join(l + "\n" for l in keep)
     if trimmed != text:
-      _write_atomic(f, trimmed)
+      outputs.write_atomic(f, trimmed)
 
   def _rebuild_tensorboard(self) -> None:
     """Rewrites tensorboard/ from the trimmed metrics.jsonl: events of epochs lost to a kill would otherwise stay
@@ -770,13 +770,6 @@ def checkpoint_manager(directory: pathlib.Path):
   import orbax.checkpoint as ocp
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
       max_to_keep=2, create=True, enable_async_checkpointing=True))
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  """A killed write leaves the old file (or none), never half of the new one."""
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def check_finite(where: str, metrics: dict, run: Run) -> None:
@@ -1166,7 +1159,7 @@ def _train_and_evaluate(config, run: Run) -> dict:
     summary["untrained"] = percent(untrained)
     print(f"untrained: {format_metrics(untrained)}", flush=True)
   if jax.process_index() == 0:
-    _write_atomic(run.dir / "metrics.json", json.dumps(summary, indent=1) + "\n")
+    outputs.write_atomic(run.dir / "metrics.json", json.dumps(summary, indent=1) + "\n")
   run.log_metrics({"final": True, **result})
   run.close()
   print(f"final: {format_metrics(result)}", flush=True)
