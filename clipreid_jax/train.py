@@ -491,6 +491,7 @@ class Run:
     self._resumed_from = None  # (stage, epoch) of the checkpoint resumed from, until metrics.jsonl is trimmed
     self.stop_signal = 0  # the signal that asked the run to stop (SIGTERM, SIGINT); 0 while none has
     self._handlers = {}  # the handlers `catch_signals` replaced, put back by `release_signals`
+    self._tb = None  # the TensorBoard writer, opened by the first record
 
   def catch_signals(self) -> None:
     """From now until `release_signals`, SIGTERM and a first Ctrl-C ask for a checkpoint and a clean exit."""
@@ -645,9 +646,7 @@ class Run:
     tb, records = self.dir / "tensorboard", self.dir / "metrics.jsonl"
     if not tb.is_dir():
       return
-    if getattr(self, "_tb", None) is not None:
-      self._tb.close()
-      self._tb = None
+    self._close_tensorboard()
     shutil.rmtree(tb)
     for line in records.read_text().splitlines() if records.is_file() else []:
       self._tensorboard(json.loads(line))
@@ -661,7 +660,7 @@ class Run:
 
   def _tensorboard(self, record: dict) -> None:
     """The same numbers as TensorBoard scalars (WORKDIR/tensorboard), tagged stage1/, stage2/ or final/."""
-    if getattr(self, "_tb", None) is None:
+    if self._tb is None:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(self.dir / "tensorboard"))
     prefix = "final" if record.get("final") else f"stage{record.get('stage', 0)}"
@@ -671,12 +670,15 @@ class Run:
         self._tb.add_scalar(f"{prefix}/{key}", value, step)
     self._tb.flush()
 
+  def _close_tensorboard(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
   def close(self) -> None:
     """Waits for the checkpoint being written and finishes the TensorBoard file (its writer flushes on close)."""
     self.wait()
-    if getattr(self, "_tb", None) is not None:
-      self._tb.close()
-      self._tb = None
+    self._close_tensorboard()
 
   def save(self, counter: int, state, meta: dict, force: bool = False) -> None:
     """Starts checkpoint `counter`: returns once the state is copied off the devices; the files are written in the
