@@ -113,12 +113,18 @@ def _as_labels(x, name: str, n: int) -> np.ndarray:
   return x
 
 
-def check_inputs(qf, gf, q_pids, g_pids, q_camids, g_camids):
-  """Validates shapes; returns (qf, gf, q_pids, g_pids, q_camids, g_camids) as arrays. Raises ValueError."""
+def check_features(qf, gf):
+  """Query and gallery features as 2-D arrays of one width. Raises ValueError."""
   qf, gf = _as_features(qf, "query features"), _as_features(gf, "gallery features")
   if qf.shape[1] != gf.shape[1]:
     raise ValueError(f"feature widths differ: expected query and gallery features of the same dim, got "
                      f"{qf.shape[1]} and {gf.shape[1]}")
+  return qf, gf
+
+
+def check_inputs(qf, gf, q_pids, g_pids, q_camids, g_camids):
+  """Validates shapes; returns (qf, gf, q_pids, g_pids, q_camids, g_camids) as arrays. Raises ValueError."""
+  qf, gf = check_features(qf, gf)
   nq, ng = qf.shape[0], gf.shape[0]
   return (qf, gf, _as_labels(q_pids, "q_pids", nq), _as_labels(g_pids, "g_pids", ng),
           _as_labels(q_camids, "q_camids", nq), _as_labels(g_camids, "g_camids", ng))
@@ -222,10 +228,7 @@ def euclidean_distance(qf, gf, chunk: int = 1024) -> np.ndarray:
   Features are used as given (the official `euclidean_distance`; normalise first with `l2_normalize`). Only for
   matrices that fit in memory: `evaluate` never builds this matrix.
   """
-  qf, gf = _as_features(qf, "query features"), _as_features(gf, "gallery features")
-  if qf.shape[1] != gf.shape[1]:
-    raise ValueError(f"feature widths differ: expected query and gallery features of the same dim, got "
-                     f"{qf.shape[1]} and {gf.shape[1]}")
+  qf, gf = check_features(qf, gf)
   q, g = jnp.asarray(qf, jnp.float32), jnp.asarray(gf, jnp.float32)
   g_sq = _sq_norms(g)
   out = np.empty((q.shape[0], g.shape[0]), np.float32)

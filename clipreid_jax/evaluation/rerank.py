@@ -290,10 +290,7 @@ def re_ranking(qf, gf, k1: int = 50, k2: int = 15, lambda_value: float = 0.3, bl
   Returns:
     `Reranked`: `rows(query_indices)` gives re-ranked distance rows, `dense()` the whole matrix.
   """
-  qf, gf = metrics._as_features(qf, "query features"), metrics._as_features(gf, "gallery features")
-  if qf.shape[1] != gf.shape[1]:
-    raise ValueError(f"feature widths differ: expected query and gallery features of the same dim, got "
-                     f"{qf.shape[1]} and {gf.shape[1]}")
+  qf, gf = metrics.check_features(qf, gf)
   if k1 < 1 or k2 < 1:
     raise ValueError(f"expected k1 >= 1 and k2 >= 1, got k1={k1}, k2={k2}")
   nq = qf.shape[0]
