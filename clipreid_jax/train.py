@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 import jax
 import jax.numpy as jnp
@@ -526,6 +526,12 @@ class Run:
     """The shell's code for the stop signal: 143 after SIGTERM, 130 after Ctrl-C."""
     return 128 + (self.stop_signal or signal.SIGTERM)
 
+  def exit_preempted(self, saved: str) -> NoReturn:
+    """Ends a stopped run once the checkpoint just started (of `saved`, for the log) is on disk."""
+    self.wait()
+    log.warning("pre-empted: saved %s", saved)
+    raise SystemExit(self.exit_code)
+
   def stop_agreed(self) -> bool:
     """Whether any process was asked to stop (SIGTERM, Ctrl-C). Saving is collective, so hosts act on the flag
     only together: in a multi-host run this is a collective itself, called at the same point on every process."""
@@ -875,9 +881,7 @@ def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) ->
     if epoch % s.checkpoint_every_epochs == 0 or epoch == s.max_epochs or stop:
       run.save(epoch, state, {"stage": 1, "epoch": epoch})
     if stop:
-      run.wait()
-      log.warning("pre-empted: saved stage 1 epoch %d", epoch)
-      raise SystemExit(run.exit_code)
+      run.exit_preempted(f"stage 1 epoch {epoch}")
   run.wait()  # a stage's last checkpoint is on disk before the next stage starts
   params = jax.device_get(state.params)
   return {"params": params, "batch_stats": variables["batch_stats"]}
@@ -978,9 +982,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
         # The batches consumed, not the loader's position: it runs ahead by the prefetch depth.
         run.save(counter(), state, {"stage": 2, "epoch": epoch - 1, "next_batch": count,
                                     "sums": {k: float(v) for k, v in jax.device_get(sums).items()}})
-        run.wait()
-        log.warning("pre-empted: saved stage 2 epoch %d at step %d", epoch, count)
-        raise SystemExit(run.exit_code)
+        run.exit_preempted(f"stage 2 epoch {epoch} at step {count}")
     check_steps()
     m = {k: float(v) / max(count, 1) for k, v in jax.device_get(sums).items()}
     elapsed = time.time() - t
@@ -1000,9 +1002,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
     if epoch % config.checkpoint_every_epochs == 0 or epoch == s.max_epochs or stop:
       run.save(counter(), state, {"stage": 2, "epoch": epoch})
     if stop:
-      run.wait()
-      log.warning("pre-empted: saved stage 2 epoch %d", epoch)
-      raise SystemExit(run.exit_code)
+      run.exit_preempted(f"stage 2 epoch {epoch}")
   run.wait()
   return {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)}
 
