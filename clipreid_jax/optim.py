@@ -38,7 +38,7 @@ Every official parameter whose name contains "bias" maps to a Flax leaf named `b
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import optax
@@ -224,7 +224,7 @@ def stage1_lr_schedules(solver: Stage1Solver, steps_per_epoch: int) -> dict[str,
   return {TRAIN: schedules.to_optax(solver.schedule(), steps_per_epoch)}
 
 
-def stage2_lr_schedules(solver: Stage2Solver, steps_per_epoch: int) -> dict[str, optax.Schedule]:
+def stage2_lr_schedules(solver: Stage2Solver, steps_per_epoch: int | Sequence[int]) -> dict[str, optax.Schedule]:
   """{label: optax lr schedule} of the stage-2 / baseline optimizer."""
   return {g: schedules.to_optax(solver.schedule(g), steps_per_epoch) for g in (TRAIN, BIAS)}
 
@@ -241,7 +241,8 @@ def stage1_optimizer(solver: Stage1Solver, steps_per_epoch: int) -> optax.Gradie
   return _grouped("stage1", {TRAIN: tx})
 
 
-def _stage2_like(stage: str, solver: Stage2Solver, steps_per_epoch: int) -> optax.GradientTransformation:
+def _stage2_like(stage: str, solver: Stage2Solver,
+                 steps_per_epoch: int | Sequence[int]) -> optax.GradientTransformation:
   lrs = stage2_lr_schedules(solver, steps_per_epoch)
   groups = {
       TRAIN: _base_optimizer(solver.optimizer_name, lrs[TRAIN], solver.weight_decay, solver.momentum),
@@ -250,16 +251,16 @@ def _stage2_like(stage: str, solver: Stage2Solver, steps_per_epoch: int) -> opta
   return _grouped(stage, groups)
 
 
-def stage2_optimizer(solver: Stage2Solver, steps_per_epoch: int) -> optax.GradientTransformation:
+def stage2_optimizer(solver: Stage2Solver, steps_per_epoch: int | Sequence[int]) -> optax.GradientTransformation:
   """`make_optimizer_2stage` + `WarmupMultiStepLR`: the image side trains, text side and BN-neck biases frozen.
 
   Args:
     solver: SOLVER.STAGE2 settings.
-    steps_per_epoch: optimizer steps per epoch.
+    steps_per_epoch: optimizer steps per epoch, or every epoch's length (PK epochs differ; see `schedules.to_optax`).
   """
   return _stage2_like("stage2", solver, steps_per_epoch)
 
 
-def baseline_optimizer(solver: Stage2Solver, steps_per_epoch: int) -> optax.GradientTransformation:
+def baseline_optimizer(solver: Stage2Solver, steps_per_epoch: int | Sequence[int]) -> optax.GradientTransformation:
   """`make_optimizer` of the baseline (`train.py`): the stage-2 rules on a model without a text side."""
   return _stage2_like("baseline", solver, steps_per_epoch)

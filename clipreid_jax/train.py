@@ -976,7 +976,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
         log.info("stage 2 epoch %d step %d/%d: loss %.4f", epoch, count, len(loader), m["loss"])
       # One host stops at the next step; several agree on it every log_every_steps steps (a collective).
       check_stop = jax.process_count() == 1 or count % config.log_every_steps == 0
-      # PK epochs differ in length: compare with this epoch's, not with epoch 1's `steps_per_epoch`.
+      # PK epochs differ in length: compare with this epoch's own (`len(loader)`).
       if check_stop and run.stop_agreed() and count < len(loader):
         check_steps()  # never save a non-finite state
         # The batches consumed, not the loader's position: it runs ahead by the prefetch depth.
