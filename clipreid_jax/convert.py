@@ -330,7 +330,7 @@ def grid_for(cfg: CLIPConfig, input_size: tuple[int, int], stride: Optional[int]
   if cfg.is_vit:
     s, p = stride or cfg.vision_patch_size, cfg.vision_patch_size
     return ((h - p) // s + 1, (w - p) // s + 1)
-  down = 32 if cfg.resnet_last_stride == 2 else 16
+  down = grid_unit(cfg)
   return (h // down, w // down)
 
 
