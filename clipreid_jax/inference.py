@@ -308,14 +308,13 @@ def evaluate_checkpoint(config, workdir: str, overrides: frozenset = frozenset()
   model, variables = load_clipreid(config.checkpoint)
   check_overrides(config, model, overrides)
   dataset = train.load_dataset(config)
-  if model.config.sie_rows:
-    need = model.config.camera_num if model.config.sie_camera else 0
-    have = dataset.num_train_cams
-    if model.config.sie_camera and have != need:
-      raise train.ConfigError(f"checkpoint: {config.checkpoint} has an SIE table for {need} cameras, but dataset "
-                              f"{config.dataset.name} at {config.dataset.root} has {have}; expected the same cameras")
-    train.check_sie_ids(dataset, model.config.sie_camera, model.config.sie_view, model.config.camera_num,
-                        model.config.view_num)
+  cfg = model.config
+  if cfg.sie_rows:
+    if cfg.sie_camera and dataset.num_train_cams != cfg.camera_num:
+      raise train.ConfigError(f"checkpoint: {config.checkpoint} has an SIE table for {cfg.camera_num} cameras, but "
+                              f"dataset {config.dataset.name} at {config.dataset.root} has {dataset.num_train_cams}; "
+                              "expected the same cameras")
+    train.check_sie_ids(dataset, cfg.sie_camera, cfg.sie_view, cfg.camera_num, cfg.view_num)
   train.check_valid_queries(dataset)
   train.check_batch("eval.batch_size", config.eval.batch_size)  # before the ValueErrors below are the checkpoint's
   mesh = train.make_mesh()
