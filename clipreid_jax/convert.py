@@ -458,14 +458,14 @@ def main(argv=None) -> int:
 
 def _convert(args: argparse.Namespace) -> str:
   """Does the subcommand; returns what the user must know beyond the destination (export: the official settings)."""
-  from clipreid_jax.models import clipreid  # pylint: disable=g-import-not-at-top
+  from clipreid_jax import official_checkpoints as official  # pylint: disable=g-import-not-at-top
   if args.kind == "clip":
     convert_clip(args.src, args.dst, input_size=args.input_size, stride=args.stride,
                  resnet_last_stride=args.resnet_last_stride, trust=args.trust, overwrite=args.overwrite)
   elif args.kind == "export":
-    return clipreid.official_settings(clipreid.export_clipreid(args.src, args.dst, overwrite=args.overwrite))
+    return official.official_settings(official.export_clipreid(args.src, args.dst, overwrite=args.overwrite))
   else:
-    clipreid.convert_clipreid(args.src, args.dst, dataset=args.dataset, input_size=args.input_size,
+    official.convert_clipreid(args.src, args.dst, dataset=args.dataset, input_size=args.input_size,
                               stride=args.stride, sie=args.sie, camera_num=args.camera_num,
                               view_num=args.view_num, sie_coe=args.sie_coe, overwrite=args.overwrite)
   return ""

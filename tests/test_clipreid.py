@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from clipreid_jax import convert
+from clipreid_jax import official_checkpoints as official
 from clipreid_jax.checkpoints import CheckpointError
 from clipreid_jax.models import clipreid
 from golden_reid import close, convert_args, converted_loader, meta, sie_inputs, variants
@@ -71,7 +72,7 @@ def test_forward_outputs(variant, converted):
   assert {"bottleneck.running_mean", "bottleneck_proj.running_var"} <= set(stats)
   if variant.parent.name == "rn50":
     assert sum(k.startswith("image_encoder.") for k in stats) >= 40, sorted(stats)
-  wanted = traverse_util.flatten_dict(convert.convert_state_dict(stats, clipreid.OFFICIAL_RENAMES)["batch_stats"])
+  wanted = traverse_util.flatten_dict(convert.convert_state_dict(stats, official.OFFICIAL_RENAMES)["batch_stats"])
   ours = traverse_util.flatten_dict(updates["batch_stats"])
   assert len(wanted) == len(stats) and set(wanted) <= set(ours), sorted(set(wanted) - set(ours))
   for path, value in wanted.items():
@@ -125,7 +126,7 @@ def test_inference_from_tensors_official_names(tmp_path):
   variant = next(v for v in VARIANTS if (v / "model_state.npz").is_file())
   sd = dict(np.load(variant / "model_state.npz"))
   m = meta(variant)
-  cfg = clipreid.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
+  cfg = official.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
   assert cfg.num_classes == sd["classifier.weight"].shape[0]
   assert cfg.clip.text_width == sd["text_encoder.ln_final.weight"].shape[0]
   # A full-size ViT-B/16 person checkpoint with a 15-row camera table (MSMT17 SIE+OLP), built from shapes.
@@ -135,24 +136,24 @@ def test_inference_from_tensors_official_names(tmp_path):
             "text_encoder.ln_final.weight": (512,), "text_encoder.text_projection": (512, 512),
             "text_encoder.positional_embedding": (77, 512), "text_encoder.transformer.resblocks.0.ln_1.weight": (512,)}
   fake = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
-  cfg = clipreid.infer_reid_config(fake, "MSMT17_clipreid_12x12sie_ViT-B-16_60.pth")
+  cfg = official.infer_reid_config(fake, "MSMT17_clipreid_12x12sie_ViT-B-16_60.pth")
   assert cfg.input_size == (256, 128) and tuple(cfg.clip.vision_grid) == (21, 10)
   assert cfg.clip.vision_stride == 12 and cfg.num_classes == 1041 and cfg.sie_camera and cfg.camera_num == 15
   assert cfg.prompt_noun == "person"
   fake["image_encoder.positional_embedding"] = np.zeros((442, 768), np.float32)
   fake["cv_embed"] = np.zeros((160, 768), np.float32)
   fake["classifier.weight"] = np.zeros((576, 768), np.float32)
-  cfg = clipreid.infer_reid_config(fake, "VeRi_clipreid_12x12sie_ViT-B-16_60.pth")
+  cfg = official.infer_reid_config(fake, "VeRi_clipreid_12x12sie_ViT-B-16_60.pth")
   assert tuple(cfg.clip.vision_grid) == (21, 21) and cfg.prompt_noun == "vehicle"
   assert (cfg.sie_camera, cfg.sie_view, cfg.camera_num, cfg.view_num) == (True, True, 20, 8)
   # --dataset as the official DATASETS.NAMES spells it: the camera x view table is still recognised.
-  cfg = clipreid.infer_reid_config(fake, "trained.pth", dataset="VeRi", input_size=(256, 256), stride=12)
+  cfg = official.infer_reid_config(fake, "trained.pth", dataset="VeRi", input_size=(256, 256), stride=12)
   assert (cfg.sie_camera, cfg.sie_view, cfg.camera_num, cfg.view_num) == (True, True, 20, 8)
   # A file named after a dataset whose identity count it contradicts: one line naming both numbers.
   fake["classifier.weight"] = np.zeros((751, 768), np.float32)
   with pytest.raises(CheckpointError, match="751 identities.*veri.*576"):
-    clipreid.infer_reid_config(fake, "VeRi_clipreid_12x12sie_ViT-B-16_60.pth")
-  assert clipreid.infer_reid_config(fake, "VeRi_clipreid_12x12sie_ViT-B-16_60.pth", dataset="veri").num_classes == 751
+    official.infer_reid_config(fake, "VeRi_clipreid_12x12sie_ViT-B-16_60.pth")
+  assert official.infer_reid_config(fake, "VeRi_clipreid_12x12sie_ViT-B-16_60.pth", dataset="veri").num_classes == 751
 
 
 def test_convert_bad_inputs(tmp_path, capsys):
@@ -365,12 +366,12 @@ def test_prompt_tokens_other_than_four(tmp_path):
   # A converted checkpoint says how many tokens it learnt.
   sd = dict(np.load(variant / "model_state.npz"))
   sd["prompt_learner.cls_ctx"] = sd["prompt_learner.cls_ctx"][:, :2]
-  cfg = clipreid.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
+  cfg = official.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
   assert (cfg.prompt_tokens, cfg.eot_index) == (2, 9)
   sd["prompt_learner.cls_ctx"] = np.zeros((3, 70, 8), np.float32)
   with pytest.raises(CheckpointError, match=r"x.pth: prompt_learner.cls_ctx has 70 tokens per identity; expected "
                      r"1..69"):
-    clipreid.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
+    official.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v.parent.name}/{v.name}")
