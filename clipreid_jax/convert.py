@@ -22,6 +22,7 @@ import sys
 from typing import Callable, Optional
 
 import numpy as np
+from flax import traverse_util
 
 from clipreid_jax.checkpoints import CheckpointError, save_model_dir
 from clipreid_jax.data.errors import describe, warnings_as_lines
@@ -235,7 +236,6 @@ def torch_entry(collection: str, path: tuple[str, ...], value: np.ndarray) -> tu
 def torch_state_dict(variables: dict) -> dict[str, np.ndarray]:
   """A state dict as PyTorch modules of the same names hold it: every tensor of `variables` under its torch key,
   plus each BatchNorm's `num_batches_tracked` (0: Flax keeps no count; it matters only for momentum None)."""
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   sd = {}
   for (collection, *path), value in traverse_util.flatten_dict(variables).items():
     key, array = torch_entry(collection, tuple(path), np.asarray(value))
@@ -441,10 +441,10 @@ def main(argv=None) -> int:
   r.add_argument("--camera_num", type=int, help="cameras in the training split (SIE)")
   r.add_argument("--view_num", type=int, help="views in the training split (SIE)")
   r.add_argument("--sie_coe", type=float, default=1.0, help="SIE scale (the official SIE recipe uses 1.0)")
-  e = sub.add_parser("export", help="a model directory (trained or converted) as an official CLIP-ReID .pth")
-  e.add_argument("src", help="a model directory: WORKDIR/model, or one written by `convert clipreid`")
-  e.add_argument("dst", help="the .pth file to write")
-  e.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+  x = sub.add_parser("export", help="a model directory (trained or converted) as an official CLIP-ReID .pth")
+  x.add_argument("src", help="a model directory: WORKDIR/model, or one written by `convert clipreid`")
+  x.add_argument("dst", help="the .pth file to write")
+  x.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
   args = parser.parse_args(argv)
   try:
     with warnings_as_lines():
