@@ -27,7 +27,7 @@ from flax import traverse_util
 from clipreid_jax.checkpoints import CheckpointError, save_model_dir
 from clipreid_jax.data.errors import describe, warnings_as_lines
 from clipreid_jax.models.clip import CLIPConfig
-from clipreid_jax.outputs import check_writable
+from clipreid_jax.outputs import atomic_file, check_writable
 from clipreid_jax.state_dicts import read_state_dict
 
 # --------------------------------------------------------------------------------------------------
@@ -265,15 +265,12 @@ def save_torch_state_dict(dst: str | os.PathLike, sd: dict[str, np.ndarray], ove
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise CheckpointError(f"{dst}: writing a .pth needs PyTorch: pip install -e '.[convert]'") from None
-  stage = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
   try:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, str(stage))
-    os.replace(stage, dst)
+    with atomic_file(dst) as stage:
+      torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, str(stage))
   except (OSError, RuntimeError) as e:  # a full disk; torch.save reports failed writes as RuntimeError
     raise CheckpointError(f"{dst}: cannot write ({describe(e)})") from None
-  finally:
-    stage.unlink(missing_ok=True)
   return dst
 
 

@@ -1,8 +1,10 @@
 """Output folders, checked before the work that fills them (which can take hours), and files written whole."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+from typing import Iterator
 
 
 def output_anchor(out: str | os.PathLike, key: str, error: type[Exception] = ValueError) -> pathlib.Path:
@@ -31,8 +33,19 @@ def check_writable(out: str | os.PathLike, key: str, error: type[Exception] = Va
   return pathlib.Path(out)
 
 
-def write_atomic(path: pathlib.Path, text: str) -> None:
-  """A killed write leaves the old file (or none), never half of the new one."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """A staging path beside `path` that replaces it when the block finishes: a killed or failed write leaves the old
+  file (or none), never half of the new one, and a failed one no staging file either."""
+  path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+  with atomic_file(path) as tmp:
+    tmp.write_text(text)

@@ -416,3 +416,18 @@ def test_a_stray_argument_is_refused(tmp_path):
   out = _cli("--config", f"{CONFIG}:{tmp_path / 'synthetic'}", "--workdir", tmp_path / "work", "extra")
   assert _error(out) == "error: unexpected arguments ['extra']"
   assert not (tmp_path / "work").exists()
+
+
+def test_atomic_file_keeps_the_old_file_when_a_write_fails(tmp_path):
+  """metrics.json, config.json, pictures and exported .pth files go through one staging file: a write that fails
+  half-way leaves the previous file whole and no staging file beside it."""
+  from clipreid_jax import outputs  # pylint: disable=g-import-not-at-top
+  target = tmp_path / "metrics.json"
+  outputs.write_atomic(target, "old\n")
+  with pytest.raises(OSError, match="disk full"):
+    with outputs.atomic_file(target) as tmp:
+      tmp.write_text("half")
+      raise OSError("disk full")
+  assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+  outputs.write_atomic(target, "new\n")
+  assert target.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

@@ -196,8 +196,7 @@ def load_packed(name: str, data_dir: str | os.PathLike, **opts) -> ReidDataset:
     lengths = {s: len(sources[s]) for s in SPLITS}
   except Exception as e:  # pylint: disable=broad-except  # a truncated or corrupt array_record file
     raise errors.DataError(f"packed {config}: cannot read the pack under {data_dir} ({errors.first_line(e)}); "
-                           "it is corrupt "
-                           "or truncated: delete it and prepare it again") from None
+                           "it is corrupt or truncated: delete it and prepare it again") from None
   tables = builder.info.metadata["splits"]
   splits = {}
   for s in SPLITS:

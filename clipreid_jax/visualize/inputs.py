@@ -161,15 +161,12 @@ def save_figure(fig, out: str | os.PathLike, option: str) -> pathlib.Path:
   """Saves a matplotlib figure as the PNG `out` through a temporary file, so `out` is never half-written."""
   out = pathlib.Path(out)
   output_anchor(out.parent, option)
-  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_dir():
       raise IsADirectoryError(21, "is a directory")
-    fig.savefig(tmp, format="png", facecolor="white")  # explicit format: the temporary name has no .png suffix
-    os.replace(tmp, out)
+    with outputs.atomic_file(out) as tmp:
+      fig.savefig(tmp, format="png", facecolor="white")  # explicit format: the temporary name has no .png suffix
   except OSError as e:
     raise VisualizeError(f"{option}: cannot write {out}: {e.strerror or e}") from None
-  finally:
-    tmp.unlink(missing_ok=True)
   return out
