@@ -169,6 +169,9 @@ def _load_to_device(data_dir: str) -> dict:
 
 def worker_ours(data_dir: str, args) -> dict:
   rss = {"start": _rss_gb()}
+  from clipreid_jax import host_memory
+  if not args.preallocate:
+    host_memory.no_device_preallocation()  # as eval mode does (main.py), before the backend starts
   from clipreid_jax.evaluation import evaluate
   device = _jax_device()
   rss["runtime"] = _rss_gb()  # JAX + the backend started
@@ -180,7 +183,7 @@ def worker_ours(data_dir: str, args) -> dict:
   wall = time.perf_counter() - t0
   rss["evaluated"] = _rss_gb()
   out = dict(wall_s=wall, device=device, rss_before_gb=floor, rss=rss, top_mappings=_top_mappings(),
-             cuda_module_loading=os.environ.get("CUDA_MODULE_LOADING"), **_summary(res))
+             preallocate=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"), **_summary(res))
   if args.warm:
     t0 = time.perf_counter()
     evaluate(d["qf"], d["gf"], *_labels(d), chunk=args.chunk, ranking=args.ranking)
@@ -232,7 +235,8 @@ WORKERS = {"ours": worker_ours, "reference": worker_reference, "rerank": worker_
 
 
 def _run_worker(name: str, data_dir: str, args, xla_flags: str = "", device_features: bool = False,
-                ranking: str = "auto", extra_env: dict | None = None, label: str | None = None) -> dict:
+                ranking: str = "auto", extra_env: dict | None = None, label: str | None = None,
+                preallocate: bool = False) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data", data_dir, "--k1", str(args.k1),
          "--k2", str(args.k2), "--lam", str(args.lam), "--ranking", ranking]
   if args.same_dist_check:
@@ -243,6 +247,8 @@ def _run_worker(name: str, data_dir: str, args, xla_flags: str = "", device_feat
     cmd += ["--warm"]
   if device_features:
     cmd += ["--device-features"]
+  if preallocate:
+    cmd += ["--preallocate"]
   env = dict(os.environ)
   if name == "reference":
     env["JAX_PLATFORMS"] = "cpu"  # numpy only; never touch the accelerator
@@ -262,7 +268,7 @@ def _run_worker(name: str, data_dir: str, args, xla_flags: str = "", device_feat
     print("    RSS GB: " + "; ".join(f"{k}: " + ", ".join(f"{n} {v:.2f}" for n, v in r.items())
                                      for k, r in out["rss"].items()), flush=True)
     print("    largest mappings GB: " + ", ".join(f"{n} {v:.2f}" for n, v in out["top_mappings"])
-          + f"; CUDA_MODULE_LOADING={out.get('cuda_module_loading')}", flush=True)
+          + f"; XLA_PYTHON_CLIENT_PREALLOCATE={out.get('preallocate')}", flush=True)
   return out
 
 
@@ -285,9 +291,10 @@ def main(argv=None) -> int:
                  help="also run ours with the features loaded straight into device memory (as a model produces them)")
   p.add_argument("--device-features", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--ranking", default="auto", help=argparse.SUPPRESS)
-  p.add_argument("--lazy-cuda-too", action="store_true",
-                 help="also run ours with CUDA_MODULE_LOADING=LAZY (kernels loaded on first use: less host memory "
-                      "if the environment loads them eagerly)")
+  p.add_argument("--preallocate-too", action="store_true",
+                 help="also run ours with JAX's GPU memory reservation (75%% of the device at start-up), which eval "
+                      "mode turns off: the driver's host memory for it is the difference")
+  p.add_argument("--preallocate", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--one-arena-too", action="store_true",
                  help="also run ours with one glibc malloc arena (GLIBC_TUNABLES=glibc.malloc.arena_max=1): whether "
                       "per-thread arenas holding freed memory make part of the GPU runtime's host memory")
@@ -327,7 +334,7 @@ def main(argv=None) -> int:
     runs += [] if args.skip_reference else [("reference", {})]
     runs += [("ours_noautotune", dict(xla_flags="--xla_gpu_autotune_level=0"))] if args.autotune_off_too else []
     runs += [("ours_device_features", dict(device_features=True))] if args.device_features_too else []
-    runs += [("ours_lazy_cuda", dict(extra_env={"CUDA_MODULE_LOADING": "LAZY"}))] if args.lazy_cuda_too else []
+    runs += [("ours_preallocate", dict(preallocate=True))] if args.preallocate_too else []
     runs += ([("ours_one_arena", dict(extra_env={"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"}))]
              if args.one_arena_too else [])
     runs += [(f"ours_ranking_{r}", dict(ranking=r)) for r in filter(None, args.rankings_too.split(","))]
@@ -345,7 +352,7 @@ def main(argv=None) -> int:
   print(f"scale {args.scale}: {shape}")
   rows = [("ours: evaluate", "ours"), ("ours: evaluate, XLA_FLAGS=--xla_gpu_autotune_level=0", "ours_noautotune"),
           ("ours: evaluate, features already in device memory", "ours_device_features"),
-          ("ours: evaluate, CUDA_MODULE_LOADING=LAZY", "ours_lazy_cuda"),
+          ("ours: evaluate, JAX's GPU memory reservation kept", "ours_preallocate"),
           ("ours: evaluate, one malloc arena", "ours_one_arena"),
           ("reference: numpy eval_func", "reference"),
           *[(f"ours: evaluate, ranking={r}", f"ours_ranking_{r}") for r in filter(None, args.rankings_too.split(","))],

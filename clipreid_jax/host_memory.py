@@ -1,4 +1,5 @@
-"""Host memory: keep XLA:CPU's per-step buffers mapped from one step to the next.
+"""Host memory: keep XLA:CPU's per-step buffers mapped from one step to the next; no GPU memory reservation in
+evaluation and extraction.
 
 XLA:CPU allocates each execution's temporary buffer (1.09 GiB for a ViT-B/16 stage-2 step at batch 8) with malloc
 from one of its worker threads and frees it when the step ends. glibc serves a request that large from a thread's
@@ -6,6 +7,12 @@ arena with a fresh mmap and unmaps it on free, so every step faults in 285k new 
 about 10% of the step on a 2-core machine (docs/performance.md). With a single arena and no mmap, the freed block
 stays in the heap and the next step reuses it. Accelerator backends keep their buffers on the device, so this is
 done only where JAX will run on the CPU alone.
+
+JAX's GPU client reserves 75% of the device's memory when it starts (XLA_PYTHON_CLIENT_PREALLOCATE), and the driver
+keeps host memory in proportion to the reservation: 3.8 GB of RSS on an H200 (141 GB), 2.2 GB on an 80 GB H100,
+against 0.2 GB without it (benchmarks/runtime_memory.py; docs/evaluation.md). Evaluation and extraction hold one
+model and one chunk of distances at a time, so they allocate as they go and stay within the 3 GB of host memory a
+full-size evaluation is allowed. Training keeps the reservation: one arena, no fragmentation over a long run.
 """
 from __future__ import annotations
 
@@ -49,3 +56,13 @@ def keep_step_buffers_mapped() -> bool:
     return False
   return all(mallopt(param, value) == 1 for param, value in
              ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+
+
+def no_device_preallocation() -> bool:
+  """Evaluation and extraction: JAX allocates device memory as needed instead of reserving 75% of it at start-up
+  (and the host memory the driver keeps for such a reservation). A value the user set wins. Call before JAX starts
+  its backend. Returns whether it was applied."""
+  if "XLA_PYTHON_CLIENT_PREALLOCATE" in os.environ:
+    return False
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  return True

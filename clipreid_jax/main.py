@@ -101,6 +101,8 @@ def main(argv):
     return 2
   from clipreid_jax import host_memory
   host_memory.keep_step_buffers_mapped()  # before JAX starts its backend
+  if config.get("mode", "train") in ("eval", "extract"):
+    host_memory.no_device_preallocation()  # ~2-4 GB less host memory on a GPU machine
   from clipreid_jax.checkpoints import CheckpointError
   from clipreid_jax.data.errors import DataError, DataWarning
   from clipreid_jax.train import ConfigError, TrainingStopped

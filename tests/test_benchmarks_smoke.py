@@ -106,7 +106,7 @@ def test_eval_benchmark_cut_by_sigterm_prints_what_it_measured():
   what finished (the goal pair runs first), and exit 143."""
   import signal  # pylint: disable=g-import-not-at-top
   cmd = [sys.executable, "benchmarks/eval_benchmark.py", "--scale", "0.05", "--skip-rerank", "--device-features-too",
-         "--one-arena-too", "--lazy-cuda-too"]
+         "--one-arena-too", "--preallocate-too"]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
   lines = []
@@ -116,8 +116,27 @@ def test_eval_benchmark_cut_by_sigterm_prints_what_it_measured():
       proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=300) == 143, "".join(lines)
   text = "".join(lines)
-  assert "stopped by SIGTERM: not run: ours_device_features, ours_lazy_cuda, ours_one_arena" in text, text
+  assert "stopped by SIGTERM: not run: ours_device_features, ours_preallocate, ours_one_arena" in text, text
   assert "| reference: numpy eval_func" in text and "features already in device memory" not in text, text
   goals = [l for l in lines if l.startswith("goal ")]
   assert [g.split(":")[0] for g in goals] == ["goal speedup_vs_reference", "goal ours_peak_rss",
                                               "goal metrics_vs_reference"], goals
+
+
+def test_runtime_memory_reports_each_setting(tmp_path):
+  """runtime_memory.py: one fresh process per environment setting, each reporting RSS at every start-up point and
+  the environment it ran with (the setting reaches the process)."""
+  import json  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, "benchmarks/runtime_memory.py", "--settings", "noprealloc,cpu", "--json",
+                        str(tmp_path / "rss.json")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.loads((tmp_path / "rss.json").read_text())
+  assert sorted(results) == ["cpu", "noprealloc"]
+  assert results["noprealloc"]["env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+  assert results["cpu"]["env"]["JAX_PLATFORMS"] == "cpu"
+  for r in results.values():
+    points = r["points"]
+    assert list(points) == ["python", "import jax", "backend", "tiny op", "matmul", "untuned matmul"]
+    assert 0 < points["python"]["VmRSS"] < points["untuned matmul"]["VmRSS"] < 20
+  assert "setting          RSS after the untuned product (GB)" in out.stdout

@@ -53,3 +53,37 @@ def test_accelerator_runs_are_left_alone():
   """JAX_PLATFORMS naming an accelerator first: malloc is not touched (the run's buffers live on the device)."""
   got = _run("decide", JAX_PLATFORMS="cuda,cpu")
   assert not got["applied"] and not got["cpu_only"]
+
+
+# main.py with the mode's work replaced by a report of the setting it started JAX's backend with.
+_MAIN_REPORTS_PREALLOCATION = """
+import os, sys
+from absl import app
+from clipreid_jax import inference, main, train
+
+def report(*args, **kwargs):
+  print("PREALLOCATE", os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"))
+
+train.validate_config = lambda config: None
+train.train_and_evaluate = inference.evaluate_checkpoint = inference.extract_to_files = report
+app.run(lambda argv: sys.exit(main.main(argv)), flags_parser=main.parse_flags)
+"""
+
+
+def _preallocation_in_mode(tmp_path, mode: str, **env) -> str:
+  base = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+  out = subprocess.run([sys.executable, "-c", _MAIN_REPORTS_PREALLOCATION, "--config", "configs/demo.py",
+                        f"--config.mode={mode}", "--config.visualize=False", "--workdir", str(tmp_path / mode)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**base, **env})
+  lines = [l for l in out.stdout.splitlines() if l.startswith("PREALLOCATE")]
+  assert out.returncode == 0 and lines, out.stdout + out.stderr
+  return lines[-1].split()[1]
+
+
+def test_evaluation_and_extraction_reserve_no_gpu_memory(tmp_path):
+  """eval / extract start JAX without its GPU memory reservation (whose driver bookkeeping alone is 2-4 GB of host
+  memory); training keeps it; a value the user set is left as it is."""
+  assert _preallocation_in_mode(tmp_path, "eval") == "false"
+  assert _preallocation_in_mode(tmp_path, "extract") == "false"
+  assert _preallocation_in_mode(tmp_path, "train") == "None"
+  assert _preallocation_in_mode(tmp_path, "eval", XLA_PYTHON_CLIENT_PREALLOCATE="true") == "true"

@@ -1,0 +1,115 @@
+"""What JAX's backend alone costs in host memory (RSS), under environment settings that might change it.
+
+    python benchmarks/runtime_memory.py                      # every setting below, each in its own process
+    python benchmarks/runtime_memory.py --settings default,lazy
+
+The evaluation's peak-RSS goal (3 GB, issue 6) sits on top of this floor: on the H100 machine JAX's CUDA backend
+held 2.70 GB (2.24 GB anonymous) before any evaluation. Each setting runs a fresh process that reports RSS
+(anonymous / file-backed) after `import jax`, after the backend starts (`jax.devices()`), after one tiny op, after
+one jitted 2048^2 float32 product (cuBLAS loaded) and after one jitted product compiled without autotuning (as the
+evaluation's are, `metrics.jit_untuned`), plus the largest resident mappings and the CUDA / XLA environment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+SETTINGS = {  # name -> environment overrides
+    "default": {},
+    "lazy": {"CUDA_MODULE_LOADING": "LAZY"},
+    "eager": {"CUDA_MODULE_LOADING": "EAGER"},
+    "noprealloc": {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+    "lazy+noprealloc": {"CUDA_MODULE_LOADING": "LAZY", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+    "platform_alloc": {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"},
+    "cpu": {"JAX_PLATFORMS": "cpu"},
+}
+
+
+def rss() -> dict:
+  out = {}
+  with open("/proc/self/status") as f:
+    for line in f:
+      key, _, value = line.partition(":")
+      if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+        out[key] = int(value.split()[0]) * 1024 / 1e9
+  return out
+
+
+def top_mappings(n: int = 10) -> list:
+  sizes, name = {}, None
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      parts = line.split()
+      if parts and "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+        name = parts[5] if len(parts) > 5 else "[anon]"
+      elif parts and parts[0] == "Rss:":
+        sizes[name] = sizes.get(name, 0) + int(parts[1]) * 1024
+  return [(os.path.basename(k), round(v / 1e9, 3)) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def worker() -> dict:
+  points = {"python": rss()}
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  points["import jax"] = rss()
+  devices = jax.devices()
+  points["backend"] = rss()
+  jnp.zeros(1).block_until_ready()
+  points["tiny op"] = rss()
+  x = jnp.ones((2048, 2048), jnp.float32)
+  jax.jit(lambda a: a @ a)(x).block_until_ready()
+  points["matmul"] = rss()
+  jax.jit(lambda a: a @ a.T, compiler_options={"xla_gpu_autotune_level": 0} if devices[0].platform == "gpu"
+          else None)(x).block_until_ready()
+  points["untuned matmul"] = rss()
+  env = {k: v for k, v in os.environ.items() if k.startswith(("CUDA_", "XLA_", "TF_", "NVIDIA_", "JAX_"))}
+  return dict(device=f"{devices[0].device_kind} ({devices[0].platform})", jax=jax.__version__, points=points,
+              top_mappings=top_mappings(), env=env)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {list(SETTINGS)}")
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--json", help="write every setting's result here")
+  args = p.parse_args(argv)
+  if args.worker:
+    print("RESULT " + json.dumps(worker()), flush=True)
+    return 0
+  results = {}
+  for name in args.settings.split(","):
+    env = dict(os.environ, **SETTINGS[name])
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if not lines:
+      tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+      results[name] = {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
+      print(f"{name}: ERROR {results[name]['error']}", flush=True)
+      continue
+    r = results[name] = json.loads(lines[-1][len("RESULT "):])
+    print(f"\n== {name} ({', '.join(f'{k}={v}' for k, v in SETTINGS[name].items()) or 'environment as is'}) on "
+          f"{r['device']}, jax {r['jax']}", flush=True)
+    print(f"   {'point':<16}{'RSS GB':>8}{'anon':>8}{'file':>8}{'peak':>8}")
+    for point, m in r["points"].items():
+      print(f"   {point:<16}{m.get('VmRSS', 0):>8.2f}{m.get('RssAnon', 0):>8.2f}{m.get('RssFile', 0):>8.2f}"
+            f"{m.get('VmHWM', 0):>8.2f}")
+    print("   largest mappings GB: " + ", ".join(f"{n} {v:.2f}" for n, v in r["top_mappings"]))
+    print("   environment: " + (", ".join(f"{k}={v}" for k, v in sorted(r["env"].items())) or "none of CUDA_/XLA_/"
+                                "TF_/NVIDIA_/JAX_"), flush=True)
+  ok = {k: v for k, v in results.items() if "error" not in v}
+  if ok:
+    print("\nsetting          RSS after the untuned product (GB)")
+    for k, v in ok.items():
+      print(f"{k:<17}{v['points']['untuned matmul']['VmRSS']:.2f}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
