@@ -1,6 +1,6 @@
 """Where a stage-2 step's time goes: timings, host dispatch and a device-kernel profile, per variant, in one process.
 
-    python benchmarks/profile_step.py                                   # GPU: ViT-B/16 batch 64, default + cudnn
+    python benchmarks/profile_step.py                    # GPU: ViT-B/16 batch 64, default (cuDNN attention) + xla
     python benchmarks/profile_step.py --variants default,b128,autotune0 --trace_dir /tmp/prof
     python benchmarks/profile_step.py --batch 8 --steps 2 --variants default   # CPU smoke run (slow, full size)
 
@@ -13,8 +13,9 @@ trainer's optimizer, on-device augmentation, donated state) and reports:
   matmul, attention, fusion (XLA's elementwise / reduction kernels), copy and other.
 Busy well below pipelined means the device waits for the host; busy near pipelined means kernels decide.
 
-Variants: default; cudnn (cuDNN flash attention); fp32 (float32 compute); b128 / b32 (batch); autotune0
-(`xla_gpu_autotune_level=0` for this executable only); barriers / nobarriers (gradient barriers between the
+Variants: default (cuDNN flash attention on GPU, as the trainer); xla (XLA's attention); cudnn; fp32 (float32
+compute); b128 / b32 (batch); autotune0 (`xla_gpu_autotune_level=0` for this executable only); notriton (XLA's
+Triton GEMM fusions off: cuBLAS takes every product); barriers / nobarriers (gradient barriers between the
 transformer blocks on or off, see clip.GRADIENT_BARRIERS; on by default on the CPU only); wgrad / nowgrad (dense
 layers' weight gradients written out or derived by JAX, clip.EXPLICIT_WEIGHT_GRADIENTS; written out on the CPU
 only); agrad / noagrad (attention's backward pass written out or derived by XLA, clip.EXPLICIT_ATTENTION_GRADIENTS;
@@ -195,10 +196,12 @@ def explain(hlo: str, kernels: list[str], width: int = 150) -> dict:
 VARIANTS = {  # name -> (job overrides, compiler options, model-module settings)
     "default": ({}, {}, {}),
     "cudnn": ({}, {}, {"ATTENTION_IMPLEMENTATION": "cudnn"}),
+    "xla": ({}, {}, {"ATTENTION_IMPLEMENTATION": None}),
     "fp32": ({"variant": "fp32"}, {}, {}),
     "b128": ({"batch": 128}, {}, {}),
     "b32": ({"batch": 32}, {}, {}),
     "autotune0": ({}, {"xla_gpu_autotune_level": 0}, {}),
+    "notriton": ({}, {"xla_gpu_enable_triton_gemm": False}, {}),
     "barriers": ({}, {}, {"GRADIENT_BARRIERS": True}),
     "nobarriers": ({}, {}, {"GRADIENT_BARRIERS": False}),
     "wgrad": ({}, {}, {"EXPLICIT_WEIGHT_GRADIENTS": True}),
@@ -306,7 +309,7 @@ def print_variant(r: dict) -> None:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--variants", default="default,cudnn", help=f"comma list of {sorted(VARIANTS)}, '+' combines")
+  parser.add_argument("--variants", default="default,xla", help=f"comma list of {sorted(VARIANTS)}, '+' combines")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--stride", type=int, default=16)
   parser.add_argument("--steps", type=int, default=10, help="timed steps (synced, then pipelined)")

@@ -2,7 +2,7 @@
 
     python benchmarks/step_benchmark.py                      # CPU: stage-2 batch 8; GPU: batch 64 + variants
     python benchmarks/step_benchmark.py --list               # the rows it would run, in order
-    python benchmarks/step_benchmark.py --batch 64 --iters 20 --olp --variants default,cudnn --budget_s 240
+    python benchmarks/step_benchmark.py --batch 64 --iters 20 --olp --variants default,xla --budget_s 240
 
 Rows (full-size models with random weights, MSMT17's 1,041 identities, 256x128 images):
 - stage 1: one prompt-learning step, batch 64 (text side only; the image features come from a fixed bank).
@@ -112,8 +112,8 @@ def build_jax_job(job):
 
   variant = job["variant"]
   dtype = {"fp32": jnp.float32}.get(variant, C.default_dtype())
-  if variant == "cudnn":
-    clip_lib.ATTENTION_IMPLEMENTATION = "cudnn"
+  # The trainer's default (model.attention 'auto'): cuDNN's attention where it runs; 'xla': XLA's everywhere.
+  clip_lib.ATTENTION_IMPLEMENTATION = None if variant == "xla" else "cudnn"
   backbone = job["backbone"]
   model, variables, source = C.reid_model(backbone, stride=job["stride"], dtype=dtype,
                                           input_size=tuple(job["input_size"]))
@@ -426,13 +426,14 @@ def main(argv=None) -> int:
   parser.add_argument("--warmup", type=int, help="untimed steps after compilation (default: 3 on GPU, 1 on CPU)")
   parser.add_argument("--backbones", default="vit,rn50")
   parser.add_argument("--pipelined", type=int, help="steps dispatched back to back (default: 20 on GPU, 0 on CPU)")
-  parser.add_argument("--olp", action="store_true", default=None, help="also ViT stride 12 (default on GPU)")
-  parser.add_argument("--variants", help="variants of our ViT stage-2 row: default, cudnn (attention), fp32 "
-                      "(float32 compute), nodonate (no buffer donation) (default: 'default,cudnn,fp32' on GPU, "
-                      "'default' on CPU)")
+  parser.add_argument("--olp", action=argparse.BooleanOptionalAction, help="also ViT stride 12 (default on GPU)")
+  parser.add_argument("--variants", help="variants of our ViT stage-2 row: default (cuDNN attention on GPU), xla "
+                      "(XLA's attention), fp32 (float32 compute), nodonate (no buffer donation) (default: "
+                      "'default,xla,fp32' on GPU, 'default' on CPU)")
   parser.add_argument("--stage1_variants", default="default,full_context",
-                      help="variants of our stage-1 row: default, full_context (all 77 tokens, the official cost)")
-  parser.add_argument("--torch_per_tensor", action="store_true", default=None,
+                      help="variants of our stage-1 row: default, full_context (all 77 tokens, the official cost), "
+                           "xla (XLA's attention)")
+  parser.add_argument("--torch_per_tensor", action=argparse.BooleanOptionalAction,
                       help="also the official one-group-per-tensor Adam (default on GPU)")
   parser.add_argument("--no_torch", action="store_true")
   parser.add_argument("--frameworks", default="jax,torch", help="whose rows to run (e.g. 'torch' for the reference "
@@ -456,7 +457,7 @@ def main(argv=None) -> int:
   args.pipelined = args.pipelined if args.pipelined is not None else (20 if gpu else 0)
   args.olp = gpu if args.olp is None else args.olp
   args.torch_per_tensor = gpu if args.torch_per_tensor is None else args.torch_per_tensor
-  args.variants = (args.variants or ("default,cudnn,fp32" if gpu else "default")).split(",")
+  args.variants = (args.variants or ("default,xla,fp32" if gpu else "default")).split(",")
   args.stage1_variants = args.stage1_variants.split(",")
   args.backbones = args.backbones.split(",")
   args.frameworks = args.frameworks.split(",")

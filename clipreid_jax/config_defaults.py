@@ -52,7 +52,8 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   c.model.baseline = False  # True: the paper's baseline (image encoder only, no text)
   c.model.prompt_tokens = 4  # learned tokens per identity: "A photo of a X X X X person." (official: 4)
   c.model.dtype = "auto"  # auto: bfloat16 compute on GPU/TPU, float32 on CPU; parameters are always float32
-  c.model.attention = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs in bf16/fp16; XLA's elsewhere)
+  c.model.attention = "auto"  # auto / cudnn: cuDNN flash attention on NVIDIA GPUs in bf16/fp16, XLA's elsewhere;
+  # xla: XLA's everywhere (deterministic backward pass; docs/reliability.md)
   c.model.random_clip = ml_collections.ConfigDict()  # sizes of a random CLIP when init.clip is empty (tests)
   c.model.random_clip.embed_dim = 0
   c.model.random_clip.vision_layers = 0

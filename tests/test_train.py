@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from clipreid_jax import convert, inference, train
+from clipreid_jax import config_defaults, convert, inference, train
 from clipreid_jax.checkpoints import CheckpointError
 from clipreid_jax.models.clipreid import load_clipreid
 from conftest import golden_root
@@ -113,7 +113,7 @@ def test_workdir_accepts_keys_that_do_not_change_the_numbers(finished, tmp_path)
   c.dataset.root, c.dataset.check_counts = str(moved), not c.dataset.check_counts
   c.stage1.log_every_epochs += 1
   c.stage1.checkpoint_every_epochs += 1
-  c.model.attention = "cudnn"  # another kernel for the same model
+  c.model.attention = "xla"  # another kernel for the same model
   train.Run(str(root / "work"), c)  # no ConfigError
   c.model.stride = 7
   with pytest.raises(train.ConfigError, match=r"differs in model.stride"):
@@ -319,6 +319,10 @@ def test_model_attention_sets_the_kernel(monkeypatch):
   c.model.attention = "xla"
   train.use_attention(c)
   assert clip_lib.ATTENTION_IMPLEMENTATION is None
+  c.model.attention = "auto"  # the default: cuDNN where it can run
+  train.use_attention(c)
+  assert clip_lib.ATTENTION_IMPLEMENTATION == "cudnn"
+  assert config_defaults.recipe("market1501").model.attention == "auto"
 
 
 class _SlowOrFullDisk:
