@@ -2,17 +2,22 @@
 # Every performance benchmark on one H100/H200 machine in one go, in under 8 minutes (TOTAL_BUDGET_S, default
 # 480 s), printing all tables.
 #
-# The GPU machines have no network: this script installs nothing. The repository is used in place
-# (PYTHONPATH=., no `pip install -e .`). Their Python lacks openai-clip (the PyTorch reference's CLIP) and ftfy
-# (our tokenizer); both are pure Python and travel in .devdeps/, which one command on a machine that has them
-# fills (it is git-ignored through .git/info/exclude, never committed):
+# The GPU machines have no network: this script fetches nothing. The repository is used in place (PYTHONPATH=.,
+# no `pip install -e .`). Their Python lacks openai-clip (the PyTorch reference's CLIP), ftfy (our tokenizer) and
+# the trainer's grain, ml_collections and tensorboardX. One command on a machine that has network fills .devdeps/
+# (the pure-Python packages, copied) and .whl/ (wheels for the machines' Python 3.12, installed into /tmp there);
+# both are git-ignored through .git/info/exclude and never committed:
 #
 #   bash benchmarks/gpu_all.sh --prepare          # here, with /work/venv (or PYTHON=...) holding the packages
 #
-# then, through the device tool:  run(command="bash benchmarks/gpu_all.sh", carry=[".devdeps"], timeout_s=600)
-# (the tool's limit above the script's own budget: a part cut by its `timeout` still prints what it measured), and,
-# if the session's device time allows, at once on the warm machine (the profile, ~1 min per variant):
-#   run(command="PARTS=profile PROFILE_VARIANTS=default,barriers bash benchmarks/gpu_all.sh", carry=[".devdeps"])
+# then, through the device tool:  run(command="bash benchmarks/gpu_all.sh", carry=[".devdeps", ".whl"],
+# timeout_s=600) (the tool's limit above the script's own budget: a part cut by its `timeout` still prints what it
+# measured). PARTS picks the parts (default steps,eval,recipe; also rss, profile, demo), in this order: rss (JAX's
+# start-up host memory), profile (PROFILE_VARIANTS, ~1 min each), steps (STEP_ARGS picks rows), eval (EVAL_ARGS),
+# demo (the Quickstart's main job), recipe. The twelfth session's first call, for instance (~4 min on an H200):
+#   PARTS=rss,profile,steps,eval,demo PROFILE_VARIANTS=default,xla,barriers PROFILE_STEPS=3 \
+#   STEP_ARGS="--frameworks torch --backbones vit --no_stage1 --no-olp --no-torch_per_tensor" STEP_BUDGET_S=60 \
+#   EVAL_ARGS="--skip-reference --device-features-too --preallocate-too --skip-rerank --warm" bash ...
 # Without .devdeps the PyTorch rows report an error, our rows use numpy-drawn weights and a stand-in ftfy.
 #
 # Tables go to stdout and, with the workers' logs and JSON, to $OUT (the device tool's folder) or /tmp/gpu_all.
@@ -23,14 +28,19 @@ PY=${PYTHON:-python3}
 
 if [[ "${1:-}" == "--prepare" ]]; then
   PY=${PYTHON:-/work/venv/bin/python}
-  mkdir -p .devdeps .git/info
-  grep -qxF '/.devdeps/' .git/info/exclude 2>/dev/null || echo '/.devdeps/' >> .git/info/exclude
+  mkdir -p .devdeps .whl .git/info
+  for d in /.devdeps/ /.whl/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
   for pkg in clip ftfy wcwidth; do
     src=$("$PY" -c "import importlib.util as u; print(u.find_spec('$pkg').submodule_search_locations[0])") || exit 1
     rm -rf ".devdeps/$pkg" && cp -r "$src" ".devdeps/$pkg"
   done
   find .devdeps -name __pycache__ -type d -prune -exec rm -rf {} +
-  du -sh .devdeps
+  # The trainer's packages that the machines' image lacks (grain for the trainer module, whose checkpoint manager
+  # the recipe times; ml_collections and tensorboardX for main), as wheels for its Python 3.12.
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    grain==0.2.18 array_record==0.8.6 portpicker==1.6.0 ml_collections==1.1.0 tensorboardX==2.6.5 || exit 1
+  du -sh .devdeps .whl
   exit 0
 fi
 
@@ -39,7 +49,13 @@ mkdir -p "$OUT"
 # Which parts run (PARTS=profile alone, say, for a second call on a warm machine); PROFILE=1 adds the profile.
 PARTS=",${PARTS:-steps,eval,recipe}$([[ "${PROFILE:-0}" == "1" ]] && echo ,profile),"
 part() { [[ "$PARTS" == *",$1,"* ]]; }
+if compgen -G ".whl/*.whl" > /dev/null; then  # see --prepare; nothing is fetched
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_all_site \
+    .whl/*.whl && export PYTHONPATH="/tmp/gpu_all_site${PYTHONPATH:+:$PYTHONPATH}" \
+    || echo "wheels in .whl/ not installed"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[[ -d .devdeps ]] && export PYTHONPATH="$PYTHONPATH:$PWD/.devdeps"  # ftfy for main (the benchmarks add it themselves)
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
 
@@ -59,33 +75,47 @@ import jax
 print("  jax devices:", jax.devices())
 EOF
 
-# 1. Steps: ours vs PyTorch fp16 (ViT-B/16, then RN50), then OLP, stage 1 and variants while the budget lasts.
-#    Rows run by priority; one that would not finish in what is left is skipped; the table and goals print anyway.
-part steps && "$PY" benchmarks/step_benchmark.py --budget_s "${STEP_BUDGET_S:-170}" --json "$OUT/step.json" \
-  --log "$OUT/step.log" 2>&1 | tee "$OUT/step.txt"
+# 0. Optional (part rss, ~1 min): the host memory JAX's backend holds before any work, under the environment
+#    settings that might lower it (the floor under the evaluation's 3 GB peak-RSS goal, docs/evaluation.md).
+part rss && timeout 150 "$PY" benchmarks/runtime_memory.py \
+  --settings "${RSS_SETTINGS:-default,lazy,eager,noprealloc,lazy+noprealloc,cpu}" --json "$OUT/rss.json" 2>&1 \
+  | tee "$OUT/rss.txt"
 
-# 2. Optional (PROFILE=1, ~1 min per variant): where our stage-2 step's time goes, kernel by kernel, with the HLO
-#    behind each (e.g. PROFILE_VARIANTS=default,cudnn,barriers).
+# 1. Optional (PROFILE=1 or part profile, ~1 min per variant): our stage-2 step per variant in one process, where
+#    its time goes kernel by kernel, with the HLO behind each (e.g. PROFILE_VARIANTS=default,cudnn,barriers).
 if part profile; then
   timeout "${PROFILE_BUDGET_S:-200}" "$PY" benchmarks/profile_step.py --variants "${PROFILE_VARIANTS:-default}" \
-    --explain 16 --json "$OUT/profile.json" 2>&1 | grep -v "^PROFILE" | tee "$OUT/profile.txt"
+    --profile_steps "${PROFILE_STEPS:-5}" ${PROFILE_ARGS:-} --explain 16 --json "$OUT/profile.json" 2>&1 \
+    | grep -v "^PROFILE" | tee "$OUT/profile.txt"
 fi
+
+# 2. Steps: ours vs PyTorch fp16 (ViT-B/16, then RN50), then OLP, stage 1 and variants while the budget lasts.
+#    Rows run by priority; one that would not finish in what is left is skipped; the table and goals print anyway.
+#    STEP_ARGS replaces the row selection (e.g. "--frameworks torch --backbones vit --no_stage1 --no-olp").
+part steps && "$PY" benchmarks/step_benchmark.py --budget_s "${STEP_BUDGET_S:-170}" ${STEP_ARGS:-} \
+  --json "$OUT/step.json" --log "$OUT/step.log" 2>&1 | tee "$OUT/step.txt"
 
 # 3. Evaluation at MSMT17 size: ours against the NumPy reference (identical metrics on its own matrix), then ours
 #    with device-resident features and the host-memory variants (~2.5 min; a cut keeps what finished).
-part eval && timeout "${EVAL_BUDGET_S:-160}" "$PY" benchmarks/eval_benchmark.py --scale "${EVAL_SCALE:-1}" --warm --same-dist-check \
-  --device-features-too --lazy-cuda-too --one-arena-too --skip-rerank --json "$OUT/eval.json" 2>&1 \
-  | tee "$OUT/eval.txt"
+EVAL_ARGS=${EVAL_ARGS:---warm --same-dist-check --device-features-too --preallocate-too --one-arena-too --skip-rerank}
+part eval && timeout "${EVAL_BUDGET_S:-160}" "$PY" benchmarks/eval_benchmark.py --scale "${EVAL_SCALE:-1}" $EVAL_ARGS \
+  --json "$OUT/eval.json" 2>&1 | tee "$OUT/eval.txt"
 # Optional (EVAL_GAUSSIAN=1, ~2.5 min): the many-matches case where the compare-and-count ranking was slow.
 if [[ "${EVAL_GAUSSIAN:-0}" == "1" ]]; then
   timeout 200 "$PY" benchmarks/eval_benchmark.py --scale 1 --case gaussian --skip-reference --skip-rerank \
     --rankings-too sort,host --json "$OUT/eval_gaussian.json" 2>&1 | tee "$OUT/eval_gaussian.txt"
 fi
 
-# 4. The MSMT17 recipe: 1% of every phase measured, the rest extrapolated; the metric on half of the queries and
+# 4. Optional (part demo): the Quickstart's main job (configs/demo.py: both stages and evaluation of a small random
+#    CLIP on synthetic images) on the GPU, end to end, within DEMO_BUDGET_S (needs the trainer's wheels, .whl/).
+part demo && timeout "${DEMO_BUDGET_S:-120}" $([[ -x /usr/bin/time ]] && echo /usr/bin/time -v) \
+  "$PY" -m clipreid_jax.main --config configs/demo.py --config.workdir=/tmp/gpu_demo 2>&1 | tee "$OUT/demo.txt"
+
+# 5. The MSMT17 recipe: 1% of every phase measured, the rest extrapolated; the metric on half of the queries and
 #    half of the gallery, scaled up x4 (at full size it took 61 s of the budget). Phases print as they finish.
 left=$(( ${TOTAL_BUDGET_S:-480} - ($(date +%s) - start) ))
 part recipe && echo "recipe benchmark: ${left}s left" && \
 timeout "$(( left > 60 ? left : 60 ))" "$PY" benchmarks/recipe_benchmark.py --scale "${RECIPE_SCALE:-0.01}" \
   --eval_scale "${RECIPE_EVAL_SCALE:-0.5}" ${RECIPE_EXTRA:-} 2>&1 | tee "$OUT/recipe.txt"
+
 echo "gpu_all: $(( $(date +%s) - start ))s"

@@ -108,8 +108,8 @@ def checkpoint_seconds(state) -> tuple[float, float] | None:
   try:
     from clipreid_jax import train  # pylint: disable=g-import-not-at-top
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    print(f"checkpoints not measured: {e}", flush=True)
+  except Exception as e:  # pylint: disable=broad-except  # ImportError, or a carried package that fails to load
+    print(f"checkpoints not measured: {type(e).__name__}: {e}", flush=True)
     return None
   with tempfile.TemporaryDirectory() as d:
     mgr = train.checkpoint_manager(d)
