@@ -403,6 +403,13 @@ def check_init_clip(config) -> str:
   return kind
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _random_clip(cfg: CLIPConfig, rng) -> dict:
+  """A random CLIP's variables, compiled once per configuration (see clipreid.init_variables)."""
+  h, w = cfg.input_size()
+  return CLIP(cfg).init(rng, jnp.zeros((1, h, w, 3)), jnp.zeros((1, 4), jnp.int32))
+
+
 def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
   """CLIP-ReID initialised from a converted CLIP directory, from a CLIP-ReID model's encoders (fine-tuning it on
   this dataset), or from a random CLIP (demo, tests)."""
@@ -430,9 +437,7 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
                           tuple(rc["vision_layers"]), vision_width=rc["vision_width"], vision_patch_size=patch,
                           vision_stride=patch, text_width=rc["text_width"], text_heads=max(1, rc["text_width"] // 64),
                           text_layers=rc["text_layers"], vision_grid=(4, 4) if vit else (2, 2))
-    h, w = clip_cfg.input_size()
-    clip_vars = CLIP(clip_cfg).init(jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, h, w, 3)),
-                                    jnp.zeros((1, 4), jnp.int32))
+    clip_vars = _random_clip(clip_cfg, jax.random.PRNGKey(config.seed + 1))
     make = functools.partial(clipreid.from_clip, clip_cfg, jax.tree.map(np.asarray, clip_vars))
   else:
     raise ConfigError("init.clip: expected a converted CLIP directory (python -m clipreid_jax.convert clip ...)")
