@@ -15,12 +15,14 @@ Busy well below pipelined means the device waits for the host; busy near pipelin
 
 Variants: default (cuDNN flash attention on GPU, as the trainer); xla (XLA's attention); cudnn; fp32 (float32
 compute); b128 / b32 (batch); autotune0 (`xla_gpu_autotune_level=0` for this executable only); notriton (XLA's
-Triton GEMM fusions off: cuBLAS takes every product); barriers / nobarriers (gradient barriers between the
-transformer blocks on or off, see clip.GRADIENT_BARRIERS; on by default on the CPU only); wgrad / nowgrad (dense
-layers' weight gradients written out or derived by JAX, clip.EXPLICIT_WEIGHT_GRADIENTS; written out on the CPU
-only); agrad / noagrad (attention's backward pass written out or derived by XLA, clip.EXPLICIT_ATTENTION_GRADIENTS;
-written out on the CPU only). Each variant also reports its largest fusion's parameter count: one that grows with
-depth is XLA re-computing the residual-gradient chain.
+Triton GEMM fusions off: cuBLAS takes every product); nographs / allgraphs / graphs1 (XLA's CUDA graphs off, every
+kind of thunk recorded, graphs of one kernel allowed: what the host's launch cost per step, `dispatch`, is made
+of); barriers / nobarriers (gradient barriers between the transformer blocks on or off, see
+clip.GRADIENT_BARRIERS; on by default on the CPU only); wgrad / nowgrad (dense layers' weight gradients written
+out or derived by JAX, clip.EXPLICIT_WEIGHT_GRADIENTS; written out on the CPU only); agrad / noagrad (attention's
+backward pass written out or derived by XLA, clip.EXPLICIT_ATTENTION_GRADIENTS; written out on the CPU only). Each
+variant also reports its largest fusion's parameter count: one that grows with depth is XLA re-computing the
+residual-gradient chain.
 The last line per variant is machine-readable: `PROFILE {json}`.
 """
 from __future__ import annotations
@@ -202,6 +204,11 @@ VARIANTS = {  # name -> (job overrides, compiler options, model-module settings)
     "b32": ({"batch": 32}, {}, {}),
     "autotune0": ({}, {"xla_gpu_autotune_level": 0}, {}),
     "notriton": ({}, {"xla_gpu_enable_triton_gemm": False}, {}),
+    # CUDA graphs (XLA's command buffers): off; every thunk kind XLA can record; small graphs too.
+    "nographs": ({}, {"xla_gpu_enable_command_buffer": ""}, {}),
+    "allgraphs": ({}, {"xla_gpu_enable_command_buffer":
+                       "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL"}, {}),
+    "graphs1": ({}, {"xla_gpu_graph_min_graph_size": 1}, {}),
     "barriers": ({}, {}, {"GRADIENT_BARRIERS": True}),
     "nobarriers": ({}, {}, {"GRADIENT_BARRIERS": False}),
     "wgrad": ({}, {}, {"EXPLICIT_WEIGHT_GRADIENTS": True}),

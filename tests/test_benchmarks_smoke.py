@@ -140,3 +140,19 @@ def test_runtime_memory_reports_each_setting(tmp_path):
     assert list(points) == ["python", "import jax", "backend", "tiny op", "matmul", "untuned matmul"]
     assert 0 < points["python"]["VmRSS"] < points["untuned matmul"]["VmRSS"] < 20
   assert "setting          RSS after the untuned product (GB)" in out.stdout
+
+
+def test_profile_variants_name_real_options():
+  """Each profile_step variant's XLA options are options XLA parses (a misspelt flag or command-buffer kind would only
+  show on the GPU machine, minutes into a scarce call), and its model settings exist in clip.py."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import profile_step  # pylint: disable=g-import-not-at-top
+  for name, (_, options, settings) in profile_step.VARIANTS.items():
+    if options:
+      jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.ones(2)).compile()
+    assert all(hasattr(clip_lib, k) for k in settings), name
+  with pytest.raises(Exception, match="not a valid enum value"):  # the check above can fail
+    jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_enable_command_buffer": "FUSIONS"}).lower(jnp.ones(2)).compile()
