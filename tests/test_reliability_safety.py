@@ -127,7 +127,7 @@ def test_every_recipe_is_valid(key):
     ("stage2.steps", (50, 30), "increasing positive epoch numbers"),
     ("stage2.warmup_method", "cosine", "'linear' or 'constant'"),  # was a traceback after stage 1 had trained
     ("model.dtype", "float16", "'auto' or 'float32' or 'bfloat16'"),
-    ("model.attention", "flash", "'xla' or 'cudnn'"),
+    ("model.attention", "flash", "'auto' or 'xla' or 'cudnn'"),
     ("mode", "serve", "'train', 'eval' or 'extract'"),
     # A zero period was a ZeroDivisionError at the end of the first epoch (stage 2: after hours of training).
     ("checkpoint_every_epochs", 0, "a positive integer"),
