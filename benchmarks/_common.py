@@ -197,6 +197,36 @@ def _cpu_model() -> str:
   return "unknown CPU"
 
 
+def rss_gb() -> dict:
+  """Current RSS, its anonymous / file-backed parts and the high-water mark, in GB (Linux /proc; {} elsewhere)."""
+  out = {}
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+          out[key] = int(value.split()[0]) * 1024 / 1e9
+  except OSError:
+    pass
+  return out
+
+
+def top_mappings(n: int = 8) -> list:
+  """The n largest resident mappings, by file (or [anon]), in GB: what a process's RSS is made of."""
+  sizes, name = {}, None
+  try:
+    with open("/proc/self/smaps") as f:
+      for line in f:
+        parts = line.split()
+        if parts and "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+          name = parts[5] if len(parts) > 5 else "[anon]"
+        elif parts and parts[0] == "Rss:":
+          sizes[name] = sizes.get(name, 0) + int(parts[1]) * 1024
+  except OSError:
+    return []
+  return [(os.path.basename(k), v / 1e9) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:n]]
+
+
 def peak_bytes():
   """Process-wide high-water mark of device memory (None on backends without memory stats, e.g. the CPU)."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -80,7 +80,7 @@ def make_synthetic(scale: float, dim: int = DIM, seed: int = 0, noise: float = 2
 def _peak_rss_gb() -> float:
   """This process's peak RSS: /proc's VmHWM (ru_maxrss would carry the parent's peak across fork + exec, and the
   parent held the generated data)."""
-  hwm = _rss_gb().get("VmHWM")
+  hwm = C.rss_gb().get("VmHWM")
   return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
@@ -116,36 +116,6 @@ def _summary(res) -> dict:
   return dict(mAP=res.mAP, mINP=res.mINP, cmc=[float(c) for c in res.cmc], num_valid=res.num_valid_queries)
 
 
-def _rss_gb() -> dict:
-  """Current RSS, its anonymous / file-backed parts and the high-water mark, in GB (Linux /proc)."""
-  out = {}
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-          out[key] = int(value.split()[0]) * 1024 / 1e9
-  except OSError:
-    pass
-  return out
-
-
-def _top_mappings(n: int = 8) -> list:
-  """The n largest resident mappings, by file (or [anon]), in GB: what the runtime's RSS floor is made of."""
-  sizes, name = {}, None
-  try:
-    with open("/proc/self/smaps") as f:
-      for line in f:
-        parts = line.split()
-        if parts and "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
-          name = parts[5] if len(parts) > 5 else "[anon]"
-        elif parts and parts[0] == "Rss:":
-          sizes[name] = sizes.get(name, 0) + int(parts[1]) * 1024
-  except OSError:
-    return []
-  return [(os.path.basename(k), v / 1e9) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:n]]
-
-
 def _load_to_device(data_dir: str) -> dict:
   """Features straight into device memory in 8,192-row pieces (as a model's features are produced there), labels
   on the host: the host never holds a whole feature matrix."""
@@ -168,21 +138,21 @@ def _load_to_device(data_dir: str) -> dict:
 
 
 def worker_ours(data_dir: str, args) -> dict:
-  rss = {"start": _rss_gb()}
+  rss = {"start": C.rss_gb()}
   from clipreid_jax import host_memory
   if not args.preallocate:
     host_memory.no_device_preallocation()  # as eval mode does (main.py), before the backend starts
   from clipreid_jax.evaluation import evaluate
   device = _jax_device()
-  rss["runtime"] = _rss_gb()  # JAX + the backend started
+  rss["runtime"] = C.rss_gb()  # JAX + the backend started
   d = _load_to_device(data_dir) if args.device_features else _load(data_dir)
-  rss["loaded"] = _rss_gb()
+  rss["loaded"] = C.rss_gb()
   floor = _peak_rss_gb()  # JAX runtime + the loaded features, before evaluating
   t0 = time.perf_counter()
   res = evaluate(d["qf"], d["gf"], *_labels(d), chunk=args.chunk, ranking=args.ranking)
   wall = time.perf_counter() - t0
-  rss["evaluated"] = _rss_gb()
-  out = dict(wall_s=wall, device=device, rss_before_gb=floor, rss=rss, top_mappings=_top_mappings(),
+  rss["evaluated"] = C.rss_gb()
+  out = dict(wall_s=wall, device=device, rss_before_gb=floor, rss=rss, top_mappings=C.top_mappings(),
              preallocate=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"), **_summary(res))
   if args.warm:
     t0 = time.perf_counter()

@@ -17,6 +17,10 @@ import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common as C  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 SETTINGS = {  # name -> environment overrides
     "default": {},
     "lazy": {"CUDA_MODULE_LOADING": "LAZY"},
@@ -28,46 +32,24 @@ SETTINGS = {  # name -> environment overrides
 }
 
 
-def rss() -> dict:
-  out = {}
-  with open("/proc/self/status") as f:
-    for line in f:
-      key, _, value = line.partition(":")
-      if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-        out[key] = int(value.split()[0]) * 1024 / 1e9
-  return out
-
-
-def top_mappings(n: int = 10) -> list:
-  sizes, name = {}, None
-  with open("/proc/self/smaps") as f:
-    for line in f:
-      parts = line.split()
-      if parts and "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
-        name = parts[5] if len(parts) > 5 else "[anon]"
-      elif parts and parts[0] == "Rss:":
-        sizes[name] = sizes.get(name, 0) + int(parts[1]) * 1024
-  return [(os.path.basename(k), round(v / 1e9, 3)) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:n]]
-
-
 def worker() -> dict:
-  points = {"python": rss()}
+  points = {"python": C.rss_gb()}  # Python and numpy (benchmarks/_common.py)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  points["import jax"] = rss()
+  points["import jax"] = C.rss_gb()
   devices = jax.devices()
-  points["backend"] = rss()
+  points["backend"] = C.rss_gb()
   jnp.zeros(1).block_until_ready()
-  points["tiny op"] = rss()
+  points["tiny op"] = C.rss_gb()
   x = jnp.ones((2048, 2048), jnp.float32)
   jax.jit(lambda a: a @ a)(x).block_until_ready()
-  points["matmul"] = rss()
+  points["matmul"] = C.rss_gb()
   jax.jit(lambda a: a @ a.T, compiler_options={"xla_gpu_autotune_level": 0} if devices[0].platform == "gpu"
           else None)(x).block_until_ready()
-  points["untuned matmul"] = rss()
+  points["untuned matmul"] = C.rss_gb()
   env = {k: v for k, v in os.environ.items() if k.startswith(("CUDA_", "XLA_", "TF_", "NVIDIA_", "JAX_"))}
   return dict(device=f"{devices[0].device_kind} ({devices[0].platform})", jax=jax.__version__, points=points,
-              top_mappings=top_mappings(), env=env)
+              top_mappings=C.top_mappings(10), env=env)
 
 
 def main(argv=None) -> int:
