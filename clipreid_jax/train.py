@@ -239,7 +239,7 @@ def make_mesh() -> Mesh:
 
 def use_attention(config) -> None:
   """Sets the attention kernel of every model built after this (`clip.ATTENTION_IMPLEMENTATION`, read when a
-  function is traced). 'cudnn' takes effect on NVIDIA GPUs with bf16/fp16 compute; elsewhere XLA's runs."""
+  function is traced). 'auto' / 'cudnn' take effect on NVIDIA GPUs with bf16/fp16 compute; elsewhere XLA's runs."""
   clip_lib.ATTENTION_IMPLEMENTATION = _ATTENTION[config.model.get("attention", "auto")]
 
 
