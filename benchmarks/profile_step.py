@@ -107,13 +107,22 @@ def component(op_name: str) -> str:
 
 
 def by_component(spans, hlo: str, steps: int) -> dict:
-  """Milliseconds per step by model part, for spans that carry their HLO op (GPU kernels and CPU thunks do)."""
+  """Milliseconds per step by model part, for spans that carry their HLO op (GPU kernels and CPU thunks do). A
+  kernel run inside a CUDA graph carries the graph's thunk instead (the H200 trace: 99% of the step 'unmapped');
+  XLA's own kernels are named after their fusion, so the kernel's name is looked up then. What is left is named
+  in 'unmapped ops' by its HLO op, the largest first."""
   paths = {name: op_path(line) for name, line in instructions(hlo).items()}
-  out = collections.defaultdict(float)
+  out, unmapped = collections.defaultdict(float), collections.defaultdict(float)
   for sp in spans:
-    key = component(paths[sp.hlo_op]) if paths.get(sp.hlo_op) else "unmapped"
+    path = paths.get(sp.hlo_op) or paths.get(sp.name)
+    key = component(path) if path else "unmapped"
     out[key] += sp.dur / 1e3 / steps
-  return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    if not path:
+      unmapped[sp.hlo_op or "(none)"] += sp.dur / 1e3 / steps
+  out = dict(sorted(out.items(), key=lambda kv: -kv[1]))
+  if unmapped:
+    out["unmapped ops"] = {k: v for k, v in sorted(unmapped.items(), key=lambda kv: -kv[1])[:5]}
+  return out
 
 
 def summarize(spans, steps: int, top: int = 25) -> dict:
@@ -307,8 +316,11 @@ def print_variant(r: dict) -> None:
       for row in rows:
         print(f"   {row['ms_per_step']:>18.3f} {row['calls_per_step']:>10.1f}  {row['category']:<9} {row['name']}")
   if r.get("components"):
+    parts = {k: v for k, v in r["components"].items() if k != "unmapped ops"}
     print("   time by model part (ms/step, from each kernel's HLO op path): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in r["components"].items() if v >= 0.005))
+          + ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if v >= 0.005))
+    if r["components"].get("unmapped ops"):
+      print("   unmapped, by HLO op: " + ", ".join(f"{k} {v:.2f}" for k, v in r["components"]["unmapped ops"].items()))
   for k, v in r.get("explained", {}).items():
     print(f"   HLO {k}: {v}")
   print("   trace threads: " + "; ".join(f"{k}: {v['ms']:.1f} ms/{v['events']}" for k, v in r["threads"].items()))

@@ -58,6 +58,14 @@ def test_profile_step_reads_a_real_trace(tmp_path):
   spans = [sp for sp in profile_step.load_trace(str(tmp_path)) if sp.hlo_op]
   parts = profile_step.by_component(spans, hlo, steps=2)
   assert parts and "unmapped" not in parts, parts  # every timed thunk found its instruction's op path
+  # A GPU kernel inside a CUDA graph carries the graph's thunk as its HLO op: XLA's kernels are found by their name.
+  Span = profile_step.Span  # pylint: disable=invalid-name
+  name = fused[0]
+  graph = [Span("/device:GPU:0", "Stream #14", name, 0.0, 1000.0, "command_buffer.3"),
+           Span("/device:GPU:0", "Stream #14", "nvjet_sm90_tst", 0.0, 500.0, "command_buffer.3")]
+  parts = profile_step.by_component(graph, hlo, steps=1)
+  assert parts["unmapped"] == 0.5 and parts["unmapped ops"] == {"command_buffer.3": 0.5}, parts
+  assert sum(v for k, v in parts.items() if k not in ("unmapped", "unmapped ops")) == 1.0, parts
   assert profile_step.component("jit(step)/transpose(jvp(CLIPReID))/x/resblocks_3/attn/in_proj/dot_general") == (
       "backward attn/in_proj")
   assert profile_step.component("jit(step)/jvp(CLIPReID)/x/while/body/closed_call/ResidualAttentionBlock/mlp/mul") == (
