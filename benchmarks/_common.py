@@ -163,7 +163,7 @@ def reid_model(backbone: str, *, stride: int = 16, dtype=None, input_size=(256, 
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from clipreid_jax.models import clipreid  # pylint: disable=g-import-not-at-top
   cfg, variables, source = clip_weights(backbone, seed)
-  # from_clip runs the model's init op by op; on the host CPU that avoids compiling every op for the accelerator.
+  # On the host CPU: the init and the weights stay off the accelerator until the benchmark puts them there.
   with jax.default_device(jax.devices("cpu")[0]):
     model, variables = clipreid.from_clip(cfg, variables, num_classes=num_classes, input_size=input_size,
                                           stride=stride, dataset="msmt17", rng=jax.random.PRNGKey(seed),

@@ -14,8 +14,8 @@
 # timeout_s=600) (the tool's limit above the script's own budget: a part cut by its `timeout` still prints what it
 # measured). PARTS picks the parts (default steps,eval,recipe; also rss, profile, demo), in this order: rss (JAX's
 # start-up host memory), profile (PROFILE_VARIANTS, ~1 min each), steps (STEP_ARGS picks rows), eval (EVAL_ARGS),
-# demo (the Quickstart's main job), recipe. The twelfth session's first call, for instance (~4 min on an H200):
-#   PARTS=rss,profile,steps,eval,demo PROFILE_VARIANTS=default,xla,barriers PROFILE_STEPS=3 \
+# demo (the Quickstart's main job), recipe. A call of the kind the twelfth session made first (~4 min on an H200):
+#   PARTS=rss,profile,steps,eval,demo PROFILE_VARIANTS=default,xla,nographs PROFILE_STEPS=3 \
 #   STEP_ARGS="--frameworks torch --backbones vit --no_stage1 --no-olp --no-torch_per_tensor" STEP_BUDGET_S=60 \
 #   EVAL_ARGS="--skip-reference --device-features-too --preallocate-too --skip-rerank --warm" bash ...
 # Without .devdeps the PyTorch rows report an error, our rows use numpy-drawn weights and a stand-in ftfy.
@@ -82,7 +82,7 @@ part rss && timeout 150 "$PY" benchmarks/runtime_memory.py \
   | tee "$OUT/rss.txt"
 
 # 1. Optional (PROFILE=1 or part profile, ~1 min per variant): our stage-2 step per variant in one process, where
-#    its time goes kernel by kernel, with the HLO behind each (e.g. PROFILE_VARIANTS=default,cudnn,barriers).
+#    its time goes kernel by kernel, with the HLO behind each (e.g. PROFILE_VARIANTS=default,xla,barriers).
 if part profile; then
   timeout "${PROFILE_BUDGET_S:-200}" "$PY" benchmarks/profile_step.py --variants "${PROFILE_VARIANTS:-default}" \
     --profile_steps "${PROFILE_STEPS:-5}" ${PROFILE_ARGS:-} --explain 16 --json "$OUT/profile.json" 2>&1 \

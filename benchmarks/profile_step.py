@@ -106,15 +106,20 @@ def component(op_name: str) -> str:
   return f"{phase} rest" if phase != "other" else "other (optimizer, loss bookkeeping)"
 
 
+def _instruction_name(kernel: str) -> str:
+  """The HLO instruction an XLA kernel is named after (its fusion's name with '.' written '_': fusion_2106)."""
+  return re.sub(r"_(\d+)$", r".\1", kernel)
+
+
 def by_component(spans, hlo: str, steps: int) -> dict:
   """Milliseconds per step by model part, for spans that carry their HLO op (GPU kernels and CPU thunks do). A
-  kernel run inside a CUDA graph carries the graph's thunk instead (the H200 trace: 99% of the step 'unmapped');
+  kernel run inside a CUDA graph carries the graph's thunk instead (the H200 trace: 98% of the step 'unmapped');
   XLA's own kernels are named after their fusion, so the kernel's name is looked up then. What is left is named
   in 'unmapped ops' by its HLO op, the largest first."""
   paths = {name: op_path(line) for name, line in instructions(hlo).items()}
   out, unmapped = collections.defaultdict(float), collections.defaultdict(float)
   for sp in spans:
-    path = paths.get(sp.hlo_op) or paths.get(sp.name)
+    path = paths.get(sp.hlo_op) or paths.get(_instruction_name(sp.name)) or paths.get(sp.name)
     key = component(path) if path else "unmapped"
     out[key] += sp.dur / 1e3 / steps
     if not path:
@@ -192,7 +197,7 @@ def explain(hlo: str, kernels: list[str], width: int = 150) -> dict:
   index = instructions(hlo)
   out = {}
   for k in kernels:
-    t = index.get(re.sub(r"_(\d+)$", r".\1", k)) or index.get(k)
+    t = index.get(_instruction_name(k)) or index.get(k)
     if t is None:
       continue
     called = re.search(r"calls=%?([\w.\-]+)", t)

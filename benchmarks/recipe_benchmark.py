@@ -152,7 +152,8 @@ def _main(argv=None) -> int:
   parser.add_argument("--min_steps", type=int, default=3)
   parser.add_argument("--tiny", action="store_true", help="a tiny CLIP (smoke test of this script)")
   parser.add_argument("--no_checkpoint", action="store_true")
-  parser.add_argument("--attention", choices=["default", "cudnn"], default="default")
+  parser.add_argument("--attention", choices=["auto", "xla"], default="auto",
+                      help="as model.attention: auto (the trainer's default: cuDNN's where it runs), xla (XLA's)")
   args = parser.parse_args(argv)
 
   from clipreid_jax import host_memory  # pylint: disable=g-import-not-at-top
@@ -165,8 +166,7 @@ def _main(argv=None) -> int:
   from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   from clipreid_jax.models import clipreid  # pylint: disable=g-import-not-at-top
 
-  if args.attention == "cudnn":
-    clip_lib.ATTENTION_IMPLEMENTATION = "cudnn"
+  clip_lib.ATTENTION_IMPLEMENTATION = None if args.attention == "xla" else "cudnn"  # as train.use_attention
   m = C.MSMT17
   n_train, n_ids = m["num_train"], m["num_ids"]
   n_eval = m["num_query"] + m["num_gallery"]

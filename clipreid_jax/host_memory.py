@@ -9,10 +9,10 @@ stays in the heap and the next step reuses it. Accelerator backends keep their b
 done only where JAX will run on the CPU alone.
 
 JAX's GPU client reserves 75% of the device's memory when it starts (XLA_PYTHON_CLIENT_PREALLOCATE), and the driver
-keeps host memory in proportion to the reservation: 3.8 GB of anonymous memory on an H200 (141 GB), 2.2 GB on an
-80 GB H100, against 0.2 GB without it (benchmarks/runtime_memory.py; docs/evaluation.md). Evaluation and extraction hold one
-model and one chunk of distances at a time, so they allocate as they go and stay within the 3 GB of host memory a
-full-size evaluation is allowed. Training keeps the reservation: one arena, no fragmentation over a long run.
+keeps host memory for the reservation: on an H200 (141 GB) the process held 4.2 GB after its first operation, 0.7 GB
+without the reservation (benchmarks/runtime_memory.py; docs/evaluation.md). Evaluation and extraction hold one model
+and one chunk of distances at a time, so they allocate as they go (a full-size evaluation then peaked at 2.0 GB, its
+goal is 3 GB). Training keeps the reservation: one arena, no fragmentation over a long run.
 """
 from __future__ import annotations
 

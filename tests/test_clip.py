@@ -549,6 +549,44 @@ def test_cudnn_attention_falls_back_off_gpu(monkeypatch):
   assert out.shape == q.shape
 
 
+def _asked_for(monkeypatch, q, k, *, gpu: bool, ampere: bool) -> list:
+  """The `implementation` clip.attention hands jax.nn.dot_product_attention, on a pretended GPU backend."""
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  asked = []
+  real = jax.nn.dot_product_attention
+
+  def spy(*args, implementation=None, **kwargs):
+    asked.append(implementation)
+    return real(*args, **kwargs)  # XLA's, which runs here
+
+  monkeypatch.setattr(clip_lib, "ATTENTION_IMPLEMENTATION", "cudnn")
+  monkeypatch.setattr(clip_lib, "_target_platform", lambda: "gpu" if gpu else "cpu")
+  monkeypatch.setattr(clip_lib, "_cudnn_flash_attention_available", lambda: ampere)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  assert clip_lib.attention(q, k, k).shape == q.shape
+  return asked
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("ampere, bf16, head 64", "cudnn"),
+    ("pre-ampere (V100, T4) or ROCm", None),
+    ("float32", None),
+    ("head 12 (not a multiple of 8)", None),
+    ("head 160 (above 128)", None),
+    ("one query, 5 keys (the ViT's class-token-only block)", None),
+])
+def test_cudnn_attention_only_where_cudnn_runs(monkeypatch, case, expected):
+  """The default (cuDNN) falls back to XLA's attention wherever cuDNN's flash kernels would refuse the call: before
+  the default changed, such models ran, and they must still run."""
+  bf16, f32 = jax.numpy.bfloat16, jax.numpy.float32
+  q = jax.numpy.ones((1, 6, 2, {"head 12 (not a multiple of 8)": 12, "head 160 (above 128)": 160}.get(case, 64)),
+                     f32 if case == "float32" else bf16)
+  k = q if not case.startswith("one query") else jax.numpy.ones((1, 5, 2, 64), bf16)
+  q = q[:, :1] if case.startswith("one query") else q
+  asked = _asked_for(monkeypatch, q, k, gpu=True, ampere=not case.startswith("pre-ampere"))
+  assert asked == [expected], (case, asked)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_even_length_attention_is_exact(causal):
   """The odd-length padding used for cuDNN (whose backward takes even lengths), run here with XLA's kernel:

@@ -473,18 +473,23 @@ def test_export_of_a_baseline_model(tmp_path, capsys):
 
 
 def test_init_is_compiled_once_per_configuration_and_draws_what_flax_draws():
-  """init_variables runs flax's init as one compiled program (eagerly it compiles every op of the forward pass:
-  ~40 s of a GPU run's start-up): the same draws as the eager init (to float rounding), one compilation per model
-  configuration, none for a second model of the same configuration."""
+  """init_variables runs flax's init as one compiled program (eagerly it compiles every op of the forward pass: 9.8 s
+  of the demo's start-up on the CPU): the same draws as the eager init (to float rounding), one compilation per
+  model configuration, none for a second, equal configuration (also one written with lists, as JSON gives them)."""
   import jax  # pylint: disable=g-import-not-at-top
   from clipreid_jax.models.clip import CLIPConfig  # pylint: disable=g-import-not-at-top
   clip_cfg = CLIPConfig(embed_dim=32, vision_layers=1, vision_width=64, vision_patch_size=16, vision_stride=16,
                         text_width=64, text_heads=1, text_layers=1, vision_grid=(4, 2))
   cfg = clipreid.ReIDConfig(clip=clip_cfg, num_classes=3, image_size=(64, 32), eot_index=12)
   rng = jax.random.PRNGKey(3)
+  equal = clipreid.ReIDConfig(clip=CLIPConfig(embed_dim=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+                                              vision_stride=16, text_width=64, text_heads=1, text_layers=1,
+                                              vision_grid=[4, 2]),
+                              num_classes=3, image_size=[64, 32], eot_index=12)
+  assert equal == cfg and equal is not cfg
   before = clipreid._compiled_init._cache_size()  # pylint: disable=protected-access
   got = clipreid.init_variables(clipreid.CLIPReID(cfg), rng)
-  again = clipreid.init_variables(clipreid.CLIPReID(cfg), rng)
+  again = clipreid.init_variables(clipreid.CLIPReID(equal), rng)
   assert clipreid._compiled_init._cache_size() == before + 1  # pylint: disable=protected-access
   zeros = jnp.zeros((2,), jnp.int32)
   eager = clipreid.CLIPReID(cfg).init(rng, jnp.zeros((2, 64, 32, 3)), zeros, zeros, zeros,

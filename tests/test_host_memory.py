@@ -61,7 +61,9 @@ import os, sys
 from absl import app
 from clipreid_jax import inference, main, train
 
-def report(*args, **kwargs):
+def report(*args, **kwargs):  # the setting must be there before the backend starts, which reads it
+  from jax._src import xla_bridge
+  assert not xla_bridge.backends_are_initialized()
   print("PREALLOCATE", os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"))
 
 train.validate_config = lambda config: None

@@ -50,6 +50,11 @@ class CLIPConfig:
   text_heads: int = 8
   text_layers: int = 12
 
+  def __post_init__(self):  # sequences as tuples: the config is hashable (a static argument of compiled code)
+    for name in ("vision_layers", "vision_grid"):
+      if isinstance(getattr(self, name), list):
+        object.__setattr__(self, name, tuple(getattr(self, name)))
+
   @property
   def is_vit(self) -> bool:
     return isinstance(self.vision_layers, int)
@@ -89,11 +94,6 @@ class CLIPConfig:
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"unknown CLIP config keys {unknown}; expected a subset of {sorted(known)}")
-    d = dict(d)
-    if not isinstance(d["vision_layers"], int):
-      d["vision_layers"] = tuple(d["vision_layers"])
-    if "vision_grid" in d:
-      d["vision_grid"] = tuple(d["vision_grid"])
     return cls(**d)
 
 
@@ -160,10 +160,10 @@ def quick_gelu(x):
 
 
 # `implementation` of jax.nn.dot_product_attention for every attention here. "cudnn" (the default) asks for cuDNN's
-# fused flash attention where it can run (an NVIDIA GPU, bf16/fp16 inputs, equal query and key lengths); anything
-# else keeps XLA's. On an H200 it took the ViT-B/16 stage-2 step from 18.0 to 14.8 ms (docs/performance.md); its
-# backward pass is not deterministic run to run. None: XLA's attention everywhere (JAX's own default). Read at
-# trace time: set it before a function is jitted.
+# fused flash attention where it can run (an NVIDIA GPU of compute capability 8.0 or newer, bf16/fp16 inputs, head
+# widths cuDNN takes, equal query and key lengths); anything else keeps XLA's. On an H200 it took the ViT-B/16
+# stage-2 step from 18.0 to 14.8 ms (docs/performance.md); its backward pass is not deterministic run to run. None:
+# XLA's attention everywhere (JAX's own default). Read at trace time: set it before a function is jitted.
 ATTENTION_IMPLEMENTATION: Optional[str] = "cudnn"
 
 
@@ -175,6 +175,19 @@ def _target_platform() -> str:
   return dev if isinstance(dev, str) else dev.platform
 
 
+@functools.lru_cache(maxsize=None)
+def _cudnn_flash_attention_available() -> bool:
+  """Whether the GPUs are NVIDIA GPUs that cuDNN's flash attention runs on (compute capability 8.0, Ampere, or
+  newer): JAX's cuDNN attention exists for CUDA only, and older GPUs (V100, T4) or ROCm keep XLA's attention."""
+  try:  # as jax's own cuDNN attention checks a GPU
+    device = jax.devices("gpu")[0]
+    if "cuda" not in device.client.platform_version.lower():
+      return False
+    return tuple(int(x) for x in device.compute_capability.split(".")) >= (8, 0)  # "9.0" on an H100
+  except (RuntimeError, AttributeError, TypeError, ValueError):  # no GPU backend, or not CUDA's
+    return False
+
+
 def _on_cpu_by_default(setting: Optional[bool]) -> bool:
   """A CPU-only speed setting: None follows the target platform, True / False force it."""
   return _target_platform() == "cpu" if setting is None else bool(setting)
@@ -182,11 +195,12 @@ def _on_cpu_by_default(setting: Optional[bool]) -> bool:
 
 def attention(q, k, v, *, causal: bool = False):
   impl = ATTENTION_IMPLEMENTATION
-  # cuDNN's kernels: NVIDIA GPUs, half precision, head widths that are multiples of 8 up to 128, and
-  # self-attention over equal lengths (the class-token-only last block of the ViT, one query, stays with XLA: it is
-  # tiny).
-  if impl == "cudnn" and (_target_platform() not in ("gpu", "cuda") or q.dtype not in (jnp.bfloat16, jnp.float16)
-                          or q.shape[-1] % 8 or q.shape[-1] > 128 or q.shape[1] != k.shape[1]):
+  # cuDNN's kernels: NVIDIA GPUs from Ampere on, half precision, head widths that are multiples of 8 up to 128,
+  # and self-attention over equal lengths (the class-token-only last block of the ViT, one query, stays with XLA:
+  # it is tiny).
+  if impl == "cudnn" and (_target_platform() not in ("gpu", "cuda") or not _cudnn_flash_attention_available()
+                          or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 8 or q.shape[-1] > 128
+                          or q.shape[1] != k.shape[1]):
     impl = None
   if impl == "cudnn" and q.shape[1] % 2:
     return even_length_attention(q, k, v, causal=causal, implementation=impl)

@@ -63,6 +63,9 @@ class ReIDConfig:
   image_size: tuple[int, int] = ()  # the input (H, W); OLP's grid leaves edge pixels uncovered, so keep it
   prompt_tokens: int = N_CTX  # learned X tokens per identity
 
+  def __post_init__(self):  # as CLIPConfig's: hashable with an image size given as a list
+    if isinstance(self.image_size, list):
+      object.__setattr__(self, "image_size", tuple(self.image_size))
 
   @property
   def backbone(self) -> str:
@@ -110,7 +113,6 @@ class ReIDConfig:
     if unknown:
       raise ValueError(f"unknown CLIP-ReID config keys {unknown}")
     d["clip"] = CLIPConfig.from_dict(d["clip"])
-    d["image_size"] = tuple(d.get("image_size", ()))
     return cls(**d)
 
 
@@ -235,7 +237,7 @@ def init_variables(model: CLIPReID, rng, batch: int = 2) -> dict:
 
 
 # One compiled program per configuration: run eagerly, flax's init compiles each operation of the forward pass on its
-# own (the demo model: 9.8 s on the CPU, ~40 s on a GPU); compiled, the unused forward pass is dropped.
+# own (the demo model: 9.8 s on the CPU, more on a GPU); compiled, the unused forward pass is dropped.
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _compiled_init(cfg: ReIDConfig, dtype, batch: int, rng) -> dict:
   h, w = cfg.input_size
