@@ -298,9 +298,9 @@ def load_dataset(config, everywhere: bool = True):
     opts.update(test_size=ds.test_size, gallery_seed=ds.gallery_seed)
   if name == "veri" and ds.keypoint_dir:
     opts["keypoint_dir"] = ds.keypoint_dir
-  if ds.get("packed_dir"):  # the splits and the options chosen at packing time are in the pack
+  if ds.get("packed_dir"):  # the splits and the options chosen at packing time are in the pack, which checks them
     from clipreid_jax.data.packed import load_packed  # pylint: disable=g-import-not-at-top
-    return load_packed(name, ds.packed_dir, **({"test_size": ds.test_size} if name == "vehicleid" else {}))
+    return load_packed(name, ds.packed_dir, **{k: v for k, v in opts.items() if k != "check_counts"})
   return get_dataset(name, ds.root, **opts)
 
 

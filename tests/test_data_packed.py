@@ -239,3 +239,35 @@ def test_a_folder_inside_the_pack_names_the_packs_root(market):
     with pytest.raises(data.DatasetNotFoundError, match=f"is a folder inside a pack; expected the folder given to "
                        f"prepare --data_dir, which holds reid_packed/ \\({out}\\)"):
       packed.load_packed("market1501", inner)
+
+
+def test_a_pack_refuses_reader_options_it_was_not_prepared_with(tmp_path):
+  """gallery_seed (VehicleID) and keypoint_dir (VeRi) are baked into a pack's records at prepare time: a run asking
+  for others is refused in one line naming the key, not served the pack's silently."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  from clipreid_jax import config_defaults, train  # pylint: disable=g-import-not-at-top
+  from test_data_readers import make_vehicleid, make_veri  # pylint: disable=g-import-not-at-top
+  make_vehicleid(tmp_path / "vid")
+  make_veri(tmp_path / "veri_plain", keypoints=False)
+  make_veri(tmp_path / "veri_kp", keypoints=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", data.DataWarning)  # the tiny sets' counts differ from the published ones
+    packed.prepare("vehicleid", tmp_path / "vid", tmp_path / "p_vid", gallery_seed=2)
+    packed.prepare("veri", tmp_path / "veri_plain", tmp_path / "p_plain")
+    packed.prepare("veri", tmp_path / "veri_kp", tmp_path / "p_kp", keypoint_dir=str(tmp_path / "veri_kp" / "VeRi"))
+    assert len(packed.load_packed("vehicleid", tmp_path / "p_vid", gallery_seed=2).query)
+    with pytest.raises(data.DataError, match=r"^dataset.gallery_seed: 0, but the pack under .* was prepared with "
+                       r"gallery_seed 2; expected 2"):
+      packed.load_packed("vehicleid", tmp_path / "p_vid", gallery_seed=0)
+    with pytest.raises(data.DataError, match=r"^dataset.keypoint_dir: .* given, but the pack under .* was prepared "
+                       r"without keypoint files"):
+      packed.load_packed("veri", tmp_path / "p_plain", keypoint_dir=str(tmp_path / "veri_kp"))
+    assert packed.load_packed("veri", tmp_path / "p_kp", keypoint_dir="/elsewhere").train.viewids.any()
+    assert not packed.load_packed("veri", tmp_path / "p_plain").train.viewids.any()  # no option asked: no check
+    # Through the trainer's config: the recipe's default seed (0) against the pack's 2.
+    config = config_defaults.official("vehicleid", config_defaults.VIT)
+    config.dataset.root, config.dataset.packed_dir = "/nonexistent", str(tmp_path / "p_vid")
+    with pytest.raises(data.DataError, match="^dataset.gallery_seed: 0"):
+      train.load_dataset(config)
+    config.dataset.gallery_seed = 2
+    assert train.load_dataset(config).name == "vehicleid"

@@ -75,6 +75,11 @@ class ReidPacked(tfds.core.GeneratorBasedBuilder):
                                                     **{**opts, **self._reader_opts})
     self.info.metadata["dataset"] = name
     self.info.metadata["stats"] = dataset.stats()
+    # The reader options baked into the records, so that a run asking for others is refused (load_packed).
+    if name == "vehicleid":
+      self.info.metadata["gallery_seed"] = int({**opts, **self._reader_opts}.get("gallery_seed", 0))
+    if name == "veri":  # without keypoint files every view is 0
+      self.info.metadata["keypoints"] = bool(any(getattr(dataset, s).viewids.any() for s in SPLITS))
     self.info.metadata["splits"] = {
         s: {"relpaths": getattr(dataset, s).relpaths.tolist(), "pids": getattr(dataset, s).pids.tolist(),
             "camids": getattr(dataset, s).camids.tolist(), "viewids": getattr(dataset, s).viewids.tolist()}
@@ -142,7 +147,7 @@ def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLik
   root = pathlib.Path(data_dir)
   if root.exists() and not root.is_dir():
     raise errors.DataError(f"--data_dir: {root} is a file; expected a folder for the pack")
-  builder = ReidPacked(config=config, data_dir=os.fspath(data_dir), dataset=dataset)
+  builder = ReidPacked(config=config, data_dir=os.fspath(data_dir), dataset=dataset, reader_opts=opts)
   # tfds writes into `incomplete.*` beside the pack and removes it on any exception; only a kill leaves one. It may
   # also be another host's pack in progress, so it is named, not deleted.
   for left in sorted(builder.data_path.parent.glob(f"incomplete.*_{builder.data_path.name}")):
@@ -172,8 +177,16 @@ def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLik
 def load_packed(name: str, data_dir: str | os.PathLike, **opts) -> ReidDataset:
   """The packed dataset `name` as a ReidDataset whose splits read their images from the array_record files.
 
+  Args:
+    name: the dataset or config name.
+    data_dir: the folder given to `prepare` as --data_dir.
+    **opts: reader options: `test_size` picks the vehicleid config; `gallery_seed` (vehicleid) and `keypoint_dir`
+      (veri) are checked against the options the pack was prepared with (packs from before they were recorded are
+      not checked).
+
   Raises:
     DatasetNotFoundError: no packed dataset of that name under data_dir.
+    DataError: a reader option that differs from the pack's.
   """
   config = config_name(name, **opts)
   data_dir = os.fspath(data_dir)
@@ -197,7 +210,16 @@ def load_packed(name: str, data_dir: str | os.PathLike, **opts) -> ReidDataset:
   except Exception as e:  # pylint: disable=broad-except  # a truncated or corrupt array_record file
     raise errors.DataError(f"packed {config}: cannot read the pack under {data_dir} ({errors.first_line(e)}); "
                            "it is corrupt or truncated: delete it and prepare it again") from None
-  tables = builder.info.metadata["splits"]
+  meta = builder.info.metadata
+  if "gallery_seed" in opts and meta.get("gallery_seed", opts["gallery_seed"]) != opts["gallery_seed"]:
+    raise errors.DataError(f"dataset.gallery_seed: {opts['gallery_seed']}, but the pack under {data_dir} was prepared "
+                           f"with gallery_seed {meta['gallery_seed']}; expected {meta['gallery_seed']}, or prepare the "
+                           f"pack again with --opt gallery_seed={opts['gallery_seed']} in another --data_dir")
+  if opts.get("keypoint_dir") and meta.get("keypoints") is False:
+    raise errors.DataError(f"dataset.keypoint_dir: {opts['keypoint_dir']} given, but the pack under {data_dir} was "
+                           "prepared without keypoint files (every view is 0); expected no keypoint_dir, or prepare "
+                           "the pack again with --opt keypoint_dir=DIR")
+  tables = meta["splits"]
   splits = {}
   for s in SPLITS:
     t = tables[s]
@@ -206,4 +228,4 @@ def load_packed(name: str, data_dir: str | os.PathLike, **opts) -> ReidDataset:
     splits[s] = Split(f"{builder.data_dir}#{s}", np.asarray(t["relpaths"], np.str_), np.asarray(t["pids"], np.int32),
                       np.asarray(t["camids"], np.int32), np.asarray(t["viewids"], np.int32),
                       PackedImages(sources[s], f"{config}/{s}"))
-  return ReidDataset(builder.info.metadata["dataset"], **splits)
+  return ReidDataset(meta["dataset"], **splits)
