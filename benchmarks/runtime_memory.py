@@ -4,7 +4,9 @@
     python benchmarks/runtime_memory.py --settings default,lazy
 
 The evaluation's peak-RSS goal (3 GB, issue 6) sits on top of this floor: on the H100 machine JAX's CUDA backend
-held 2.70 GB (2.24 GB anonymous) before any evaluation. Each setting runs a fresh process that reports RSS
+held 2.70 GB (2.24 GB anonymous) before any evaluation. On an H200 this script found it to be JAX's reservation of
+the GPU's memory (4.2 GB with it, 0.7 GB with `noprealloc`), which eval and extract modes now turn off
+(docs/evaluation.md). Each setting runs a fresh process that reports RSS
 (anonymous / file-backed) after `import jax`, after the backend starts (`jax.devices()`), after one tiny op, after
 one jitted 2048^2 float32 product (cuBLAS loaded) and after one jitted product compiled without autotuning (as the
 evaluation's are, `metrics.jit_untuned`), plus the largest resident mappings and the CUDA / XLA environment.
