@@ -60,9 +60,17 @@ def keep_step_buffers_mapped() -> bool:
 
 def no_device_preallocation() -> bool:
   """Evaluation and extraction: JAX allocates device memory as needed instead of reserving 75% of it at start-up
-  (and the host memory the driver keeps for such a reservation). A value the user set wins. Call before JAX starts
-  its backend. Returns whether it was applied."""
-  if "XLA_PYTHON_CLIENT_PREALLOCATE" in os.environ:
+  (and the host memory the driver keeps for such a reservation). A value the user set wins, and once JAX has
+  started its backend the setting would have no effect, so nothing is set then. Returns whether it was applied."""
+  if "XLA_PYTHON_CLIENT_PREALLOCATE" in os.environ or _backend_started():
     return False
   os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   return True
+
+
+def _backend_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):  # another JAX: setting the variable is harmless either way
+    return False

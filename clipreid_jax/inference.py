@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from clipreid_jax import outputs, steps
+from clipreid_jax import host_memory, outputs, steps
 from clipreid_jax.data import images as image_io
 from clipreid_jax.data.errors import DataError
 from clipreid_jax.checkpoints import read_config
@@ -34,9 +34,14 @@ class FeatureExtractor:
   input size (the official test transform). SIE models need `cams` (and `views` when the table has views): one id
   per image, numbered as in their training set; other models ignore them. `flip=True`: the mean of each image's
   features and its mirror image's (test-time flip, not in the official code).
+
+  On a GPU, an extractor created before anything else starts JAX makes JAX allocate device memory as it needs it,
+  instead of reserving 75% of it (room for a detector beside it; 2-4 GB less host memory), unless
+  XLA_PYTHON_CLIENT_PREALLOCATE is set (host_memory.no_device_preallocation).
   """
 
   def __init__(self, checkpoint: str | os.PathLike, batch_size: int = 64, flip: bool = False):
+    host_memory.no_device_preallocation()  # before anything below starts JAX's backend
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
       raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     self.model, variables = load_clipreid(checkpoint)

@@ -1,10 +1,13 @@
-"""host_memory.keep_step_buffers_mapped: XLA:CPU's per-execution buffers are reused instead of mapped afresh (each
-case in a fresh interpreter: the setting must come before JAX starts its backend)."""
+"""host_memory: XLA:CPU's per-execution buffers are reused instead of mapped afresh (keep_step_buffers_mapped), and
+evaluation, extraction and FeatureExtractor start JAX without its GPU memory reservation (no_device_preallocation).
+Each case runs in a fresh interpreter: the settings must come before JAX starts its backend."""
 import json
 import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -89,3 +92,35 @@ def test_evaluation_and_extraction_reserve_no_gpu_memory(tmp_path):
   assert _preallocation_in_mode(tmp_path, "extract") == "false"
   assert _preallocation_in_mode(tmp_path, "train") == "None"
   assert _preallocation_in_mode(tmp_path, "eval", XLA_PYTHON_CLIENT_PREALLOCATE="true") == "true"
+
+
+_EXTRACTOR = """
+import json, os, sys
+from clipreid_jax import host_memory
+if sys.argv[1] == "started":
+  import jax
+  jax.devices()
+import clipreid_jax
+try:
+  clipreid_jax.FeatureExtractor("/nonexistent/model")
+except Exception as e:  # no model there: the setting comes first
+  kind = type(e).__name__
+print(json.dumps(dict(kind=kind, preallocate=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+                      again=host_memory.no_device_preallocation())))
+"""
+
+
+@pytest.mark.parametrize("case,user,expected", [
+    ("fresh", None, "false"),  # an extractor in a tracker's process: no 75% reservation beside its detector
+    ("fresh", "true", "true"),  # the user's value wins
+    ("started", None, None),  # JAX already running: setting the variable now would only mislead
+])
+def test_feature_extractor_reserves_no_gpu_memory_when_it_starts_jax(case, user, expected):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+  if user is not None:
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = user
+  out = subprocess.run([sys.executable, "-c", _EXTRACTOR, case], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=env)
+  assert out.returncode == 0, out.stderr
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got["kind"] == "CheckpointError" and got["preallocate"] == expected and got["again"] is False, got
