@@ -85,19 +85,26 @@ def render_pictures(config, workdir: str) -> None:
     logging.warning("could not render the pictures: %s: %s", type(e).__name__, e)
 
 
+def stderr_line(text: str) -> None:
+  """One line on stderr in one write: print() writes the text and its newline separately, and output that other
+  threads or libraries write to the same stream in between (gloo's, on several hosts) would land inside the line."""
+  sys.stderr.write(text + "\n")
+  sys.stderr.flush()
+
+
 def main(argv):
   if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    stderr_line(f"error: unexpected arguments {argv[1:]}")
     return 2
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
   config = _CONFIG.value
   if config is None:
     if flags.FLAGS["config"].present:
-      print(f"error: --config={flags.FLAGS['config'].config_filename}: get_config() returned None; expected a "
-            "ConfigDict", file=sys.stderr)
+      stderr_line(f"error: --config={flags.FLAGS['config'].config_filename}: get_config() returned None; expected a "
+                  "ConfigDict")
     else:
-      print("error: --config is required, e.g. --config configs/demo.py", file=sys.stderr)
+      stderr_line("error: --config is required, e.g. --config configs/demo.py")
     return 2
   from clipreid_jax import host_memory
   host_memory.keep_step_buffers_mapped()  # before JAX starts its backend
@@ -110,7 +117,7 @@ def main(argv):
 
   def one_line(message, category, *args, **kwargs):  # data warnings read like the errors: one line each
     if issubclass(category, DataWarning):
-      print(f"warning: {message}", file=sys.stderr)
+      stderr_line(f"warning: {message}")
     else:
       show(message, category, *args, **kwargs)
 
@@ -118,13 +125,13 @@ def main(argv):
   try:
     return run(config, _WORKDIR.value or default_workdir(config))
   except (ConfigError, DataError, CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    stderr_line(f"error: {e}")
     return 2
   except TrainingStopped as e:  # non-finite loss, failed save: the last good checkpoint is kept
-    print(f"error: {e}", file=sys.stderr)
+    stderr_line(f"error: {e}")
     return 1
   except KeyboardInterrupt:  # a second Ctrl-C (the first saves and exits 130), or one outside training
-    print("error: interrupted (Ctrl-C); rerun the same command to resume a training run", file=sys.stderr)
+    stderr_line("error: interrupted (Ctrl-C); rerun the same command to resume a training run")
     return 130
 
 
@@ -163,7 +170,7 @@ def parse_flags(argv):
         message = f"{flag}: unknown config key {key!r}; expected one of the keys in clipreid_jax/config_defaults.py"
   except Exception as e:  # pylint: disable=broad-except  # anything else the config file raised (NameError, ...)
     message = f"--config: {type(e).__name__}: {e}"
-  print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  stderr_line(f"error: {' '.join(message.split())}")
   sys.exit(2)
 
 

@@ -109,7 +109,9 @@ def test_two_hosts_stop_together_when_process_0_cannot_write_the_synthetic_data(
   codes = [h.wait() for h in hosts]
   assert codes == [2, 2], (codes, "".join(hosts[0].lines[-20:]), "".join(hosts[1].lines[-20:]))
   # The last error line (stdout and stderr are merged here, and gloo's own stdout lines may come after it).
-  last = [[l.strip() for l in h.lines if l.startswith("error:")][-1] for h in hosts]
+  errors = [[l[l.index("error: "):].strip() for l in h.lines if "error: " in l] for h in hosts]
+  assert all(errors), ("".join(hosts[0].lines[-20:]), "".join(hosts[1].lines[-20:]))
+  last = [e[-1] for e in errors]
   assert last[0].startswith("error: synthetic:") and "did not write" in last[0], last[0]
   assert last[1] == f"error: synthetic: process 0 could not write {data} (its error is in its output)", last[1]
   assert not any(h.saw("Traceback") for h in hosts) and not work.exists()
