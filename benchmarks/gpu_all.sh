@@ -12,9 +12,10 @@
 #
 # then, through the device tool:  run(command="bash benchmarks/gpu_all.sh", carry=[".devdeps", ".whl"],
 # timeout_s=600) (the tool's limit above the script's own budget: a part cut by its `timeout` still prints what it
-# measured). PARTS picks the parts (default steps,eval,recipe; also rss, profile, demo), in this order: rss (JAX's
-# start-up host memory), profile (PROFILE_VARIANTS, ~1 min each), steps (STEP_ARGS picks rows), eval (EVAL_ARGS),
-# demo (the Quickstart's main job), recipe. A call of the kind the twelfth session made first (~4 min on an H200):
+# measured). PARTS picks the parts (default steps,eval,recipe; also rss, profile, dispatch, demo), in this order: rss
+# (JAX's start-up host memory), profile (PROFILE_VARIANTS, ~1 min each), dispatch (DISPATCH_ARGS), steps (STEP_ARGS
+# picks rows), eval (EVAL_ARGS), demo (the Quickstart's main job), recipe. A call of the kind the twelfth session
+# made first (~4 min on an H200):
 #   PARTS=rss,profile,steps,eval,demo PROFILE_VARIANTS=default,xla,nographs PROFILE_STEPS=3 \
 #   STEP_ARGS="--frameworks torch --backbones vit --no_stage1 --no-olp --no-torch_per_tensor" STEP_BUDGET_S=60 \
 #   EVAL_ARGS="--skip-reference --device-features-too --preallocate-too --skip-rerank --warm" bash ...
@@ -88,6 +89,11 @@ if part profile; then
     --profile_steps "${PROFILE_STEPS:-5}" ${PROFILE_ARGS:-} --explain 16 --json "$OUT/profile.json" 2>&1 \
     | grep -v "^PROFILE" | tee "$OUT/profile.txt"
 fi
+
+# 1b. Optional (part dispatch, ~1.5 min): the host time of one step call in the trainer's loop, the state as a pytree
+#     against its leaves (steps.loop_step), and the real step's dispatch in both forms.
+part dispatch && timeout "${DISPATCH_BUDGET_S:-150}" "$PY" benchmarks/dispatch_benchmark.py ${DISPATCH_ARGS:-} \
+  --json "$OUT/dispatch.json" 2>&1 | tee "$OUT/dispatch.txt"
 
 # 2. Steps: ours vs PyTorch fp16 (ViT-B/16, then RN50), then OLP, stage 1 and variants while the budget lasts.
 #    Rows run by priority; one that would not finish in what is left is skipped; the table and goals print anyway.

@@ -7,7 +7,8 @@
 Each variant builds our stage-2 step as step_benchmark.py does (full-size ViT-B/16 with random weights, the
 trainer's optimizer, on-device augmentation, donated state) and reports:
 - compile s; "synced" ms (median of steps each waited for); "pipelined" ms (mean of steps dispatched back to back
-  through the jitted function, as the trainer calls it); "dispatch" ms (host time for one call to return);
+  over the state's leaves, as the trainer's loop calls it: steps.loop_step); "dispatch" ms (host time for one call
+  to return);
 - from a jax.profiler trace of `--profile_steps` pipelined steps: device busy ms per step (the union of kernel
   intervals on the device's streams), kernels per step, and the top kernels / XLA ops by time, grouped into
   matmul, attention, fusion (XLA's elementwise / reduction kernels), copy and other.
@@ -234,6 +235,7 @@ VARIANTS = {  # name -> (job overrides, compiler options, model-module settings)
 
 def run_variant(name: str, args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
+  from clipreid_jax import steps  # pylint: disable=g-import-not-at-top
   from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   overrides, options, settings = {}, {}, {}
   for part in name.split("+"):  # e.g. "cudnn+b128"
@@ -248,38 +250,43 @@ def run_variant(name: str, args) -> dict:
     job = dict(framework="jax", stage=2, backbone="vit", batch=args.batch, stride=args.stride, variant="default",
                input_size=[256, 128], iters=args.steps, warmup=2, pipelined=args.steps, groups="two")
     job.update(overrides)
-    step, state, batch, keys, dtype, _ = SB.build_jax_job(job)
-    jitted = jax.jit(step, donate_argnums=0, compiler_options=options or None)
+    step, state, batch, dtype, _ = SB.build_jax_job(job)
+    # As the trainer's loop calls it (steps.loop_step): over the state's leaves, each step's draws folded from its
+    # counter. One compilation serves the timings, the profile and the HLO.
+    key = jax.random.PRNGKey(0)
+    leaves = jax.tree.leaves(state)
     t = time.perf_counter()
-    jitted.lower(state, batch, keys[0]).compile()  # cached: the calls below reuse this executable
+    compiled = steps.loop_step(step, jax.tree.structure(state), compiler_options=options or None).lower(
+        leaves, batch, key).compile()
     compile_s = time.perf_counter() - t
+    del state
     t = time.perf_counter()
-    state, m = jitted(state, batch, keys[0])
+    leaves, m = compiled(leaves, batch, key)
     m["loss"].block_until_ready()
     first_s = time.perf_counter() - t
     synced = []
-    for i in range(args.steps):
+    for _ in range(args.steps):
       t = time.perf_counter()
-      state, m = jitted(state, batch, keys[i % len(keys)])
+      leaves, m = compiled(leaves, batch, key)
       m["loss"].block_until_ready()
       synced.append(time.perf_counter() - t)
     dispatch = []
     t0 = time.perf_counter()
-    for i in range(args.steps):
+    for _ in range(args.steps):
       t = time.perf_counter()
-      state, m = jitted(state, batch, keys[i % len(keys)])
+      leaves, m = compiled(leaves, batch, key)
       dispatch.append(time.perf_counter() - t)
     m["loss"].block_until_ready()
     pipelined = (time.perf_counter() - t0) / args.steps
-    hlo = jitted.lower(state, batch, keys[0]).compile().as_text()
+    hlo = compiled.as_text()
     trace_dir = os.path.join(args.trace_dir, name)
     summary = {}
     if args.profile_steps:
       m["loss"].block_until_ready()
       try:  # a profiler failure (no CUPTI access, say) must not lose the timings
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-          for i in range(args.profile_steps):
-            state, m = jitted(state, batch, keys[i % len(keys)])
+          for _ in range(args.profile_steps):
+            leaves, m = compiled(leaves, batch, key)
           m["loss"].block_until_ready()
         spans = load_trace(trace_dir)
         summary = summarize(spans, args.profile_steps, args.top)

@@ -252,26 +252,29 @@ def _main(argv=None) -> int:
   run = max(args.min_steps, round(args.scale * full))
   solver = optim.Stage2Solver(base_lr=5e-6, weight_decay=1e-4, steps=(30, 50), warmup_factor=0.1)
   tx2 = optim.stage2_optimizer(solver, epoch_lengths)
-  step_fn = jax.jit(steps.make_stage2_step(model, tx2, losses.LossWeights.for_config("ViT-B-16")), donate_argnums=0)
   state = jax.device_put(steps.create_state(params, variables["batch_stats"], tx2, text))
+  treedef = jax.tree.structure(state)  # the trainer's loop holds the state's leaves (steps.loop_step)
+  step_fn = steps.loop_step(steps.make_stage2_step(model, tx2, losses.LossWeights.for_config("ViT-B-16")), treedef)
+  leaves = jax.tree.leaves(state)
+  del state
   b = args.batch
   host2 = [{"image": rng.integers(0, 256, (b, 256, 128, 3), dtype=np.uint8),
             "pid": np.repeat(rng.choice(n_ids, b // K, replace=False), K).astype(np.int32),
             "camid": rng.integers(0, m["num_cams"], b).astype(np.int32), "viewid": np.zeros(b, np.int32)}
            for _ in range(4)]
   key2 = jax.random.PRNGKey(2)
-  compiled, c_s = timed(lambda: step_fn.lower(state, jax.device_put(host2[0]), key2).compile())
-  state, metrics = compiled(state, jax.device_put(host2[0]), key2)
+  compiled, c_s = timed(lambda: step_fn.lower(leaves, jax.device_put(host2[0]), key2).compile())
+  leaves, metrics = compiled(leaves, jax.device_put(host2[0]), key2)
   sync(metrics)
 
   def stage2():
-    nonlocal state
+    nonlocal leaves
     sums = None
     # As the trainer feeds stage 2: each batch sent to the device two steps ahead of its step.
     batches = prefetch(iter(host2[i % len(host2)] for i in range(run)), jax.device_put, depth=2)
     for i, batch in enumerate(batches):
-      state, metrics = compiled(state, batch, jax.random.fold_in(key2, i))
-      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+      leaves, metrics = compiled(leaves, batch, key2)
+      sums = metrics if sums is None else steps.add_metrics(sums, metrics)
       if (i + 1) % LOG_EVERY == 0:
         float(sums["loss"])
     return float(sums["loss"])
@@ -282,9 +285,10 @@ def _main(argv=None) -> int:
   report.add("stage 2", full, "step", run, run_s, c_s,
              f"~{steps_per_epoch2} PK batches/epoch (batch {b}): {b * run / run_s:,.1f} img/s")
   stage2_rate = b * run / run_s
+  state = jax.tree.unflatten(treedef, leaves)
   ckpt2 = None if args.no_checkpoint else checkpoint_seconds(state)
   final = {"params": state.params, "batch_stats": state.batch_stats}
-  del state
+  del state, leaves
 
   # ---- Evaluation: features of query + gallery (batch 64), then the metric.
   eval_fn = jax.jit(steps.make_feature_fn(model, "eval"))

@@ -102,8 +102,8 @@ def _full_context_stage1(model, tx):
 
 
 def build_jax_job(job):
-  """(step, state, batch, keys, dtype, weight source) of our row, built as the trainer builds it (also used by
-  profile_step.py)."""
+  """(step, state, batch, dtype, weight source) of our row, built as the trainer builds it (also used by
+  profile_step.py and dispatch_benchmark.py)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -135,8 +135,7 @@ def build_jax_job(job):
     n = job["batch"]
     batch = {"image": x["image"], "pid": x["pid"], "camid": np.zeros(n, np.int32), "viewid": np.zeros(n, np.int32)}
   state, batch = jax.device_put((state, batch))
-  keys = list(jax.random.split(jax.random.PRNGKey(0), job["warmup"] + 2 * job["iters"]))
-  return step, state, batch, keys, dtype, source
+  return step, state, batch, dtype, source
 
 
 def run_jax_job(job) -> dict:
@@ -144,17 +143,18 @@ def run_jax_job(job) -> dict:
   host_memory.keep_step_buffers_mapped()  # as the trainer does, before JAX starts its backend
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  step, state, batch, keys, dtype, source = build_jax_job(job)
-  variant = job["variant"]
-  jitted = jax.jit(step, donate_argnums=() if variant == "nodonate" else 0)
+  from clipreid_jax import steps  # pylint: disable=g-import-not-at-top
+  step, state, batch, dtype, source = build_jax_job(job)
+  # As the trainer's loop calls it: over the state's leaves, each step's draws folded from its counter.
+  fn = steps.loop_step(step, jax.tree.structure(state), donate=job["variant"] != "nodonate")
+  key = jax.random.PRNGKey(0)
+  box = {"leaves": jax.tree.leaves(state)}
   t = time.perf_counter()
-  compiled = jitted.lower(state, batch, keys[0]).compile()
+  compiled = fn.lower(box["leaves"], batch, key).compile()
   compile_s = time.perf_counter() - t
-  box = {"state": state, "i": 0}
 
   def one():
-    box["state"], metrics = compiled(box["state"], batch, keys[box["i"] % len(keys)])
-    box["i"] += 1
+    box["leaves"], metrics = compiled(box["leaves"], batch, key)
     return metrics["loss"]
 
   first_loss = float(one())

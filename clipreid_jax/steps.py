@@ -145,6 +145,38 @@ def make_stage2_step(model: CLIPReID, tx, weights: losses.LossWeights, *, augmen
 
 
 # --------------------------------------------------------------------------------------------------
+# The trainer's loop.
+
+
+def loop_step(step: Callable, treedef, *, donate: bool = True, compiler_options: Optional[dict] = None) -> Callable:
+  """`step(state, batch, rng)` compiled as the trainer's loop calls it: `leaves, metrics = fn(leaves, batch, rng)`.
+
+  - Over the state's leaves: `leaves = jax.tree.leaves(state)`, and `jax.tree.unflatten(treedef, leaves)` is the
+    state. Why: at every call jit flattens its arguments and rebuilds its outputs on the host. A train state has
+    ~2,700 pytree nodes (optax's masks put a MaskedNode for every frozen leaf into each label's state); rebuilding
+    them at every step fed Python's cyclic collector, whose full passes over the process's heap cost 2-3 ms of host
+    time per step. A list of the same arrays allocates nothing the collector tracks (benchmarks/dispatch_benchmark.py).
+  - The step draws from `fold_in(rng, state.step)`, inside the compiled call: a function of the optimizer step only,
+    so a resumed run draws the same, and no op is dispatched per step to derive it.
+  """
+
+  def fn(leaves, batch, rng):
+    state = jax.tree.unflatten(treedef, leaves)
+    state, metrics = step(state, batch, jax.random.fold_in(rng, state.step))
+    leaves, out_def = jax.tree.flatten(state)
+    if out_def != treedef:
+      raise ValueError(f"the step changed the state's structure: {treedef} -> {out_def}")
+    return leaves, metrics
+
+  return jax.jit(fn, donate_argnums=0 if donate else (), compiler_options=compiler_options)
+
+
+# A step's metrics added to the epoch's sums in one compiled call (jax.tree.map(jnp.add) would dispatch one op per
+# metric, every step).
+add_metrics = jax.jit(lambda sums, metrics: jax.tree.map(jnp.add, sums, metrics))
+
+
+# --------------------------------------------------------------------------------------------------
 # Inference.
 
 

@@ -932,13 +932,19 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
     resume_at = mid_epoch_position(meta)  # stopped mid-epoch (pre-emption): continue that epoch
     resume_sums = meta.get("sums")
   state = replicate(mesh, state)
+  done = int(jax.device_get(state.step))  # optimizer steps so far, counted on the host (no sync per step)
+  # The loop holds the state's leaves, not the state: a step call then rebuilds no pytree (steps.loop_step).
+  treedef, leaves = jax.tree.structure(state), jax.tree.leaves(state)
+  del state
+  current = lambda: jax.tree.unflatten(treedef, leaves)
   a = config.augment
-  step = jax.jit(steps.make_stage2_step(model, tx, loss_weights(config), erase_prob=a.erase_prob,
-                                        flip_prob=a.flip_prob, padding=a.padding), donate_argnums=0)
+  step = steps.loop_step(steps.make_stage2_step(model, tx, loss_weights(config), erase_prob=a.erase_prob,
+                                                flip_prob=a.flip_prob, padding=a.padding), treedef)
+  # The step's randomness is fold_in(key, optimizer step) (steps.loop_step), so a resumed run draws the same. (Not
+  # epoch * steps_per_epoch + count: PK epochs differ in length, and two steps would share their draws.)
   key = jax.random.PRNGKey(config.seed + 2)
   lr = solver.schedule()
-  counter = lambda: offset + 1 + int(jax.device_get(state.step))
-  done = int(jax.device_get(state.step))  # optimizer steps so far, counted on the host (no sync per step)
+  counter = lambda: offset + 1 + done
   unchecked = []  # (epoch, step in epoch, optimizer step, metrics) not yet checked for non-finite values
 
   def check_steps():
@@ -966,13 +972,11 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
     bar = tqdm.tqdm(batches, total=len(loader), initial=count, desc=f"stage 2 epoch {epoch}", unit="step",
                     leave=False, disable=jax.process_index() != 0 or not sys.stderr.isatty())
     for g in bar:
-      # The step's randomness is a function of the optimizer step only, so a resumed run draws the same. (Not
-      # epoch * steps_per_epoch + count: PK epochs differ in length, and two steps would share their draws.)
       t_call = time.time()
-      state, metrics = step(state, g, jax.random.fold_in(key, done))
+      leaves, metrics = step(leaves, g, key)
       if not compiled:
         compiled, epoch_compile_s = True, time.time() - t_call
-      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+      sums = metrics if sums is None else steps.add_metrics(sums, metrics)
       count += 1
       done += 1
       unchecked.append((epoch, count, done, metrics))
@@ -986,7 +990,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
       if check_stop and run.stop_agreed() and count < len(loader):
         check_steps()  # never save a non-finite state
         # The batches consumed, not the loader's position: it runs ahead by the prefetch depth.
-        run.save(counter(), state, {"stage": 2, "epoch": epoch - 1, "next_batch": count,
+        run.save(counter(), current(), {"stage": 2, "epoch": epoch - 1, "next_batch": count,
                                     "sums": {k: float(v) for k, v in jax.device_get(sums).items()}})
         run.exit_preempted(f"stage 2 epoch {epoch} at step {count}")
     check_steps()
@@ -1000,16 +1004,18 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
              epoch, s.max_epochs, m["loss"], m["id_cls"], m["id_proj"], m["tri_last"], m["tri_feat"], m["tri_proj"],
              f" i2t {m['i2t']:.3f}" if "i2t" in m else "", m["accuracy"], lr(epoch), record["images_per_s"])
     if config.eval.period and epoch % config.eval.period == 0 and epoch != s.max_epochs:
+      state = current()
       res = evaluate_fn({"params": state.params, "batch_stats": state.batch_stats})
       record.update({f"eval_{k}": v for k, v in res.items()})
       log.info("stage 2 epoch %d/%d evaluation: %s", epoch, s.max_epochs, format_metrics(res))
     run.log_metrics(record)
     stop = run.stop_agreed()
     if epoch % config.checkpoint_every_epochs == 0 or epoch == s.max_epochs or stop:
-      run.save(counter(), state, {"stage": 2, "epoch": epoch})
+      run.save(counter(), current(), {"stage": 2, "epoch": epoch})
     if stop:
       run.exit_preempted(f"stage 2 epoch {epoch}")
   run.wait()
+  state = current()
   return {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)}
 
 

@@ -31,13 +31,15 @@ def main():
   for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     mesh = Mesh(np.asarray(devices), ("data",))
     state = train.replicate(mesh, steps.create_state(variables["params"], variables["batch_stats"], tx, text))
-    step = jax.jit(steps.make_stage2_step(model, tx, train.loss_weights(config)), donate_argnums=0)
+    treedef = jax.tree.structure(state)  # the trainer's call form: over the state's leaves
+    step = steps.loop_step(steps.make_stage2_step(model, tx, train.loss_weights(config)), treedef)
     g = train.to_global(mesh, batch)
     grad_fn = jax.jit(jax.grad(lambda p, s, b: steps.stage2_loss_fn(
         model, p, s, steps.normalize(b["image"], model.config.pixel_mean, model.config.pixel_std), b["pid"], None,
         None, text, train.loss_weights(config))[0]))
     grads = jax.device_get(grad_fn(state.params, state.batch_stats, g))
-    state, metrics = step(state, g, jax.random.PRNGKey(3))
+    leaves, metrics = step(jax.tree.leaves(state), g, jax.random.PRNGKey(3))
+    state = jax.tree.unflatten(treedef, leaves)
     results[name] = (jax.device_get(state.params), jax.device_get(state.batch_stats),
                      {k: float(v) for k, v in metrics.items()}, len(g["image"].sharding.device_set), grads)
   p1, b1, m1, n1, g1 = results["one"]

@@ -29,8 +29,10 @@ local = {k: batch[k] for k in ("image", "pid", "camid", "viewid")}
 tx = optim.stage2_optimizer(train.stage2_solver(config), steps_per_epoch=len(loader))
 text = np.asarray(steps.text_features_all(model, variables["params"]))
 state = train.replicate(mesh, steps.create_state(variables["params"], variables["batch_stats"], tx, text))
-step = jax.jit(steps.make_stage2_step(model, tx, train.loss_weights(config)), donate_argnums=0)
-state, metrics = step(state, train.to_global(mesh, local), jax.random.PRNGKey(3))
+treedef = jax.tree.structure(state)  # the trainer's call form: over the state's leaves
+step = steps.loop_step(steps.make_stage2_step(model, tx, train.loss_weights(config)), treedef)
+leaves, metrics = step(jax.tree.leaves(state), train.to_global(mesh, local), jax.random.PRNGKey(3))
+state = jax.tree.unflatten(treedef, leaves)
 kernel = train.to_host(state.params["classifier"]["kernel"])
 # The trainer's checkpoint round trip: every process saves (the write goes on in the background), waits, and
 # restores the way a resumed run does.

@@ -3,6 +3,7 @@
 Benchmarks measure; tests never time anything. This only keeps the scripts working between the runs that
 fill docs/performance.md, docs/evaluation.md and docs/data.md.
 """
+import json
 import os
 import pathlib
 import re
@@ -32,6 +33,19 @@ def test_benchmark_runs(name):
   else:
     goals = [l for l in lines if l.startswith("goal ")]
     assert goals and all((" met" in l) or ("not measured" in l) for l in goals), goals
+
+
+def test_dispatch_benchmark_compares_both_forms(tmp_path):
+  """The host rows of both call forms, with and without gc.freeze(), and the comparison line (no step compiled)."""
+  out = subprocess.run([sys.executable, "benchmarks/dispatch_benchmark.py", "--real_steps", "0", "--calls", "20",
+                        "--json", str(tmp_path / "rows.json")], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "631 state arrays" in out.stdout  # the full-size ViT-B/16 state and its optimizer's
+  rows = json.loads((tmp_path / "rows.json").read_text())
+  assert [r["form"] for r in rows] == ["pytree", "leaves", "pytree+freeze", "leaves+freeze"]
+  assert all(r["host_us"] > 0 for r in rows)
+  assert re.search(r"^leaves/pytree host time: [0-9.]+x", out.stdout, re.M), out.stdout[-500:]
 
 
 def test_profile_step_reads_a_real_trace(tmp_path):

@@ -1,6 +1,7 @@
 """The trainer end to end on synthetic data: stage 1, stage 2, evaluation, model directory, modes, resume."""
 import copy
 import dataclasses
+import gc
 import json
 import logging
 import pathlib
@@ -8,6 +9,7 @@ import re
 import shutil
 import signal
 
+import chex
 import jax
 import ml_collections
 import numpy as np
@@ -260,6 +262,77 @@ def test_bfloat16_compute_step(tmp_path):
     losses_by_dtype[dtype] = float(metrics["loss"])
   assert np.isfinite(losses_by_dtype["bfloat16"])
   assert abs(losses_by_dtype["bfloat16"] - losses_by_dtype["float32"]) < 0.05 * abs(losses_by_dtype["float32"])
+
+
+def _tiny_stage2(tmp_path):
+  """(step, state, batch) of the tiny model: the trainer's stage-2 step, optimizer and state."""
+  config = tiny_config(tmp_path / "data")
+  dataset = train.load_dataset(config)
+  model, variables = train.build_model(config, dataset)
+  loader = train.pipelines.train_loader(dataset.train, image_size=model.config.input_size, num_ids=4,
+                                        num_instances=2, seed=0, epoch=1)
+  batch = next(iter(loader))
+  batch = {k: batch[k] for k in ("image", "pid", "camid", "viewid")}
+  tx = train.optim.stage2_optimizer(train.stage2_solver(config), steps_per_epoch=len(loader))
+  text = train.steps.text_features_all(model, variables["params"])
+  state = train.steps.create_state(variables["params"], variables["batch_stats"], tx, text)
+  return train.steps.make_stage2_step(model, tx, train.loss_weights(config)), state, batch
+
+
+def test_loop_step_is_the_step_over_the_state_leaves(tmp_path):
+  """The trainer's call form: the same new state and metrics as the step itself, its draws folded from the state's
+  own step counter, so two steps draw differently and a resumed run draws the same."""
+  step, state, batch = _tiny_stage2(tmp_path)
+  key = jax.random.PRNGKey(7)
+  state = state.replace(step=state.step + 5)  # a resumed run's counter
+  treedef = jax.tree.structure(state)
+  copy_of = lambda tree: jax.tree.map(np.array, tree)
+  want_state, want_metrics = jax.jit(step)(copy_of(state), batch, jax.random.fold_in(key, 5))
+  fn = train.steps.loop_step(step, treedef)
+  leaves, metrics = fn(jax.tree.leaves(copy_of(state)), batch, key)
+  assert isinstance(leaves, list) and len(leaves) == treedef.num_leaves
+  got = jax.tree.unflatten(treedef, leaves)
+  assert int(got.step) == 6
+  chex.assert_trees_all_equal(got, want_state)  # the same program around the step: bit for bit
+  chex.assert_trees_all_equal(metrics, want_metrics)
+  # The next call draws other augmentations (the counter moved on): a different loss on the same batch.
+  _, again = fn(leaves, batch, key)
+  assert float(again["loss"]) != float(metrics["loss"])
+  with pytest.raises(ValueError, match="structure"):
+    train.steps.loop_step(lambda s, b, r: (s.replace(text_features=None), {}), treedef)(
+        jax.tree.leaves(copy_of(state)), batch, key)
+
+
+def test_loop_step_rebuilds_no_pytree_per_call(tmp_path):
+  """Why the trainer calls its step over the state's leaves: jit over the TrainState rebuilds its thousand-odd
+  dicts and optax MaskedNodes at every call, which runs Python's cyclic collector (whose full passes walk the whole
+  heap); over the leaves a call leaves the collector idle."""
+  step, state, batch = _tiny_stage2(tmp_path)
+  key = jax.random.PRNGKey(0)
+  treedef = jax.tree.structure(state)
+  assert treedef.num_nodes > 3 * treedef.num_leaves  # what there is to rebuild
+  no_work = lambda s, b, r: (s.replace(step=s.step + 1), {"loss": b["pid"][0].astype(np.float32)})
+  by_form = {}
+  threshold = gc.get_threshold()
+  collections = []
+  record = lambda phase, info: collections.append(phase) if phase == "start" else None
+  try:
+    gc.set_threshold(200)
+    gc.callbacks.append(record)
+    for form in ("pytree", "leaves"):
+      fn = jax.jit(no_work, donate_argnums=0) if form == "pytree" else train.steps.loop_step(no_work, treedef)
+      held = state if form == "pytree" else jax.tree.leaves(state)
+      for _ in range(3):  # compile, then warm
+        held, _ = fn(held, batch, key)
+      collections.clear()
+      for _ in range(20):
+        held, _ = fn(held, batch, key)
+      by_form[form] = len(collections)
+      state = held if form == "pytree" else jax.tree.unflatten(treedef, held)
+  finally:
+    gc.callbacks.remove(record)
+    gc.set_threshold(*threshold)
+  assert by_form["pytree"] >= 10 and by_form["leaves"] == 0, by_form
 
 
 def test_backbone_name_sets_the_random_patch_and_a_different_init_clip_is_named(tmp_path, caplog):
