@@ -21,6 +21,10 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   c.data_workers = 0  # grain worker processes (0: threads in the main process)
   c.prefetch_batches = 2  # stage-2 batches sent to the devices ahead of their step (overlaps the copy)
   c.visualize = True  # after training: rank lists, t-SNE and curves in WORKDIR/visualizations/
+  # JAX's persistent compilation cache: executables that took over a second to compile are kept in this folder and
+  # reused by later runs of the same programs (a resumed run, an evaluation). auto: $XDG_CACHE_HOME/clipreid_jax/jax
+  # (default ~/.cache/...); "": off. JAX_COMPILATION_CACHE_DIR, where set, wins.
+  c.compilation_cache = "auto"
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = dataset
