@@ -36,8 +36,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
     rm -rf ".devdeps/$pkg" && cp -r "$src" ".devdeps/$pkg"
   done
   find .devdeps -name __pycache__ -type d -prune -exec rm -rf {} +
-  # The trainer's packages that the machines' image lacks (grain for the trainer module, whose checkpoint manager
-  # the recipe times; ml_collections and tensorboardX for main), as wheels for its Python 3.12.
+  # The trainer's packages that the machines' image lacks (grain for the trainer; ml_collections and tensorboardX
+  # for main), as wheels for its Python 3.12.
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     grain==0.2.18 array_record==0.8.6 portpicker==1.6.0 ml_collections==1.1.0 tensorboardX==2.6.5 || exit 1

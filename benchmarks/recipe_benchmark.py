@@ -103,16 +103,16 @@ def host_decode_rates(seconds: float = 2.0) -> dict:
 
 def checkpoint_seconds(state) -> tuple[float, float] | None:
   """One save of `state` with the trainer's orbax manager: (seconds until `save` returns, the training loop's wait;
-  seconds until the files are written, which happens in the background); None where the trainer cannot be imported
-  (a GPU machine without one of its packages): the recipe is then reported without checkpoints."""
+  seconds until the files are written, which happens in the background); None where it cannot be imported (a GPU
+  machine without one of its packages): the recipe is then reported without checkpoints."""
   try:
-    from clipreid_jax import train  # pylint: disable=g-import-not-at-top
+    from clipreid_jax import workdir  # pylint: disable=g-import-not-at-top
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   except Exception as e:  # pylint: disable=broad-except  # ImportError, or a carried package that fails to load
     print(f"checkpoints not measured: {type(e).__name__}: {e}", flush=True)
     return None
   with tempfile.TemporaryDirectory() as d:
-    mgr = train.checkpoint_manager(d)
+    mgr = workdir.checkpoint_manager(d)
     t = time.perf_counter()
     mgr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"epoch": 1})))
     blocking = time.perf_counter() - t

@@ -42,6 +42,7 @@ def use_compilation_cache(setting: str) -> str | None:
   kernels. A folder that cannot be created leaves the cache off, with a warning: the run does not need it.
   Must be called before the process compiles anything (JAX decides at its first compilation).
   """
+  import importlib.util
   import os
   import jax
   if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR (or the caller) chose already
@@ -59,11 +60,8 @@ def use_compilation_cache(setting: str) -> str | None:
     logging.warning("compilation_cache: cannot use %s (%s); compiling without the cache", path, e)
     return None
   jax.config.update("jax_compilation_cache_dir", path)
-  try:
-    import filelock  # noqa: F401  pylint: disable=unused-import  # JAX's size bound needs it
+  if importlib.util.find_spec("filelock") is not None:  # the size bound needs it (a dependency; GPU images may lack it)
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
-  except ImportError:
-    pass
   return path
 
 
@@ -153,7 +151,7 @@ def main(argv):
     host_memory.no_device_preallocation()  # ~2-4 GB less host memory on a GPU machine
   from clipreid_jax.checkpoints import CheckpointError
   from clipreid_jax.data.errors import DataError, DataWarning
-  from clipreid_jax.train import ConfigError, TrainingStopped
+  from clipreid_jax.workdir import ConfigError, TrainingStopped
   show = warnings.showwarning
 
   def one_line(message, category, *args, **kwargs):  # data warnings read like the errors: one line each

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from clipreid_jax import optim, steps, train
-from train_helpers import tiny_config
+from clipreid_jax import steps, train
+from train_helpers import tiny_config, tiny_stage2_parts
 
 
 def main():
@@ -20,13 +20,8 @@ def main():
   tmp = tempfile.mkdtemp()
   config = tiny_config(f"{tmp}/data")
   dataset = train.load_dataset(config)
-  model, variables = train.build_model(config, dataset)
-  loader = train.pipelines.train_loader(dataset.train, image_size=model.config.input_size, num_ids=4,
-                                        num_instances=2, seed=0, epoch=1)
-  batch = next(iter(loader))
-  batch = {k: batch[k] for k in ("image", "pid", "camid", "viewid")}
-  tx = optim.stage2_optimizer(train.stage2_solver(config), steps_per_epoch=len(loader))
-  text = np.asarray(steps.text_features_all(model, variables["params"]))  # host copy: the step donates its state
+  model, variables, batch, tx, text = tiny_stage2_parts(config, dataset)
+  text = np.asarray(text)  # a host copy: the step donates its state
   results = {}
   for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     mesh = Mesh(np.asarray(devices), ("data",))

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from clipreid_jax import config_defaults, train
+from clipreid_jax import config_defaults, train, workdir
 from clipreid_jax.checkpoints import CheckpointError
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "clipreid_jax"
@@ -211,11 +211,11 @@ class _NoCheckpoint:
 def test_an_inf_gradient_with_a_finite_loss_stops_the_run():
   where = "stage 2 epoch 3 step 7 (optimizer step 19)"
   train.check_finite(where, {"loss": 1.5, "grad_norm": 3.0}, _NoCheckpoint())
-  with pytest.raises(train.NonFiniteError) as e:
+  with pytest.raises(workdir.NonFiniteError) as e:
     train.check_finite(where, {"loss": 1.5, "id_cls": 1.2, "grad_norm": math.inf}, _NoCheckpoint())
   msg = str(e.value)
   assert msg.startswith(f"{where}: non-finite grad_norm (loss 1.5, id_cls 1.2, grad_norm inf)"), msg
-  assert isinstance(e.value, FloatingPointError) and isinstance(e.value, train.TrainingStopped)
+  assert isinstance(e.value, FloatingPointError) and isinstance(e.value, workdir.TrainingStopped)
 
 
 _LATE_READS = """

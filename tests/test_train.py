@@ -15,11 +15,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from clipreid_jax import config_defaults, convert, inference, train
+from clipreid_jax import config_defaults, convert, inference, train, workdir
 from clipreid_jax.checkpoints import CheckpointError
 from clipreid_jax.models.clipreid import load_clipreid
 from conftest import golden_root
-from train_helpers import tiny_config
+from train_helpers import tiny_config, tiny_stage2_parts
 
 
 def _variables(path):
@@ -247,13 +247,7 @@ def test_bfloat16_compute_step(tmp_path):
   losses_by_dtype = {}
   for dtype in ("float32", "bfloat16"):
     config.model.dtype = dtype
-    model, variables = train.build_model(config, dataset)
-    loader = train.pipelines.train_loader(dataset.train, image_size=model.config.input_size, num_ids=4,
-                                          num_instances=2, seed=0, epoch=1)
-    batch = next(iter(loader))
-    batch = {k: batch[k] for k in ("image", "pid", "camid", "viewid")}
-    tx = train.optim.stage2_optimizer(train.stage2_solver(config), steps_per_epoch=len(loader))
-    text = train.steps.text_features_all(model, variables["params"])
+    model, variables, batch, tx, text = tiny_stage2_parts(config, dataset)
     state = train.steps.create_state(variables["params"], variables["batch_stats"], tx, text)
     state, metrics = jax.jit(train.steps.make_stage2_step(model, tx, train.loss_weights(config)))(
         state, batch, jax.random.PRNGKey(0))
@@ -267,14 +261,7 @@ def test_bfloat16_compute_step(tmp_path):
 def _tiny_stage2(tmp_path):
   """(step, state, batch) of the tiny model: the trainer's stage-2 step, optimizer and state."""
   config = tiny_config(tmp_path / "data")
-  dataset = train.load_dataset(config)
-  model, variables = train.build_model(config, dataset)
-  loader = train.pipelines.train_loader(dataset.train, image_size=model.config.input_size, num_ids=4,
-                                        num_instances=2, seed=0, epoch=1)
-  batch = next(iter(loader))
-  batch = {k: batch[k] for k in ("image", "pid", "camid", "viewid")}
-  tx = train.optim.stage2_optimizer(train.stage2_solver(config), steps_per_epoch=len(loader))
-  text = train.steps.text_features_all(model, variables["params"])
+  model, variables, batch, tx, text = tiny_stage2_parts(config, train.load_dataset(config))
   state = train.steps.create_state(variables["params"], variables["batch_stats"], tx, text)
   return train.steps.make_stage2_step(model, tx, train.loss_weights(config)), state, batch
 
@@ -454,7 +441,7 @@ def test_a_failed_background_write_is_reported_by_the_next_save(tmp_path, monkey
   run = train.Run(str(work), tiny_config(tmp_path / "data"))
   run.save(1, _small_state(), {"stage": 1, "epoch": 1})
   run.save(2, _small_state(), {"stage": 1, "epoch": 2})  # fails in the background
-  with pytest.raises(train.SaveError) as e:
+  with pytest.raises(workdir.SaveError) as e:
     run.save(3, _small_state(), {"stage": 1, "epoch": 3})
   message = str(e.value)
   assert message.startswith(f"{work / 'checkpoints' / '2'}: cannot save (") and "No space left on device" in message

@@ -35,3 +35,16 @@ def tiny_config(data_root, backbone: str = "ViT-B-16"):
   c.eval.batch_size = 16
   c.log_every_steps = 2
   return c
+
+
+def tiny_stage2_parts(config, dataset):
+  """(model, variables, batch, tx, text features) of a tiny run's stage 2, built as the trainer builds them; the
+  batch is the first PK batch of epoch 1 (4 identities x 2 images)."""
+  from clipreid_jax import train  # pylint: disable=g-import-not-at-top  # config files load this module too
+  model, variables = train.build_model(config, dataset)
+  loader = train.pipelines.train_loader(dataset.train, image_size=model.config.input_size, num_ids=4,
+                                        num_instances=2, seed=0, epoch=1)
+  batch = next(iter(loader))
+  batch = {k: batch[k] for k in ("image", "pid", "camid", "viewid")}
+  tx = train.optim.stage2_optimizer(train.stage2_solver(config), steps_per_epoch=len(loader))
+  return model, variables, batch, tx, train.steps.text_features_all(model, variables["params"])
