@@ -10,7 +10,8 @@ Forms (both over the same full-size state: ViT-B/16 with random weights, the tra
   `steps.add_metrics`: the trainer's loop now.
 Rows:
 - host: a step with no device work (the state passes through, its counter + 1, the real step's metrics), so the
-  time is the loop's host cost alone: mean over --calls calls, the collector included. "gc" is the collector's share
+  time is the loop's host cost alone: mean over --calls calls, the collector included, and the median call (one
+  without a full pass of the collector). "gc" is the collector's share
   (gc.callbacks) and "full" its full passes (generation 2) per 100 calls; each pass walks every object the collector
   tracks ("objects", at the row's end), so its cost grows with the heap. "+freeze" rows run after gc.freeze() (the
   heap at that point moved out of the collector's reach, and out of "objects"). Full passes are rare (one per ~150
@@ -75,7 +76,8 @@ def loops(step, treedef, key):
 
 
 def host_row(fn, add, state, batch, calls: int, meter: GcMeter):
-  """Mean host seconds per loop iteration, collector seconds per iteration, full passes per 100 iterations."""
+  """(state, mean and median host seconds per loop iteration, collector seconds per iteration, full passes per 100
+  iterations). The mean carries the rare full passes; the median is an iteration without one."""
   import jax  # pylint: disable=g-import-not-at-top
   sums = None
   for i in range(10):  # compile and warm up
@@ -83,14 +85,17 @@ def host_row(fn, add, state, batch, calls: int, meter: GcMeter):
     sums = metrics if sums is None else add(sums, metrics)
   jax.block_until_ready(sums)
   meter.reset()
+  times = []
   t = time.perf_counter()
   for i in range(calls):
+    t_call = time.perf_counter()
     state, metrics = fn(state, batch, i)
     sums = add(sums, metrics)
+    times.append(time.perf_counter() - t_call)
   jax.block_until_ready(sums)
   spent = time.perf_counter() - t
   gc_s, full = meter.read()
-  return state, spent / calls, gc_s / calls, 100 * full / calls
+  return state, spent / calls, statistics.median(times), gc_s / calls, 100 * full / calls
 
 
 def main(argv=None):
@@ -129,10 +134,10 @@ def main(argv=None):
       gc.collect()
       gc.freeze()
     for form, (fn, add) in loops(no_work, treedef, key).items():
-      s, host_s, gc_s, full = host_row(fn, add, held(state, form), batch, args.calls, meter)
+      s, host_s, median_s, gc_s, full = host_row(fn, add, held(state, form), batch, args.calls, meter)
       state = tree(s, form)
-      rows.append(dict(row="host", form=form + ("+freeze" if freeze else ""), host_us=1e6 * host_s, gc_us=1e6 * gc_s,
-                       full_per_100=full, objects=len(gc.get_objects())))
+      rows.append(dict(row="host", form=form + ("+freeze" if freeze else ""), host_us=1e6 * host_s,
+                       median_us=1e6 * median_s, gc_us=1e6 * gc_s, full_per_100=full, objects=len(gc.get_objects())))
   gc.unfreeze()
   if real_steps:
     for form, (fn, _) in loops(step, treedef, key).items():
@@ -152,13 +157,13 @@ def main(argv=None):
 
   print(f"\nstage-2 step calls in the trainer's loop, {args.backbone}, {treedef.num_leaves} state arrays in "
         f"{treedef.num_nodes} pytree nodes, {jnp.dtype(dtype).name}; device: {C.device_name()}; jax {jax.__version__}")
-  print(f"{'row':<6}{'form':<16}{'host us':>10}{'gc us':>9}{'full/100':>10}{'dispatch ms':>13}{'first s':>9}"
-        f"{'loss':>10}{'objects':>10}")
+  print(f"{'row':<6}{'form':<16}{'host us':>10}{'median':>8}{'gc us':>9}{'full/100':>10}{'dispatch ms':>13}"
+        f"{'first s':>9}{'loss':>10}{'objects':>10}")
   cell = lambda r, k, width, spec: f"{format(r[k], spec) if k in r else '-':>{width}}"
   for r in rows:
-    print(f"{r['row']:<6}{r['form']:<16}{cell(r, 'host_us', 10, '.0f')}{cell(r, 'gc_us', 9, '.0f')}"
-          f"{cell(r, 'full_per_100', 10, '.2f')}{cell(r, 'dispatch_ms', 13, '.2f')}{cell(r, 'first_s', 9, '.1f')}"
-          f"{cell(r, 'first_loss', 10, '.4f')}{r['objects']:>10,}")
+    print(f"{r['row']:<6}{r['form']:<16}{cell(r, 'host_us', 10, '.0f')}{cell(r, 'median_us', 8, '.0f')}"
+          f"{cell(r, 'gc_us', 9, '.0f')}{cell(r, 'full_per_100', 10, '.2f')}{cell(r, 'dispatch_ms', 13, '.2f')}"
+          f"{cell(r, 'first_s', 9, '.1f')}{cell(r, 'first_loss', 10, '.4f')}{r['objects']:>10,}")
   host = {r["form"]: r["host_us"] for r in rows if r["row"] == "host"}
   print(f"leaves/pytree host time: {host['leaves'] / host['pytree']:.2f}x "
         f"({host['pytree'] - host['leaves']:.0f} us less per step); after gc.freeze(): "

@@ -27,19 +27,23 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host with --coordi
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Check the config (keys, types, values), print it and exit.")
 
 
-# The cache's size bound (least recently used entries go first); a ViT-B/16 training run writes ~50-100 MB.
+# The cache's size bound (least recently used entries go first; the CPU demo writes 1.2 MB).
 COMPILATION_CACHE_MAX_BYTES = 4 * 2**30
 
 
-def use_compilation_cache(setting: str) -> str | None:
+def use_compilation_cache(setting: str, multi_host: bool = False) -> str | None:
   """Points JAX's persistent compilation cache at `setting` ('auto': $XDG_CACHE_HOME/clipreid_jax/jax, by default
-  ~/.cache/clipreid_jax/jax; '': off) unless JAX_COMPILATION_CACHE_DIR is set; returns the folder in use, or None.
+  ~/.cache/clipreid_jax/jax, and off for a multi-host run; '': off) unless JAX_COMPILATION_CACHE_DIR is set; returns
+  the folder in use, or None.
 
   Why: a resumed run, an evaluation of a trained model or a second run of the same recipe compiles the same programs
   again (tens of seconds for a ViT-B/16 step on a GPU; the CPU demo's second run takes 24 s instead of 34). JAX
   writes executables that took over a second to compile (from process 0) and reads them back by their program. On
   a GPU a read-back executable also keeps the autotuner's kernel choices, so a resumed run computes with the same
   kernels. A folder that cannot be created leaves the cache off, with a warning: the run does not need it.
+  Several hosts: JAX writes from process 0 only, so a folder of each host's own would give process 0 its programs
+  back while the others compile (and on GPUs autotune, which XLA may share across processes) alone. 'auto' is
+  therefore off there; a folder that every host shares, named explicitly, is used.
   Must be called before the process compiles anything (JAX decides at its first compilation).
   """
   import importlib.util
@@ -48,6 +52,10 @@ def use_compilation_cache(setting: str) -> str | None:
   if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR (or the caller) chose already
     return jax.config.jax_compilation_cache_dir
   if not setting:
+    return None
+  if setting == "auto" and multi_host:
+    logging.info("compilation_cache: off for a multi-host run (--config.compilation_cache=DIR on a shared filesystem "
+                 "turns it on)")
     return None
   if setting == "auto":
     setting = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "clipreid_jax", "jax")
@@ -60,7 +68,8 @@ def use_compilation_cache(setting: str) -> str | None:
     logging.warning("compilation_cache: cannot use %s (%s); compiling without the cache", path, e)
     return None
   jax.config.update("jax_compilation_cache_dir", path)
-  if importlib.util.find_spec("filelock") is not None:  # the size bound needs it (a dependency; GPU images may lack it)
+  # The size bound needs filelock (a dependency; GPU images may lack it); a bound the user set stays.
+  if importlib.util.find_spec("filelock") is not None and jax.config.jax_compilation_cache_max_size == -1:
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
   return path
 
@@ -80,7 +89,8 @@ def run(config, workdir: str) -> int:
     print(f"config OK: mode {config.mode}, workdir {workdir}", flush=True)
     return 0
   train.validate_config(config)  # before anything is started, read or written
-  use_compilation_cache(config.get("compilation_cache", "auto"))
+  use_compilation_cache(config.get("compilation_cache", "auto"),
+                        multi_host=_DISTRIBUTED.value or bool(_COORDINATOR.value))
   if _DISTRIBUTED.value or _COORDINATOR.value:
     # Cross-process collectives of the CPU backend (tests, CPU clusters) need gloo; GPU and TPU ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -154,8 +154,9 @@ def loop_step(step: Callable, treedef, *, donate: bool = True, compiler_options:
   - Over the state's leaves: `leaves = jax.tree.leaves(state)`, and `jax.tree.unflatten(treedef, leaves)` is the
     state. Why: at every call jit flattens its arguments and rebuilds its outputs on the host. A train state has
     ~2,700 pytree nodes (optax's masks put a MaskedNode for every frozen leaf into each label's state); rebuilding
-    them at every step fed Python's cyclic collector, whose full passes over the process's heap cost 2-3 ms of host
-    time per step. A list of the same arrays allocates nothing the collector tracks (benchmarks/dispatch_benchmark.py).
+    them at every step fed Python's cyclic collector, whose rare full passes over the process's heap cost ~2 ms of
+    host time per step on average. A list of the same arrays allocates nothing the collector tracks
+    (benchmarks/dispatch_benchmark.py).
   - The step draws from `fold_in(rng, state.step)`, inside the compiled call: a function of the optimizer step only,
     so a resumed run draws the same, and no op is dispatched per step to derive it.
   """

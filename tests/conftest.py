@@ -28,3 +28,17 @@ def golden() -> pathlib.Path:
   if not root.is_dir():
     raise FileNotFoundError(f"{root}: golden fixtures not found (set CLIPREID_GOLDEN)")
   return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_folder(tmp_path_factory):
+  """main keeps JAX's compilation cache under $XDG_CACHE_HOME (`compilation_cache` 'auto'): the suite's processes use
+  a folder of the session's (one per test worker), not the user's ~/.cache, so a session starts cold and leaves
+  nothing behind."""
+  saved = os.environ.get("XDG_CACHE_HOME")
+  os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+  yield
+  if saved is None:
+    os.environ.pop("XDG_CACHE_HOME", None)
+  else:
+    os.environ["XDG_CACHE_HOME"] = saved
