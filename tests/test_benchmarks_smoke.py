@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -46,6 +47,27 @@ def test_dispatch_benchmark_compares_both_forms(tmp_path):
   assert [r["form"] for r in rows] == ["pytree", "leaves", "pytree+freeze", "leaves+freeze"]
   assert all(r["host_us"] > 0 for r in rows)
   assert re.search(r"^leaves/pytree host time: [0-9.]+x", out.stdout, re.M), out.stdout[-500:]
+
+
+def test_our_step_rows_run_as_the_trainer_calls_them(tmp_path):
+  """The GPU session's tools, on the CPU at their smallest: step_benchmark.py's ViT-B/16 stage-2 row and one
+  profile_step.py variant, both through steps.loop_step (a broken worker would cost a GPU session its budget)."""
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  out = subprocess.run([sys.executable, "benchmarks/step_benchmark.py", "--frameworks", "jax", "--backbones", "vit",
+                        "--no_stage1", "--no-olp", "--iters", "1", "--warmup", "0", "--pipelined", "1", "--json",
+                        str(tmp_path / "step.json")], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  (row,) = json.loads((tmp_path / "step.json").read_text())
+  r = row["result"]
+  assert "error" not in r and r["median_s"] > 0 and r["pipelined_s"] > 0 and np.isfinite(r["first_loss"]), r
+  out = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--batch", "8", "--steps", "1", "--variants",
+                        "default", "--profile_steps", "1", "--trace_dir", str(tmp_path / "trace"), "--json",
+                        str(tmp_path / "profile.json")], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  (variant,) = json.loads((tmp_path / "profile.json").read_text())
+  assert variant["variant"] == "default" and variant["dispatch_ms"] > 0 and np.isfinite(variant["loss"]), variant
+  assert "profile_error" not in variant and variant["components"], variant
 
 
 def test_profile_step_reads_a_real_trace(tmp_path):
