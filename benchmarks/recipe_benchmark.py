@@ -166,7 +166,7 @@ def _main(argv=None) -> int:
   from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   from clipreid_jax.models import clipreid  # pylint: disable=g-import-not-at-top
 
-  clip_lib.ATTENTION_IMPLEMENTATION = None if args.attention == "xla" else "cudnn"  # as train.use_attention
+  clip_lib.ATTENTION_IMPLEMENTATION = clip_lib.ATTENTION_SETTINGS[args.attention]  # as train.use_attention
   m = C.MSMT17
   n_train, n_ids = m["num_train"], m["num_ids"]
   n_eval = m["num_query"] + m["num_gallery"]

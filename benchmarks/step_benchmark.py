@@ -113,7 +113,7 @@ def build_jax_job(job):
   variant = job["variant"]
   dtype = {"fp32": jnp.float32}.get(variant, C.default_dtype())
   # The trainer's default (model.attention 'auto'): cuDNN's attention where it runs; 'xla': XLA's everywhere.
-  clip_lib.ATTENTION_IMPLEMENTATION = None if variant == "xla" else "cudnn"
+  clip_lib.ATTENTION_IMPLEMENTATION = clip_lib.ATTENTION_SETTINGS["xla" if variant == "xla" else "auto"]
   backbone = job["backbone"]
   model, variables, source = C.reid_model(backbone, stride=job["stride"], dtype=dtype,
                                           input_size=tuple(job["input_size"]))

@@ -43,8 +43,6 @@ log = logging.getLogger("clipreid_jax")
 # Configuration values, checked before anything is read or written.
 
 _DTYPES = ("auto", "float32", "bfloat16")
-# model.attention -> clip.ATTENTION_IMPLEMENTATION ('auto' is cuDNN where it runs: 18% faster steps, H200 measured)
-_ATTENTION = {"auto": "cudnn", "xla": None, "cudnn": "cudnn"}
 
 
 def _need(ok: bool, key: str, value, expected: str) -> None:
@@ -82,8 +80,8 @@ def validate_config(config) -> None:
   _need(_is_int(config.eval.batch_size) and config.eval.batch_size > 0, "eval.batch_size", config.eval.batch_size,
         "a positive integer")
   m = config.model
-  _need(m.get("attention", "auto") in _ATTENTION, "model.attention", m.get("attention"),
-        " or ".join(map(repr, _ATTENTION)))
+  _need(m.get("attention", "auto") in clip_lib.ATTENTION_SETTINGS, "model.attention", m.get("attention"),
+        " or ".join(map(repr, clip_lib.ATTENTION_SETTINGS)))
   if mode != "extract":  # the evaluation's keys (train mode evaluates at the end)
     for key in ("eval.k1", "eval.k2", "eval.trials"):
       v = _get(config, key)
@@ -220,7 +218,7 @@ def make_mesh() -> Mesh:
 def use_attention(config) -> None:
   """Sets the attention kernel of every model built after this (`clip.ATTENTION_IMPLEMENTATION`, read when a
   function is traced). 'auto' / 'cudnn' take effect on NVIDIA GPUs with bf16/fp16 compute; elsewhere XLA's runs."""
-  clip_lib.ATTENTION_IMPLEMENTATION = _ATTENTION[config.model.get("attention", "auto")]
+  clip_lib.ATTENTION_IMPLEMENTATION = clip_lib.ATTENTION_SETTINGS[config.model.get("attention", "auto")]
 
 
 def compute_dtype(name: str):

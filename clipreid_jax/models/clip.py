@@ -165,6 +165,8 @@ def quick_gelu(x):
 # stage-2 step from 18.0 to 14.8 ms (docs/performance.md); its backward pass is not deterministic run to run. None:
 # XLA's attention everywhere (JAX's own default). Read at trace time: set it before a function is jitted.
 ATTENTION_IMPLEMENTATION: Optional[str] = "cudnn"
+# The config's model.attention -> ATTENTION_IMPLEMENTATION; the trainer and the benchmarks set it from here.
+ATTENTION_SETTINGS = {"auto": "cudnn", "xla": None, "cudnn": "cudnn"}
 
 
 def _target_platform() -> str:
