@@ -303,7 +303,7 @@ def clip_variables(sd: dict[str, np.ndarray], cfg: CLIPConfig, *, grid: Optional
   if grid is not None and tuple(grid) != tuple(cfg.vision_grid):
     key = "visual.positional_embedding" if cfg.is_vit else "visual.attnpool.positional_embedding"
     sd[key] = resize_pos_embed(sd[key], tuple(grid), tuple(cfg.vision_grid))
-    cfg = dataclasses.replace(cfg, vision_grid=tuple(grid))
+    cfg = dataclasses.replace(cfg, vision_grid=tuple(grid), vision_grid_source=tuple(cfg.vision_grid))
   return cfg, convert_state_dict(sd, CLIP_RENAMES)
 
 

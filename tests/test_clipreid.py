@@ -250,6 +250,29 @@ def test_from_clip_refuses_a_grid_resized_for_another_geometry(tmp_path):
   clipreid.from_clip(clip_model.config, clip_vars, stride=16, **kw)  # the geometry it was converted for
   with pytest.raises(CheckpointError, match="4x2 token grid .* needs 5x2"):
     clipreid.from_clip(clip_model.config, clip_vars, stride=12, **kw)
+  # A square grid resized for another geometry (a vehicle conversion reused for persons) is refused as well: the
+  # conversion records OpenAI's grid it came from.
+  assert convert.main(["clip", src, str(tmp_path / "sq"), "--input_size", "96", "96"]) == 0
+  sq_model, sq_vars = load_clip(tmp_path / "sq")
+  assert sq_model.config.vision_grid == (6, 6) and sq_model.config.vision_grid_source == (4, 4)
+  clipreid.from_clip(sq_model.config, sq_vars, stride=16, **{**kw, "input_size": (96, 96)})
+  with pytest.raises(CheckpointError, match="6x6 token grid .* needs 4x2"):
+    clipreid.from_clip(sq_model.config, sq_vars, stride=16, **kw)
+  # OpenAI's own table (converted without --input_size) is resized to any geometry, once.
+  assert convert.main(["clip", src, str(tmp_path / "own")]) == 0
+  own_model, own_vars = load_clip(tmp_path / "own")
+  assert own_model.config.vision_grid_source == ()
+  model, _ = clipreid.from_clip(own_model.config, own_vars, stride=12, **kw)
+  assert model.config.clip.vision_grid == (5, 2) and model.config.clip.vision_grid_source == ()
+
+
+def test_prompt_noun_follows_the_registry_aliases():
+  """The prompt's noun is the official one for every spelling the dataset registry reads: 'VeRi-776' loads VeRi and
+  must learn vehicle prompts (the official code uses 'vehicle' for VeRi and VehicleID only)."""
+  for name in ("veri", "VeRi", "veri776", "VeRi-776", "vehicleid", "VehicleID"):
+    assert clipreid.prompt_noun_for(name) == "vehicle", name
+  for name in ("market1501", "Market-1501", "msmt17", "dukemtmc", "occ_duke", "custom", "synthetic", "my_data"):
+    assert clipreid.prompt_noun_for(name) == "person", name
 
 
 def test_evaluation_features_are_float32_with_bfloat16_compute(converted):

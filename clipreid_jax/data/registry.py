@@ -39,6 +39,13 @@ _ALIASES = {"market": "market1501", "market-1501": "market1501", "duke": "dukemt
 VEHICLE_DATASETS = frozenset({"veri", "vehicleid"})
 
 
+def is_vehicle(name: str) -> bool:
+  """Whether `name` (any spelling the registry reads, 'VeRi-776' too) is a vehicle dataset; other names (custom
+  data) are persons."""
+  key = name.strip().lower()
+  return _ALIASES.get(key, key) in VEHICLE_DATASETS
+
+
 def canonical_name(name: str) -> str:
   """The registry name of `name` (case-insensitive; 'VehicleID' -> 'vehicleid').
 

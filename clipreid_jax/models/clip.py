@@ -43,6 +43,9 @@ class CLIPConfig:
   vision_patch_size: int = 16  # ViT only
   vision_stride: int = 16  # ViT patch stride (12 = CLIP-ReID's overlapping patches)
   vision_grid: tuple[int, int] = (14, 14)  # token grid the positional embedding is stored for
+  # OpenAI's grid where `convert clip --input_size` resized the table to `vision_grid`, () where it is OpenAI's own:
+  # the trainer resizes OpenAI's table once, as the official code does, and refuses a second resize.
+  vision_grid_source: tuple = ()
   resnet_last_stride: int = 2  # 2 as in CLIP, 1 as CLIP-ReID uses
   context_length: int = 77
   vocab_size: int = 49408
@@ -51,7 +54,7 @@ class CLIPConfig:
   text_layers: int = 12
 
   def __post_init__(self):  # sequences as tuples: the config is hashable (a static argument of compiled code)
-    for name in ("vision_layers", "vision_grid"):
+    for name in ("vision_layers", "vision_grid", "vision_grid_source"):
       if isinstance(getattr(self, name), list):
         object.__setattr__(self, name, tuple(getattr(self, name)))
 
@@ -86,6 +89,7 @@ class CLIPConfig:
     d = dataclasses.asdict(self)
     d["vision_layers"] = self.vision_layers if self.is_vit else list(self.vision_layers)
     d["vision_grid"] = list(self.vision_grid)
+    d["vision_grid_source"] = list(self.vision_grid_source)
     return json.dumps(d, indent=1)
 
   @classmethod

@@ -26,7 +26,7 @@ import numpy as np
 
 from clipreid_jax.data import errors
 from clipreid_jax.data.images import PIXEL_STATS
-from clipreid_jax.data.registry import VEHICLE_DATASETS
+from clipreid_jax.data.registry import is_vehicle
 from clipreid_jax.models.clip import BatchNorm, CLIPConfig, TextTransformer, vision_tower
 
 Dtype = Any
@@ -117,7 +117,8 @@ class ReIDConfig:
 
 
 def prompt_noun_for(dataset: str) -> str:
-  return "vehicle" if dataset.lower() in VEHICLE_DATASETS else "person"
+  # The registry's aliases too: --config.dataset.name=VeRi-776 reads VeRi and must learn vehicle prompts.
+  return "vehicle" if is_vehicle(dataset) else "person"
 
 
 class PromptLearner(nn.Module):
@@ -286,17 +287,18 @@ def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, i
     raise GeometryError(f"input_size: {tuple(input_size)} gives no image token (grid {grid[0]}x{grid[1]}); expected "
                         f"height and width of at least {grid_unit(clip_cfg)} pixels")
   have = tuple(clip_cfg.vision_grid)
-  if have != tuple(grid) and have[0] != have[1]:
-    # The official code resizes OpenAI's square table once; from a grid already resized for another geometry the
-    # second resize would be silently different (up to the table's whole range).
+  # The official code resizes OpenAI's square table once; from a grid already resized for another geometry the
+  # second resize would be silently different (up to the table's whole range). A non-square grid is always such a
+  # one; a square one is known from the conversion's record (directories converted before it was kept are not).
+  if have != tuple(grid) and (have[0] != have[1] or clip_cfg.vision_grid_source):
     raise CheckpointError(f"the converted CLIP has a {have[0]}x{have[1]} token grid (converted with --input_size for "
                           f"another geometry), this model needs {grid[0]}x{grid[1]}; expected OpenAI's square grid: "
                           "convert without --input_size, or with this input size and stride")
   noun = prompt_noun_for(dataset)
   tokens = tokenize(prompt_template(noun, prompt_tokens))[0]
-  cfg = ReIDConfig(clip=dataclasses.replace(clip_cfg, vision_grid=grid), num_classes=num_classes,
-                   sie_camera=sie_camera, sie_view=sie_view, camera_num=camera_num, view_num=view_num,
-                   sie_coe=sie_coe, prompt_noun=noun, with_text=with_text, eot_index=int(tokens.argmax()),
+  cfg = ReIDConfig(clip=dataclasses.replace(clip_cfg, vision_grid=grid, vision_grid_source=()),
+                   num_classes=num_classes, sie_camera=sie_camera, sie_view=sie_view, camera_num=camera_num,
+                   view_num=view_num, sie_coe=sie_coe, prompt_noun=noun, with_text=with_text, eot_index=int(tokens.argmax()),
                    image_size=tuple(input_size), prompt_tokens=prompt_tokens)
   model = CLIPReID(cfg, dtype)
   variables = jax.tree.map(np.asarray, init_variables(model, rng if rng is not None else jax.random.PRNGKey(0)))
