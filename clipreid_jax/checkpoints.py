@@ -12,8 +12,10 @@ import os
 import pathlib
 import shutil
 import sys
+import threading
+import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -161,14 +163,37 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
       shutil.rmtree(stage, ignore_errors=True)
 
 
+def join_threads(threads: Callable[[], list], deadline: float) -> None:
+  """Waits until no thread that `threads()` lists is alive, or the deadline. `threading.enumerate()` also lists
+  threads still inside `start()`, which cannot be joined yet: they are waited for on the next round. Base
+  `Thread.join`: orbax's own threads re-raise their errors from `join`, and those are reported already."""
+  me = threading.current_thread()
+  while time.time() < deadline:
+    alive = [t for t in threads() if t is not me and (t.ident is None or t.is_alive())]
+    if not alive:
+      return
+    for t in alive:
+      if t.ident is None:  # still starting
+        time.sleep(0.01)
+      else:
+        threading.Thread.join(t, max(0.0, deadline - time.time()))
+
+
 def save_model_dir(dst: str | os.PathLike, variables: Any, config: dict, overwrite: bool = False) -> pathlib.Path:
   """Writes `config` (+ format version) and `variables` into `dst` atomically."""
   import jax
   variables = jax.tree.map(np.asarray, variables)
   with atomic_directory(dst, overwrite) as stage:
     ckptr = _checkpointer()
-    ckptr.save(stage / "variables", variables)
-    ckptr.wait_until_finished()
+    before = set(threading.enumerate())
+    try:
+      ckptr.save(stage / "variables", variables)
+      ckptr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore's full disk is a ValueError, not an OSError
+      # orbax raises at the first failed item while its other writers may still be going: they finish before the
+      # staging folder is removed.
+      join_threads(lambda: [t for t in threading.enumerate() if t not in before], time.time() + 60)
+      raise CheckpointError(f"cannot write the variables ({errors.io_cause(e)})") from None
     config = {"format_version": FORMAT_VERSION, **config}
     (stage / "config.json").write_text(json.dumps(config, indent=1, sort_keys=False) + "\n")
   return pathlib.Path(dst).resolve()

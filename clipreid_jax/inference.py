@@ -13,9 +13,11 @@ from PIL import Image
 
 from clipreid_jax import host_memory, outputs, steps
 from clipreid_jax.data import images as image_io
-from clipreid_jax.data.errors import DataError
+from clipreid_jax.data.errors import DataError, describe
+from clipreid_jax.data.registry import canonical_name
 from clipreid_jax.checkpoints import read_config
 from clipreid_jax.models.clipreid import load_clipreid
+from clipreid_jax.workdir import SaveError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -196,6 +198,11 @@ def list_images(spec: str) -> ImageList:
       continue
     path, row = _list_entry(line, p.parent)
     if not path.is_file():
+      fields = line.split(",")
+      for k in (1, 2):  # an existing image followed by ids that are not integers ("x.jpg,cam3")
+        if len(fields) > k and _list_entry(",".join(fields[:-k]), p.parent)[0].is_file():
+          raise ListFileError(f"{p}:{number}: {','.join(fields[-k:]).strip()!r} after the image "
+                              f"{','.join(fields[:-k]).strip()}: expected integer camera (and view) ids")
       raise ListFileError(f"{p}:{number}: lists {path}, which does not exist")
     if width is None:
       width = len(row)
@@ -261,7 +268,7 @@ def extract_to_files(config, overrides: frozenset = frozenset()) -> pathlib.Path
   names = ("features.npy", "features_index.txt")
   tmps = [out / f".{name}.partial" for name in names]
   replaced = [name for name in names if (out / name).exists()]
-  try:  # os.access, which check_writable asks, says yes to root on read-only or virtual filesystems
+  try:  # check_writable tried the folder before the work; the disk may have filled since
     out.mkdir(parents=True, exist_ok=True)
     with open(tmps[0], "wb") as f:
       np.save(f, feats)
@@ -313,13 +320,8 @@ def evaluate_checkpoint(config, workdir: str, overrides: frozenset = frozenset()
   model, variables = load_clipreid(config.checkpoint)
   check_overrides(config, model, overrides)
   dataset = train.load_dataset(config)
-  cfg = model.config
-  if cfg.sie_rows:
-    if cfg.sie_camera and dataset.num_train_cams != cfg.camera_num:
-      raise train.ConfigError(f"checkpoint: {config.checkpoint} has an SIE table for {cfg.camera_num} cameras, but "
-                              f"dataset {config.dataset.name} at {config.dataset.root} has {dataset.num_train_cams}; "
-                              "expected the same cameras")
-    train.check_sie_ids(dataset, cfg.sie_camera, cfg.sie_view, cfg.camera_num, cfg.view_num)
+  train.check_sie_fits(model.config, dataset, f"checkpoint: {config.checkpoint}",
+                       f"dataset {config.dataset.name} at {config.dataset.root}")
   train.check_valid_queries(dataset)
   train.check_batch("eval.batch_size", config.eval.batch_size)  # before the ValueErrors below are the checkpoint's
   mesh = train.make_mesh()
@@ -330,8 +332,13 @@ def evaluate_checkpoint(config, workdir: str, overrides: frozenset = frozenset()
     raise
   except ValueError as e:  # features that are not finite: a broken checkpoint
     raise train.ConfigError(f"checkpoint: {config.checkpoint}: {e}") from None
-  out.mkdir(parents=True, exist_ok=True)
-  record = {"final": train.percent(result), "evaluated": evaluation_record(config, dataset.name)}
-  outputs.write_atomic(out / "metrics.json", json.dumps(record, indent=1) + "\n")
+  # The configured name (the reader's would call synthetic data market1501, whose layout it is written in).
+  record = {"final": train.percent(result), "evaluated": evaluation_record(config, canonical_name(config.dataset.name))}
+  try:
+    with outputs.created_folder(out):
+      outputs.write_atomic(out / "metrics.json", json.dumps(record, indent=1) + "\n")
+  except OSError as e:  # a full disk: the numbers are printed below all the same
+    print(f"final: {train.format_metrics(result)}", flush=True)
+    raise SaveError(f"--workdir: cannot write {out / 'metrics.json'} ({describe(e)})") from None
   print(f"final: {train.format_metrics(result)}", flush=True)
   return result

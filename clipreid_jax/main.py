@@ -9,6 +9,7 @@ with one line on stderr naming the file or key, and exit code 2.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import warnings
@@ -134,6 +135,14 @@ def render_pictures(config, workdir: str) -> None:
     logging.warning("could not render the pictures: %s: %s", type(e).__name__, e)
 
 
+def _orbax_without_traceback(record: logging.LogRecord) -> bool:
+  """orbax logs each failed writer thread's error with its whole traceback (60 lines each on a full disk) before it
+  raises the error, which the run then reports in one line: its log lines are kept, the tracebacks dropped."""
+  if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+    record.exc_info, record.exc_text = None, None
+  return True
+
+
 def stderr_line(text: str) -> None:
   """One line on stderr in one write: print() writes the text and its newline separately, and output that other
   threads or libraries write to the same stream in between (gloo's, on several hosts) would land inside the line."""
@@ -147,6 +156,7 @@ def main(argv):
     return 2
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("absl").addFilter(_orbax_without_traceback)
   config = _CONFIG.value
   if config is None:
     if flags.FLAGS["config"].present:
@@ -188,6 +198,32 @@ def main(argv):
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b")
 
 
+def _config_error(e: Exception, argv) -> str:
+  """The line for an error of loading the config file or applying an override, naming the file or the flag."""
+  text = str(e.args[0]) if e.args else str(e)
+  overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+  config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  if config_file is None and "--config" in argv[1:-1]:
+    config_file = argv[argv.index("--config") + 1]
+  if isinstance(e, SyntaxError):
+    return f"--config={config_file}: SyntaxError: {e}"
+  if isinstance(e, AttributeError) and "get_config" in text:
+    return (f"--config={config_file}: defines no get_config(); expected a function get_config() that returns a "
+            "ConfigDict (as configs/demo.py)")
+  if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an override of a key the config lacks
+    key, *hint = [line.strip() for line in text.splitlines()]  # KeyError("'stage3'\nDid you mean \"stage2\" ...")
+    key = key.strip("\"'")
+    flag = next((f for f in overrides if key in f.split(".")), None)
+    if flag:
+      hint = "".join(f"; {h[:1].lower()}{h[1:]}" for h in hint)
+      return f"{flag}: unknown config key {key!r}{hint}; expected one of the keys in clipreid_jax/config_defaults.py"
+  if isinstance(e, TypeError) and "indices must be" in text:  # --config.stage2.steps.x: a value indexed as a section
+    flag = next((f for f in overrides if f.count(".") >= 3), None)
+    if flag:
+      return f"{flag}: {flag[len('--config.'):].rsplit('.', 1)[0]} is a value, not a section; expected a config key"
+  return f"{type(e).__name__}: {e}"
+
+
 def parse_flags(argv):
   """absl's parsing, but a bad flag, config file, key or value is one line on stderr and exit code 2."""
   try:
@@ -210,13 +246,7 @@ def parse_flags(argv):
     text = " ".join(str(e).split())
     message = f"--config: cannot load the config file: {text[text.find('[Errno'):] if '[Errno' in text else text}"
   except (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError, SyntaxError) as e:
-    message = f"{type(e).__name__}: {e}"
-    if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an override of a key the config lacks
-      key = str(e).strip("\"'")
-      flag = next((a.split("=")[0] for a in argv[1:]
-                   if a.startswith("--config.") and key in a.split("=")[0].split(".")), None)
-      if flag:
-        message = f"{flag}: unknown config key {key!r}; expected one of the keys in clipreid_jax/config_defaults.py"
+    message = _config_error(e, argv)
   except Exception as e:  # pylint: disable=broad-except  # anything else the config file raised (NameError, ...)
     message = f"--config: {type(e).__name__}: {e}"
   stderr_line(f"error: {' '.join(message.split())}")

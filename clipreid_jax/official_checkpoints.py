@@ -67,8 +67,8 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
   if dataset is not None:  # 'VeRi' as the official DATASETS.NAMES spells it: the SIE table lookup is by lower case
     try:
       dataset = canonical_name(dataset)
-    except ValueError:
-      dataset = dataset.lower()
+    except ValueError as e:  # a misspelt 'vehicleid' would silently give person prompts
+      raise CheckpointError(f"--dataset: {e} (a dataset of your own: 'custom', person prompts)") from None
   if dataset is None:
     for cand in ("msmt17", "market1501", "occ_duke", "duke", "veri", "vehicleid"):
       if name.startswith(cand.replace("_", "")) or name.startswith(cand):

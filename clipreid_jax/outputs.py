@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import tempfile
 from typing import Iterator
 
 
@@ -30,7 +31,30 @@ def check_writable(out: str | os.PathLike, key: str, error: type[Exception] = Va
   anchor = output_anchor(out, key, error)
   if not os.access(anchor, os.W_OK | os.X_OK):
     raise error(f"{key}: cannot create or write {out} ({anchor} is not a writable folder)")
+  try:  # permissions are not the whole story (root passes os.access; /proc, a full or read-only mount refuse)
+    os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=anchor))
+  except OSError as e:
+    raise error(f"{key}: cannot create or write {out} (in {anchor}: {e.strerror or type(e).__name__})") from None
   return pathlib.Path(out)
+
+
+@contextlib.contextmanager
+def created_folder(out: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Creates the folder `out` (and its missing parents) for the block; where the block fails, the folders it
+  created are removed again (those still empty): a failed first write (a full disk) leaves nothing behind."""
+  out = pathlib.Path(out)
+  missing, p = [], out.resolve()
+  while not p.exists():
+    missing.append(p)
+    p = p.parent
+  out.mkdir(parents=True, exist_ok=True)
+  try:
+    yield out
+  except BaseException:
+    for p in missing:  # innermost first
+      with contextlib.suppress(OSError):
+        p.rmdir()
+    raise
 
 
 @contextlib.contextmanager

@@ -104,10 +104,19 @@ def _read_torch(path: pathlib.Path, trust: bool) -> dict[str, np.ndarray]:
     except Exception as e:
       raise CheckpointError(f"{path}: cannot load TorchScript archive ({type(e).__name__})") from None
     return _to_numpy(dict(module.state_dict()), path)
+  with open(path, "rb") as f:
+    head = f.read(2)
+  # torch.save writes a zip archive (a pickle before PyTorch 1.6: protocol 2 and up starts with 0x80); torch's own
+  # errors for other bytes name an opcode or a byte, not the file's kind.
+  if head != b"PK" and head[:1] != b"\x80":
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint (its bytes are neither a torch.save archive nor a "
+                          "pickle); expected a file written by torch.save, an OpenAI CLIP archive or an .npz")
   try:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as e:
-    if "weights_only" in str(e) or "Unsupported" in str(e) or "GLOBAL" in str(e):
+    # weights_only refuses a pickle that names a class or function ("Unsupported global: GLOBAL ..."); bytes that
+    # are no pickle at all fail on their first opcode ("Unsupported operand"): a corrupt or foreign file.
+    if "GLOBAL" in str(e) or "Unsupported global" in str(e):
       raise CheckpointError(f"{path}: not a plain state dict (it needs arbitrary code to unpickle); refusing to load") from None
     raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({describe(e, limit=160)}); expected a file "
                           "written by torch.save, an OpenAI CLIP archive or an .npz") from None

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -89,10 +90,19 @@ def validate_config(config) -> None:
     _need(_is_real(config.eval.lambda_value) and 0 <= config.eval.lambda_value <= 1, "eval.lambda_value",
           config.eval.lambda_value, "a number in [0, 1]")
     _need(_is_int(config.seed) and config.seed >= 0, "seed", config.seed, "an integer >= 0")
+  if mode != "extract":
+    ds = config.dataset
+    # An empty root would read (and, for synthetic data, write) the current folder.
+    _need(bool(ds.get("packed_dir")) or (isinstance(ds.root, str) and ds.root.strip() != ""), "dataset.root",
+          ds.root, "a dataset folder (or dataset.packed_dir)")
   if mode != "extract" and config.dataset.name == "synthetic":  # checked on every host before process 0 writes
     _check_synthetic(config.dataset)
   if mode != "train":
     return
+  # A training run would ignore it: it starts from init.clip and resumes from its own --workdir.
+  _need(not config.get("checkpoint"), "checkpoint", config.get("checkpoint"), "'' in train mode (it names the model "
+        "eval and extract modes read; training starts from init.clip, which also takes a CLIP-ReID model directory to "
+        "fine-tune, and resumes from its --workdir)")
   _need(isinstance(m.backbone, str) and m.backbone.startswith(("ViT", "RN")), "model.backbone", m.backbone,
         "a ViT-* or RN* CLIP name")
   _need(m.dtype in _DTYPES, "model.dtype", m.dtype, " or ".join(map(repr, _DTYPES)))
@@ -160,8 +170,8 @@ def validate_config(config) -> None:
           "(WORKDIR/stage1)")
   if not config.init.clip:  # a random CLIP needs its sizes (the demo and tests set them; recipes leave them 0)
     _need(_random_clip_sizes(m) is not None, "init.clip", config.init.clip,
-          "a converted CLIP directory (python -m clipreid_jax.convert clip ViT-B-16.pt DIR), or model.random_clip "
-          "sizes > 0 for a random CLIP")
+          f"a converted CLIP directory (python -m clipreid_jax.convert clip {m.backbone}.pt DIR), or "
+          "model.random_clip sizes > 0 for a random CLIP")
 
 
 def _check_synthetic(ds) -> None:
@@ -327,6 +337,18 @@ def check_valid_queries(dataset) -> None:
   if metrics.num_valid_queries(q.pids, g.pids, q.camids, g.camids) == 0:
     raise DataError(f"{dataset.name}: no query has a gallery image of its identity from another camera; expected "
                     "at least one (the evaluation protocol drops same-identity same-camera gallery images)")
+
+
+def check_sie_fits(cfg: clipreid.ReIDConfig, dataset, model_name: str, dataset_name: str,
+                   error: type[Exception] = ConfigError) -> None:
+  """A trained SIE model on a dataset (evaluation, pictures): the dataset must have as many cameras as its table
+  (ids in range are not enough: camera 2 of another set of cameras is not the camera the row was trained on)."""
+  if not cfg.sie_rows:
+    return
+  if cfg.sie_camera and dataset.num_train_cams != cfg.camera_num:
+    raise error(f"{model_name} has an SIE table for {cfg.camera_num} cameras, but {dataset_name} has "
+                f"{dataset.num_train_cams}; expected the same cameras")
+  check_sie_ids(dataset, cfg.sie_camera, cfg.sie_view, cfg.camera_num, cfg.view_num)
 
 
 def check_sie_ids(dataset, sie_camera: bool, sie_view: bool, camera_num: int, view_num: int) -> None:
@@ -733,7 +755,8 @@ def save_model(path: pathlib.Path, variables, model, overwrite: bool = False) ->
       checkpoints.save_model_dir(path, variables, {"kind": "clipreid", "reid": model.config.to_dict()},
                                  overwrite=overwrite)
     except (OSError, checkpoints.CheckpointError) as e:  # a full disk, a vanished mount: the checkpoints are kept
-      raise TrainingStopped(f"{path}: cannot save ({errors.describe(e)}); the training checkpoints are kept, "
+      cause = errors.describe(e) if isinstance(e, OSError) else str(e)
+      raise TrainingStopped(f"{path}: cannot save ({cause}); the training checkpoints are kept, "
                             "rerun the same command once it can be written") from None
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"{path.name}/ written")
@@ -742,13 +765,19 @@ def save_model(path: pathlib.Path, variables, model, overwrite: bool = False) ->
 def load_stage1(path: pathlib.Path, model, data: dict | None = None) -> dict:
   """A stage1/ directory (the prompts learnt), refused in one line where it holds another model (a folder copied
   from another run: its shapes would fail deep inside flax, or match and be trained on silently) or, given this
-  run's data fingerprint, where the workdir around it recorded other training records."""
+  run's data fingerprint (`init.stage1`: another run's), where the workdir around it recorded other training
+  records."""
   found, variables = clipreid.load_clipreid(path)
-  ours, theirs = model.config.to_dict(), found.config.to_dict()
-  diff = sorted(k for k in ours if json.dumps(ours[k], default=str) != json.dumps(theirs.get(k), default=str))
+  ours, theirs = (traverse_util.flatten_dict(c.config.to_dict(), sep=".") for c in (model, found))
+  diff = [f"{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in sorted(ours)
+          if json.dumps(ours[k], default=str) != json.dumps(theirs.get(k), default=str)]
+  # Its own stage1/ (a restart) or another run's (init.stage1): the way out differs.
+  key, way_out = (("init.stage1: ", "expected the stage1/ of a run with this run's model settings") if data is not None
+                  else ("", "expected this run's (move it away to learn the prompts again)"))
   if diff:
-    raise ConfigError(f"{path}: holds a stage-1 model of another configuration (differs in {', '.join(diff)}); "
-                      "expected this run's (move it away to learn the prompts again)")
+    raise ConfigError(f"{key}{path}: holds a stage-1 model of another configuration (differs in "
+                      f"{'; '.join(diff[:3])}); "
+                      f"{way_out}")
   run_config = pathlib.Path(path).resolve().parent / "config.json"
   if data is not None and run_config.is_file():
     try:
@@ -756,9 +785,11 @@ def load_stage1(path: pathlib.Path, model, data: dict | None = None) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
       then = None
     if then is not None and then != data["train"]:
-      raise ConfigError(f"{path}: its prompts were learnt on other training records ({run_config} recorded "
-                        f"{then.get('identities')} identities, {then.get('images')} images; this dataset has "
-                        f"{data['train']['identities']}, {data['train']['images']}); expected a stage 1 of this "
+      now = data["train"]
+      counts = lambda d: f"{d.get('identities')} identities, {d.get('images')} images"
+      same = " (as many, but other file names or labels)" if counts(then) == counts(now) else ""
+      raise ConfigError(f"{key}{path}: its prompts were learnt on other training records ({run_config} recorded "
+                        f"{counts(then)}; this dataset has {counts(now)}{same}); expected a stage 1 of this "
                         "training set")
   return variables
 

@@ -13,7 +13,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Callable, NoReturn, Optional
+from typing import NoReturn, Optional
 
 import jax
 import numpy as np
@@ -43,22 +43,6 @@ class SaveError(TrainingStopped):
   """A checkpoint could not be written (disk full, ...); the half-written one is removed."""
 
 
-def _join_threads(threads: Callable[[], list], deadline: float) -> None:
-  """Waits until no thread that `threads()` lists is alive, or the deadline. `threading.enumerate()` also lists
-  threads still inside `start()`, which cannot be joined yet: they are waited for on the next round. Base
-  `Thread.join`: orbax's own threads re-raise their errors from `join`, and those are reported already."""
-  me = threading.current_thread()
-  while time.time() < deadline:
-    alive = [t for t in threads() if t is not me and (t.ident is None or t.is_alive())]
-    if not alive:
-      return
-    for t in alive:
-      if t.ident is None:  # still starting
-        time.sleep(0.01)
-      else:
-        threading.Thread.join(t, max(0.0, deadline - time.time()))
-
-
 class Run:
   """The workdir: checkpoints/ (orbax), metrics.jsonl, config.json, stage1/ and model/ directories.
 
@@ -74,6 +58,8 @@ class Run:
                 "stage1.checkpoint_every_epochs", "model.attention", "init.clip")
 
   def __init__(self, workdir: str, config):
+    # Checked before the hours of work that fill it (created only at the first record or checkpoint).
+    outputs.check_writable(workdir, "--workdir", ConfigError)
     self.dir = pathlib.Path(workdir).resolve()
     self.config = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
                    for k in self._CONFIG_KEYS if k in config}
@@ -181,10 +167,14 @@ class Run:
     if self.manager is not None:
       return
     if jax.process_index() == 0:
-      self.dir.mkdir(parents=True, exist_ok=True)
-      f = self.dir / "config.json"
-      if not f.is_file():
-        outputs.write_atomic(f, json.dumps(self.config, indent=1, sort_keys=True, default=str) + "\n")
+      try:
+        with outputs.created_folder(self.dir):
+          f = self.dir / "config.json"
+          if not f.is_file():
+            outputs.write_atomic(f, json.dumps(self.config, indent=1, sort_keys=True, default=str) + "\n")
+      except OSError as e:  # a full disk, a folder made read-only since the start
+        raise SaveError(f"{self.dir}: cannot create the workdir ({errors.describe(e)}); rerun the same command once "
+                        "it can be written") from None
     multihost_utils.sync_global_devices("workdir created")
     self._open_manager()
 
@@ -310,11 +300,11 @@ class Run:
     self._pending = None
     # orbax raises at the first failed item while the others may still be writing: let the save's own threads
     # finish before removing the half-written step.
-    _join_threads(writers, deadline=time.time() + 60)
+    checkpoints.join_threads(writers, deadline=time.time() + 60)
     if jax.process_index() == 0:
       for p in (self.dir / "checkpoints").glob(f"{counter}.orbax-checkpoint-tmp*"):
         shutil.rmtree(p, ignore_errors=True)
-    raise SaveError(f"{self.dir / 'checkpoints' / str(counter)}: cannot save ({errors.first_line(e)}); "
+    raise SaveError(f"{self.dir / 'checkpoints' / str(counter)}: cannot save ({errors.io_cause(e)}); "
                     f"{self.last_good()}; "
                     "rerun the same command to resume from it") from e
 

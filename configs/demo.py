@@ -4,9 +4,9 @@
 
 It writes a synthetic dataset under data/synthetic_market (48 training identities, 24 test identities, 4
 cameras), learns the prompts (stage 1, 20 epochs), fine-tunes the image encoder (stage 2, 24 epochs) and
-evaluates the trained and the untrained model, printing `untrained: mAP .. R1 ..` and a last line
-`final: mAP .. R1 .. R5 .. R10 ..` and writing both (percent) to workdirs/demo/metrics.json; one to two minutes
-on 2 CPU cores.
+evaluates the trained and the untrained model, printing `untrained: mAP .. R1 ..` and
+`final: mAP .. R1 .. R5 .. R10 ..` and writing both (percent) to workdirs/demo/metrics.json, then draws the
+pictures (last line: `pictures: workdirs/demo/visualizations/`); one to two minutes on 2 CPU cores.
 Expected: mAP about 22% and R1 about 21%, against about 8% and 6% for the same model untrained. The CLIP is
 random (no pretrained weights offline), so this shows that the pipeline learns, not the paper's accuracy.
 """

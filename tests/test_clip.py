@@ -287,9 +287,16 @@ MALFORMED = {
     "int_keys": ("clipreid", "a.pth", lambda p, sd: torch.save({1: torch.zeros(2)}, p), "not a string"),
     "nan_weights": ("clip", "a.npz", _npz_with(**{"ln_final.weight": lambda v: np.full_like(v, np.nan)}),
                     "tensor 'ln_final.weight' holds NaN or infinite values; expected finite weights"),
-    # A text file named .pt: torch's whole message is "101" (a KeyError of the first byte).
+    # Text files named .pt: torch's whole message is "101" (a KeyError of the first byte), or a weights_only refusal
+    # that blames an "Unsupported operand" and suggests weights_only=False.
     "text_file": ("clip", "a.pt", lambda p, sd: p.write_text("hello"),
-                  "not a readable PyTorch checkpoint (KeyError: 101); expected a file written by torch.save"),
+                  "not a PyTorch checkpoint (its bytes are neither a torch.save archive nor a pickle); expected a file "
+                  "written by torch.save"),
+    "garbage_file": ("clip", "a.pt", lambda p, sd: p.write_text("garbage\n"),
+                     "not a PyTorch checkpoint (its bytes are neither a torch.save archive nor a pickle)"),
+    # A legacy (pre-zip) pickle cut short: torch's own reason.
+    "legacy_truncated": ("clip", "a.pt", lambda p, sd: p.write_bytes(b"\x80\x02}q\x00"),
+                         "not a readable PyTorch checkpoint ("),
 }
 
 

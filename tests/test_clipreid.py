@@ -146,6 +146,9 @@ def test_inference_from_tensors_official_names(tmp_path):
   cfg = official.infer_reid_config(fake, "VeRi_clipreid_12x12sie_ViT-B-16_60.pth")
   assert tuple(cfg.clip.vision_grid) == (21, 21) and cfg.prompt_noun == "vehicle"
   assert (cfg.sie_camera, cfg.sie_view, cfg.camera_num, cfg.view_num) == (True, True, 20, 8)
+  # A name the registry does not know is refused: a misspelt vehicle set would get person prompts.
+  with pytest.raises(CheckpointError, match=r"--dataset: unknown dataset 'vehcileid'; known: .*vehicleid"):
+    official.infer_reid_config(fake, "trained.pth", dataset="vehcileid", input_size=(256, 256), stride=12)
   # --dataset as the official DATASETS.NAMES spells it: the camera x view table is still recognised.
   cfg = official.infer_reid_config(fake, "trained.pth", dataset="VeRi", input_size=(256, 256), stride=12)
   assert (cfg.sie_camera, cfg.sie_view, cfg.camera_num, cfg.view_num) == (True, True, 20, 8)

@@ -217,3 +217,14 @@ def test_cli(tmp_path, capsys):
   assert capsys.readouterr().out.strip() == str(tmp_path)
   assert len(os.listdir(tmp_path / "bounding_box_train")) == 12
   assert synthetic.main([str(tmp_path / "y"), "--cams", "9"]) == 2
+  capsys.readouterr()
+  # A root that cannot be a folder: one line, nothing written (was a NotADirectoryError traceback).
+  (tmp_path / "afile").write_text("")
+  assert synthetic.main([str(tmp_path / "afile" / "x"), "--ids", "3", "--test-ids", "2"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: root: cannot create {tmp_path / 'afile' / 'x'}: {tmp_path / 'afile'} is not a folder"]
+  # New settings over an earlier dataset: its warning is one line too.
+  assert synthetic.main([str(tmp_path), "--ids", "4", "--test-ids", "2", "--imgs", "4", "--cams", "2",
+                         "--height", "16", "--width", "8"]) == 0
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"warning: synthetic: rewriting {tmp_path}"), err

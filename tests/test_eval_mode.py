@@ -390,6 +390,13 @@ def test_extract_camera_and_view_ids_per_image(setup, tmp_path):
   (tmp_path / "bad.txt").write_text("path,identity\n" + rows)
   with pytest.raises(ValueError, match=r"bad.txt:1: header 'path,identity': expected 'path', 'path,camera' or"):
     inference.list_images(str(tmp_path / "bad.txt"))
+  # Ids that are not integers are named as such (they used to read as part of a path that does not exist).
+  (tmp_path / "text_ids.txt").write_text(f"path,camera,view\n{names[0]},0,1\n{names[1]},cam3,1\n")
+  with pytest.raises(ValueError, match=r"text_ids.txt:3: 'cam3,1' after the image .*: expected integer camera"):
+    inference.list_images(str(tmp_path / "text_ids.txt"))
+  (tmp_path / "missing.txt").write_text(f"{names[0]}.gone,0\n")
+  with pytest.raises(ValueError, match=r"missing.txt:1: lists .*\.jpg\.gone, which does not exist"):
+    inference.list_images(str(tmp_path / "missing.txt"))
   out = _cli("--config", "configs/market1501_vit.py", "--config.mode=extract", f"--config.checkpoint={model_dir}",
              f"--config.extract.input={tmp_path / 'list.txt'}", f"--config.extract.output={tmp_path / 'f'}")
   assert out.returncode == 0, out.stderr[-1500:]

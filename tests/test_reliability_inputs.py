@@ -190,6 +190,11 @@ def test_batch_not_divisible_by_devices(tmp_path):
 
 @pytest.mark.parametrize("override,expected", [
     ("--config.stage1.no_such_key=1", ["--config.stage1.no_such_key", "unknown config key"]),
+    # A missing section: was `KeyError: '\'stage3\'\nDid you mean "stage2" instead of "stage3"?'`.
+    ("--config.stage3.max_epochs=1", ["--config.stage3.max_epochs: unknown config key 'stage3'; did you mean "
+                                      '"stage2" instead of "stage3"?']),
+    # A key below a value: was `TypeError: tuple indices must be integers or slices, not str`.
+    ("--config.stage2.steps.first=1", ["--config.stage2.steps.first: stage2.steps is a value, not a section"]),
     ("--config.stage2.num_ids=four", ["--config.stage2.num_ids=four", "invalid literal for int()"]),  # wrong type
     ("--config.stage1.batch_size=0", ["stage1.batch_size", "positive integer", "got 0"]),
     ("--config.stage2.num_instances=-2", ["stage2.num_instances", "positive integer", "got -2"]),
@@ -199,6 +204,10 @@ def test_batch_not_divisible_by_devices(tmp_path):
     ("--config.stage1.base_lr=0", ["stage1.base_lr", "> 0", "got 0"]),
     ("--config.stage2.base_lr=nan", ["stage2.base_lr", "finite", "nan"]),
     ("--config.model.dtype=float16", ["model.dtype", "float16"]),
+    # It read (and for synthetic data wrote) the current folder.
+    ("--config.dataset.root=", ["dataset.root: expected a dataset folder (or dataset.packed_dir), got ''"]),
+    # Read by eval and extract modes only: a training run ignored it silently.
+    ("--config.checkpoint=workdirs/other/model", ["checkpoint: expected '' in train mode", "init.clip"]),
     ("--config.model.prompt_tokens=70", ["model.prompt_tokens", "[1, 69]", "got 70"]),
     # A pack named for synthetic data was ignored silently (and recorded in config.json as read).
     ("--config.dataset.packed_dir=/nonexistent/pack", ["dataset.packed_dir", "'' for synthetic data", "/nonexistent"]),
@@ -228,6 +237,22 @@ def test_bad_config_file(tmp_path, config, expected):
   assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize("make_workdir,expected", [
+    # Each was a traceback (NotADirectoryError, FileExistsError, FileNotFoundError) after the data and the stage-1
+    # feature bank, when the first record created the workdir; --dry_run said "config OK".
+    (lambda tmp: tmp / "afile" / "run", "cannot create {w}: {tmp}/afile is not a folder"),
+    (lambda tmp: tmp / "afile", "{w} exists and is not a folder"),
+    (lambda tmp: pathlib.Path("/proc/clipreid_no_such_run"), "cannot create or write {w}"),  # even as root
+], ids=["below-a-file", "a-file", "proc"])
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry_run"])
+def test_a_workdir_that_cannot_be_created_is_refused_first(tmp_path, make_workdir, expected, dry_run):
+  (tmp_path / "afile").write_text("")
+  work = make_workdir(tmp_path)
+  out = _cli("--config", f"{CONFIG}:{tmp_path / 'synthetic'}", "--workdir", work, *(["--dry_run"] if dry_run else []))
+  _error(out, f"error: --workdir: {expected.format(w=work, tmp=tmp_path)}")
+  assert "feature bank" not in out.stderr and not (tmp_path / "synthetic").exists()  # before any work
+
+
 def test_overrides_without_a_config_file(tmp_path):
   """absl knows --config.KEY only once --config is given: it said `Unknown command line flag 'config.mode'`."""
   line = _error(_cli("--config.mode=eval", "--config.checkpoint=m", "--workdir", tmp_path / "w"),
@@ -241,6 +266,9 @@ def test_overrides_without_a_config_file(tmp_path):
     ("import no_such_module_xyz\n", "--config: ModuleNotFoundError: No module named 'no_such_module_xyz'"),
     ("def get_config():\n  raise ValueError('first line\\nsecond line')\n", "ValueError: first line second line"),
     ("def get_config():\n  return None\n", "get_config() returned None; expected a ConfigDict"),  # said: required
+    # Neither named the file: `AttributeError: module 'config_config' has no attribute 'get_config'`, `SyntaxError: ...`.
+    ("config = None\n", "mine.py: defines no get_config(); expected a function get_config() that returns a ConfigDict"),
+    ("def get_config(:\n  pass\n", "mine.py: SyntaxError: invalid syntax"),
 ])
 def test_broken_config_file(tmp_path, body, expected):
   (tmp_path / "mine.py").write_text(body)
@@ -357,7 +385,8 @@ def test_config_values_that_misbehaved(tmp_path, override, expected):
 
 
 def test_extract_output_that_cannot_be_written(tmp_path, models):
-  """root passes os.access everywhere: the write itself fails, and says so in one line (was a traceback)."""
+  """root passes os.access everywhere: check_writable tries a folder there, so the output is refused before the
+  work, in one line (was a traceback after it)."""
   images = tmp_path / "images"
   images.mkdir()
   from PIL import Image
@@ -366,10 +395,7 @@ def test_extract_output_that_cannot_be_written(tmp_path, models):
   out = _cli("--config", f"{CONFIG}:{tmp_path / 'synthetic'}", "--config.mode=extract",
              f"--config.checkpoint={models['sie']}", f"--config.extract.input={images / 'list.txt'}",
              "--config.extract.output=/proc/clipreid_features")
-  if os.access("/proc", os.W_OK):  # root: check_writable is passed, the mkdir fails
-    _error(out, "extract.output: cannot write /proc/clipreid_features")
-  else:
-    _error(out, "extract.output")
+  _error(out, "extract.output: cannot create or write /proc/clipreid_features")
 
 
 def test_an_output_below_a_file_is_refused_before_the_work(tmp_path):
@@ -431,3 +457,24 @@ def test_atomic_file_keeps_the_old_file_when_a_write_fails(tmp_path):
   assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
   outputs.write_atomic(target, "new\n")
   assert target.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_orbax_failure_logs_keep_their_line_not_their_traceback():
+  """On a full disk orbax logs every failed writer thread with its traceback (60 lines each) before the run reports
+  the failure in one line: main's log filter keeps orbax's lines and drops their tracebacks, nobody else's."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from clipreid_jax import main  # pylint: disable=g-import-not-at-top
+  from clipreid_jax.data import errors  # pylint: disable=g-import-not-at-top
+  try:
+    raise ValueError("RESOURCE_EXHAUSTED: Error writing ...: No space left on device [os_error_code='28']")
+  except ValueError as e:
+    info, cause = sys.exc_info(), e
+  orbax = logging.LogRecord("absl", logging.ERROR, "/x/site-packages/orbax/checkpoint/_src/futures/future.py", 387,
+                            "thread raised an exception: %s", ("RESOURCE_EXHAUSTED",), info)
+  ours = logging.LogRecord("absl", logging.ERROR, "/x/clipreid_jax/train.py", 1, "failed", (), info)
+  assert main._orbax_without_traceback(orbax) and orbax.exc_info is None
+  assert "RESOURCE_EXHAUSTED" in orbax.getMessage()
+  assert main._orbax_without_traceback(ours) and ours.exc_info is info
+  # The error itself, said as the OS says it (its first line is paths for 300 characters).
+  assert errors.io_cause(cause) == "[Errno 28] No space left on device"
+  assert errors.io_cause(OSError(28, "No space left on device")) == "OSError: [Errno 28] No space left on device"

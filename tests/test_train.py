@@ -70,6 +70,25 @@ def test_end_to_end_outputs(finished):
   assert not np.array_equal(s1["params"]["image_encoder"]["proj"], final["params"]["image_encoder"]["proj"])
 
 
+def test_eval_mode_on_a_full_disk_prints_the_numbers_and_leaves_no_workdir(finished, tmp_path, monkeypatch, capsys):
+  """metrics.json that cannot be written: one SaveError line (exit 1; it was an OSError traceback), the numbers on
+  stdout all the same, and the folders the evaluation created removed again."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from clipreid_jax import outputs  # pylint: disable=g-import-not-at-top
+  config, root, _ = finished
+  c = config.copy_and_resolve_references()
+  c.mode, c.checkpoint = "eval", str(root / "work" / "model")
+
+  def full(path, text):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+  monkeypatch.setattr(outputs, "write_atomic", full)
+  with pytest.raises(workdir.SaveError, match=r"^--workdir: cannot write .*new/eval/metrics.json \(OSError: \[Errno "
+                     r"28\] No space left on device"):
+    inference.evaluate_checkpoint(c, str(tmp_path / "new" / "eval"))
+  assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+  assert capsys.readouterr().out.strip().splitlines()[-1].startswith("final: mAP")
+
+
 def test_eval_mode_reproduces_final_metrics(finished, tmp_path):
   config, root, result = finished
   c = config.copy_and_resolve_references()
@@ -78,6 +97,7 @@ def test_eval_mode_reproduces_final_metrics(finished, tmp_path):
   assert again == pytest.approx(result, abs=1e-6)
   record = json.loads((tmp_path / "metrics.json").read_text())
   assert record["final"] == train.percent(again) and record["evaluated"]["checkpoint"] == c.checkpoint
+  assert c.dataset.name == "synthetic" and record["evaluated"]["dataset"] == "synthetic"  # not its layout's name
   c.checkpoint = str(root / "work")  # the run's workdir instead of its model: the error names the model
   with pytest.raises(CheckpointError, match=r"got kind None \(a training workdir: its trained model is .*work/model\)"):
     inference.evaluate_checkpoint(c, str(tmp_path / "again"))
@@ -147,8 +167,8 @@ def test_a_stage1_folder_of_another_model_is_refused(finished, tmp_path):
   c = config.copy_and_resolve_references()
   c.model.sie_camera = True
   shutil.copytree(root / "work" / "stage1", tmp_path / "work" / "stage1")
-  with pytest.raises(train.ConfigError, match=r"stage1: holds a stage-1 model of another configuration \(differs in "
-                     r"sie_camera\); expected this run's"):
+  with pytest.raises(train.ConfigError, match=r"^/.*/stage1: holds a stage-1 model of another configuration \(differs "
+                     r"in sie_camera: False there, True here\); expected this run's \(move it away"):
     train.train_and_evaluate(c, str(tmp_path / "work"))
   assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["stage1"]
 
@@ -499,14 +519,16 @@ def test_init_stage1_of_other_data_or_model_is_refused(finished, tmp_path):
   c = config.copy_and_resolve_references()
   c.init.stage1 = str(source)
   c.dataset.root, c.dataset.seed = str(tmp_path / "other"), c.dataset.seed + 1  # the same counts, other records
-  with pytest.raises(train.ConfigError, match=r"stage1: its prompts were learnt on other training records \(.*"
-                     r"config.json recorded 8 identities, 32 images; this dataset has 8, 32\)"):
+  with pytest.raises(train.ConfigError, match=r"^init.stage1: .*stage1: its prompts were learnt on other training "
+                     r"records \(.*config.json recorded 8 identities, 32 images; this dataset has 8 identities, 32 "
+                     r"images \(as many, but other file names or labels\)\)"):
     train.train_and_evaluate(c, str(tmp_path / "work"))
   assert not (tmp_path / "work").exists()
   c = config.copy_and_resolve_references()
   c.init.stage1, c.model.sie_camera = str(source), True
-  with pytest.raises(train.ConfigError, match=r"stage1: holds a stage-1 model of another configuration \(differs in "
-                     r"sie_camera\)"):
+  with pytest.raises(train.ConfigError, match=r"^init.stage1: .*stage1: holds a stage-1 model of another "
+                     r"configuration \(differs in sie_camera: False there, True here\); expected the stage1/ of a "
+                     r"run with this run's model settings"):
     train.train_and_evaluate(c, str(tmp_path / "work"))
   for override, expected in (({"init.stage1": str(root / "work")}, "the stage1/ directory of a finished stage 1"),
                              ({"init.stage1": str(source), "model.baseline": True}, "'' for a baseline")):

@@ -513,5 +513,19 @@ def test_rank_lists_of_an_sie_model_on_other_cameras(run, tmp_path, capsys):
   assert cli.main(["ranks", "--checkpoint", str(tmp_path / "sie"), "--dataset", "custom", "--root", str(custom),
                    "--out", str(out)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("error: --checkpoint: cannot embed the images under"), err
-  assert "expected ids in 0..2" in err[0] and not out.exists()
+  assert len(err) == 1 and err[0].startswith("error: custom: query camera id 3, 4 is outside the SIE table (rows "
+                                             "0..2"), err
+  assert not out.exists()
+  # Ids inside the table, but fewer cameras than it was trained with: refused as eval mode refuses it (was drawn).
+  two = tmp_path / "two_cameras"
+  two.mkdir()
+  for name in ("train", "query", "gallery"):
+    split = getattr(dataset, name)
+    (two / f"{name}.csv").write_text("".join(f"{split.path(i)},{split.pids[i]},{split.camids[i] % 2}\n"
+                                             for i in range(len(split))))
+  assert cli.main(["ranks", "--checkpoint", str(tmp_path / "sie"), "--dataset", "custom", "--root", str(two),
+                   "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"error: --checkpoint: {tmp_path / 'sie'} has an SIE table for 3 "
+                                             "cameras, but dataset custom (query under "), err
+  assert err[0].endswith("has 2; expected the same cameras") and not out.exists()

@@ -6,6 +6,8 @@ so a CLI can print `str(err)` and exit with code 2. `first_line` and `describe` 
 library's exception for such messages (the whole package uses them).
 """
 import contextlib
+import os
+import re
 import sys
 import warnings
 
@@ -50,6 +52,15 @@ def warnings_as_lines():
   with warnings.catch_warnings():
     warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
     yield
+
+
+def io_cause(e: BaseException) -> str:
+  """What of a failed write to tell the user: tensorstore (under orbax) reports a full disk as a ValueError whose
+  first line is 300 characters of paths, ending in `[os_error_code='28']`; that code says it."""
+  code = re.search(r"os_error_code='?(\d+)", str(e))
+  if code:
+    return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
+  return describe(e) if isinstance(e, OSError) else first_line(e)
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

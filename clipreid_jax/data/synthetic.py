@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from clipreid_jax import outputs
 from clipreid_jax.data import errors
 from clipreid_jax.data.published import SYNTHETIC_MARKER
 from clipreid_jax.data.records import ReidDataset
@@ -370,9 +371,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   try:
-    root = write_synthetic_market(args.root, num_train_ids=args.ids, num_test_ids=args.test_ids,
-                                  imgs_per_id=args.imgs, num_cams=args.cams, size=(args.height, args.width),
-                                  seed=args.seed)
+    outputs.check_writable(args.root, "root", errors.DataError)
+    with errors.warnings_as_lines():  # "rewriting ...": one line, as the errors
+      root = write_synthetic_market(args.root, num_train_ids=args.ids, num_test_ids=args.test_ids,
+                                    imgs_per_id=args.imgs, num_cams=args.cams, size=(args.height, args.width),
+                                    seed=args.seed)
   except errors.DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -18,12 +18,15 @@ def rank_lists_of_model(model_dir: str | os.PathLike, dataset: ReidDataset, out_
   unless given as (query, gallery). The PNGs reach `out_dir` together at the end, or not at all on an error."""
   from clipreid_jax.inference import FeatureExtractor
   from clipreid_jax.visualize import features as feats
-  from clipreid_jax.visualize.inputs import require_valid_queries, staged_folder
+  from clipreid_jax.train import check_sie_fits
+  from clipreid_jax.visualize.inputs import VisualizeError, require_valid_queries, staged_folder
   from clipreid_jax.visualize.ranks import render_rank_lists
   require_valid_queries(dataset)
   out = pathlib.Path(out_dir)
   with staged_folder(out, "--out") as stage:
     extractor = FeatureExtractor(model_dir, batch_size=batch_size, flip=flip)
+    check_sie_fits(extractor.model.config, dataset, f"--checkpoint: {model_dir}",
+                   f"dataset {dataset.name} (query under {dataset.query.root})", VisualizeError)
     if features is None:
       features = feats.eval_features(extractor, dataset.query), feats.eval_features(extractor, dataset.gallery)
     qf, gf = features
@@ -52,7 +55,9 @@ def render_all(workdir: str | os.PathLike, dataset: ReidDataset, out_dir: Option
   from clipreid_jax.inference import FeatureExtractor
   from clipreid_jax.visualize import curves, embedding
   from clipreid_jax.visualize import features as feats
-  from clipreid_jax.visualize.inputs import require_dir, require_model_dir, require_valid_queries, staged_folder
+  from clipreid_jax.train import check_sie_fits
+  from clipreid_jax.visualize.inputs import (VisualizeError, require_dir, require_model_dir, require_valid_queries,
+                                             staged_folder)
   from clipreid_jax.visualize.ranks import render_rank_lists
   workdir = require_dir(workdir, "--workdir")
   out = pathlib.Path(out_dir) if out_dir is not None else workdir / "visualizations"
@@ -62,6 +67,8 @@ def render_all(workdir: str | os.PathLike, dataset: ReidDataset, out_dir: Option
   embedding.tsne_stages(workdir)
   with staged_folder(out, "--out") as stage:
     extractor = FeatureExtractor(model_dir, flip=flip)
+    check_sie_fits(extractor.model.config, dataset, f"--workdir: {model_dir}",
+                   f"dataset {dataset.name} (query under {dataset.query.root})", VisualizeError)
     if features is None:
       features = feats.eval_features(extractor, dataset.query), feats.eval_features(extractor, dataset.gallery)
     qf, gf = features
