@@ -138,6 +138,7 @@ def main(argv=None):
       state = tree(s, form)
       rows.append(dict(row="host", form=form + ("+freeze" if freeze else ""), host_us=1e6 * host_s,
                        median_us=1e6 * median_s, gc_us=1e6 * gc_s, full_per_100=full, objects=len(gc.get_objects())))
+      print("ROW " + json.dumps(rows[-1]), flush=True)  # as it finishes: a part cut by its timeout keeps it
   gc.unfreeze()
   if real_steps:
     for form, (fn, _) in loops(step, treedef, key).items():
@@ -154,6 +155,7 @@ def main(argv=None):
         jax.block_until_ready(metrics)
       rows.append(dict(row="step", form=form, dispatch_ms=1e3 * statistics.median(times), first_s=first_s,
                        first_loss=first_loss, objects=len(gc.get_objects())))
+      print("ROW " + json.dumps(rows[-1]), flush=True)
 
   print(f"\nstage-2 step calls in the trainer's loop, {args.backbone}, {treedef.num_leaves} state arrays in "
         f"{treedef.num_nodes} pytree nodes, {jnp.dtype(dtype).name}; device: {C.device_name()}; jax {jax.__version__}")

@@ -212,8 +212,10 @@ def explain(hlo: str, kernels: list[str], width: int = 150) -> dict:
 
 VARIANTS = {  # name -> (job overrides, compiler options, model-module settings)
     "default": ({}, {}, {}),
-    "cudnn": ({}, {}, {"ATTENTION_IMPLEMENTATION": "cudnn"}),
-    "xla": ({}, {}, {"ATTENTION_IMPLEMENTATION": None}),
+    # The attention comes from the job's variant (build_jax_job sets it; a module setting here would be overwritten
+    # by it): cuDNN's where it runs (the default since the twelfth session), or XLA's.
+    "cudnn": ({}, {}, {}),
+    "xla": ({"variant": "xla"}, {}, {}),
     "fp32": ({"variant": "fp32"}, {}, {}),
     "b128": ({"batch": 128}, {}, {}),
     "b32": ({"batch": 32}, {}, {}),
@@ -347,7 +349,8 @@ def main(argv=None) -> int:
   parser.add_argument("--profile_steps", type=int, default=5, help="steps under the profiler (0: no trace)")
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--explain", type=int, default=12, help="print the HLO behind the top N kernels")
-  parser.add_argument("--trace_dir", default=os.path.join(os.environ.get("OUT", "/tmp"), "profile_step"))
+  # Not under $OUT: the device tool brings back few files, and none this deep.
+  parser.add_argument("--trace_dir", default="/tmp/profile_step")
   parser.add_argument("--json", help="write every variant's result here")
   args = parser.parse_args(argv)
   if args.batch < 8 or args.batch % 4:
@@ -369,9 +372,9 @@ def main(argv=None) -> int:
                                    if k not in ("top_kernels", "top_ops", "threads", "explained", "components")}),
           flush=True)
     results.append(r)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+    if args.json:  # after every variant: a part cut by its timeout keeps the variants that finished
+      with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
   return 0
 
 

@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     print("   largest mappings GB: " + ", ".join(f"{n} {v:.2f}" for n, v in r["top_mappings"]))
     print("   environment: " + (", ".join(f"{k}={v}" for k, v in sorted(r["env"].items())) or "none of CUDA_/XLA_/"
                                 "TF_/NVIDIA_/JAX_"), flush=True)
+    if args.json:  # after every setting: a part cut by its timeout keeps the settings that finished
+      with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
   ok = {k: v for k, v in results.items() if "error" not in v}
   if ok:
     print("\nsetting          RSS after the untuned product (GB)")

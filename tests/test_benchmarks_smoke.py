@@ -201,5 +201,9 @@ def test_profile_variants_name_real_options():
     if options:
       jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.ones(2)).compile()
     assert all(hasattr(clip_lib, k) for k in settings), name
+    # step_benchmark.build_jax_job sets the attention from the job's variant, over any module setting: the 'xla'
+    # variant set it that way and timed cuDNN's attention twice.
+    assert "ATTENTION_IMPLEMENTATION" not in settings, name
+  assert profile_step.VARIANTS["xla"][0] == {"variant": "xla"}
   with pytest.raises(Exception, match="not a valid enum value"):  # the check above can fail
     jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_enable_command_buffer": "FUSIONS"}).lower(jnp.ones(2)).compile()
