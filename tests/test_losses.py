@@ -154,15 +154,20 @@ def test_triplet_uneven_batch():
   x = rng.normal(size=(10, 8))
   x32 = jnp.asarray(x, jnp.float32)
   loss, ap, an = triplet(x32, jnp.asarray(labels), 0.3)
-  # Mining is checked on the fp32 distances: a self-distance is fp32 rounding noise (official too), not 1e-6.
+  # Mining is checked on the fp32 distances.
   d = np.asarray(losses.euclidean_dist(x32, x32), np.float64)
   same = labels[:, None] == labels[None, :]
   ref_ap = np.where(same, d, -np.inf).max(1)
   ref_an = np.where(same, np.inf, d).min(1)
-  assert_close(ap, ref_ap, rtol=1e-5, atol=1e-6)
+  # The singleton ID's hardest positive is itself: its distance is fp32 rounding noise of |x|^2 + |x|^2 - 2 x.x
+  # (official too), 1e-3 or the 1e-12 clamp's 1e-6 depending on how XLA fuses the sums (it differs between jax
+  # versions), so that row is checked for being noise and the loss takes it as computed.
+  alone = same.sum(1) == 1
+  assert alone.tolist() == [False] * 4 + [True] + [False] * 5 and float(ap[4]) < 1e-2
+  assert_close(np.asarray(ap)[~alone], ref_ap[~alone], rtol=1e-5, atol=1e-6)
   assert_close(an, ref_an, rtol=1e-5, atol=1e-6)
-  assert_close(loss, np.maximum(ref_ap - ref_an + 0.3, 0).mean(), rtol=1e-5, atol=1e-6)
-  assert float(ap[4]) < 1e-2  # the singleton ID's hardest positive is itself
+  used_ap = np.where(alone, np.asarray(ap, np.float64), ref_ap)
+  assert_close(loss, np.maximum(used_ap - ref_an + 0.3, 0).mean(), rtol=1e-5, atol=1e-6)
   g = triplet_grad(x32, jnp.asarray(labels))
   assert np.all(np.isfinite(np.asarray(g)))
 
