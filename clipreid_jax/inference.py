@@ -14,7 +14,6 @@ from PIL import Image
 from clipreid_jax import host_memory, outputs, steps
 from clipreid_jax.data import images as image_io
 from clipreid_jax.data.errors import DataError, describe
-from clipreid_jax.data.registry import canonical_name
 from clipreid_jax.checkpoints import read_config
 from clipreid_jax.models.clipreid import load_clipreid
 from clipreid_jax.workdir import SaveError
@@ -298,18 +297,6 @@ def check_eval_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   return out
 
 
-def evaluation_record(config, dataset: str) -> dict:
-  """What an evaluation's numbers are of, kept beside them in metrics.json: evaluations of other test lists,
-  datasets or settings share the default workdir."""
-  d, e = config.dataset, config.eval
-  record = {"checkpoint": str(pathlib.Path(config.checkpoint).resolve()), "dataset": dataset,
-            "data": str(pathlib.Path(d.get("packed_dir") or d.root).resolve()), "flip": bool(e.flip),
-            "rerank": {"k1": e.k1, "k2": e.k2, "lambda_value": e.lambda_value} if e.rerank else False}
-  if dataset == "vehicleid":
-    record.update(test_size=d.test_size, trials=e.trials, seed=config.seed)
-  return record
-
-
 def evaluate_checkpoint(config, workdir: str, overrides: frozenset = frozenset()) -> dict:
   """--config.mode=eval: a model directory on a dataset's query/gallery; metrics.json in the workdir."""
   from clipreid_jax import train
@@ -332,8 +319,7 @@ def evaluate_checkpoint(config, workdir: str, overrides: frozenset = frozenset()
     raise
   except ValueError as e:  # features that are not finite: a broken checkpoint
     raise train.ConfigError(f"checkpoint: {config.checkpoint}: {e}") from None
-  # The configured name (the reader's would call synthetic data market1501, whose layout it is written in).
-  record = {"final": train.percent(result), "evaluated": evaluation_record(config, canonical_name(config.dataset.name))}
+  record = {"final": train.percent(result), "evaluated": train.evaluation_record(config, config.checkpoint)}
   try:
     with outputs.created_folder(out):
       outputs.write_atomic(out / "metrics.json", json.dumps(record, indent=1) + "\n")

@@ -83,7 +83,11 @@ def run(config, workdir: str) -> int:
     shown.workdir = workdir  # the one the run would use (--workdir, or the mode's default)
     print(shown.to_json_best_effort(indent=1, sort_keys=True), flush=True)
     train.validate_config(config)
+    if config.mode in ("train", "eval"):  # the batches against this machine's devices, as the run checks them
+      train.check_batch("eval.batch_size", config.eval.batch_size)
     if config.mode == "train":
+      s = config.stage2
+      train.check_batch("stage2.num_ids * stage2.num_instances", s.num_ids * s.num_instances)
       train.Run(workdir, config)  # refuses another configuration's workdir, or an evaluation's
     elif config.mode == "eval":
       inference.check_eval_workdir(workdir)

@@ -163,11 +163,15 @@ def validate_config(config) -> None:
   if stage1_from:
     _need(not m.baseline, "init.stage1", stage1_from, "'' for a baseline (it has no prompts to learn)")
     try:
-      kind = checkpoints.read_config(stage1_from).get("kind")
+      meta = checkpoints.read_config(stage1_from)
     except checkpoints.CheckpointError:
-      kind = None
-    _need(kind == "clipreid", "init.stage1", stage1_from, "the stage1/ directory of a finished stage 1 "
-          "(WORKDIR/stage1)")
+      meta = {}
+    # A trained model/ or a converted checkpoint is a CLIP-ReID model too, but its image side was fine-tuned:
+    # stage 2 would start from it. Directories saved before `trained` was recorded are known by their name.
+    after_stage1 = meta.get("trained", "stage1" if pathlib.Path(stage1_from).name == "stage1" else None) == "stage1"
+    _need(meta.get("kind") == "clipreid" and after_stage1, "init.stage1", stage1_from,
+          "the stage1/ directory of a finished stage 1 (WORKDIR/stage1), not a trained model (WORKDIR/model) or a "
+          "converted checkpoint (init.clip fine-tunes those)")
   if not config.init.clip:  # a random CLIP needs its sizes (the demo and tests set them; recipes leave them 0)
     _need(_random_clip_sizes(m) is not None, "init.clip", config.init.clip,
           f"a converted CLIP directory (python -m clipreid_jax.convert clip {m.backbone}.pt DIR), or "
@@ -348,6 +352,10 @@ def check_sie_fits(cfg: clipreid.ReIDConfig, dataset, model_name: str, dataset_n
   if cfg.sie_camera and dataset.num_train_cams != cfg.camera_num:
     raise error(f"{model_name} has an SIE table for {cfg.camera_num} cameras, but {dataset_name} has "
                 f"{dataset.num_train_cams}; expected the same cameras")
+  if cfg.sie_view and dataset.num_train_views != cfg.view_num:  # every image would take view row 0
+    raise error(f"{model_name} has an SIE table for {cfg.view_num} views, but {dataset_name} has "
+                f"{dataset.num_train_views}; expected the same views (VeRi's come from its keypoint files, "
+                "dataset.keypoint_dir)")
   check_sie_ids(dataset, cfg.sie_camera, cfg.sie_view, cfg.camera_num, cfg.view_num)
 
 
@@ -717,10 +725,27 @@ def evaluate_model(config, mesh, model, variables, dataset, feature_fn=None) -> 
           "num_valid_queries": int(res.num_valid_queries)}
 
 
+def evaluation_record(config, model_dir: str) -> dict:
+  """What an evaluation's numbers are of, kept beside them in metrics.json (eval mode's and a training run's): the
+  model, the dataset (its configured name: the reader's would call synthetic data market1501, whose layout it is
+  written in), the data, test-time flip and re-ranking (a rerun of a finished run may evaluate with others); for
+  VehicleID the test list, trials and seed."""
+  from clipreid_jax.data.registry import canonical_name  # pylint: disable=g-import-not-at-top
+  d, e = config.dataset, config.eval
+  dataset = canonical_name(d.name)
+  record = {"checkpoint": str(pathlib.Path(model_dir).resolve()), "dataset": dataset,
+            "data": str(pathlib.Path(d.get("packed_dir") or d.root).resolve()), "flip": bool(e.flip),
+            "rerank": {"k1": e.k1, "k2": e.k2, "lambda_value": e.lambda_value} if e.rerank else False}
+  if dataset == "vehicleid":
+    record.update(test_size=d.test_size, trials=e.trials, seed=config.seed)
+  return record
+
+
 def percent(m: dict) -> dict:
   """metrics.json's form of a result: rates in percent (mAP, mINP, R1, R5, R10 and their spreads), counts as they are."""
   rates = {"mAP", "mINP", "R1", "R5", "R10"}
-  return {k: (100 * v if k in rates or k[:-4] in rates and k.endswith("_std") else v) for k, v in m.items()}
+  # Rounded: a float32 rate read as a double would print 20.000000298023224.
+  return {k: (round(100 * v, 4) if k in rates or k[:-4] in rates and k.endswith("_std") else v) for k, v in m.items()}
 
 
 def format_metrics(m: dict) -> str:
@@ -748,12 +773,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run.release_signals()
 
 
-def save_model(path: pathlib.Path, variables, model, overwrite: bool = False) -> None:
-  """stage1/ or model/: written by process 0 alone (atomically), then every process goes on together."""
+def save_model(path: pathlib.Path, variables, model, trained: str, overwrite: bool = False) -> None:
+  """stage1/ or model/ (`trained`: 'stage1' or 'stage2', recorded for init.stage1's check): written by process 0
+  alone (atomically), then every process goes on together."""
   if jax.process_index() == 0:
     try:
-      checkpoints.save_model_dir(path, variables, {"kind": "clipreid", "reid": model.config.to_dict()},
-                                 overwrite=overwrite)
+      checkpoints.save_model_dir(path, variables, {"kind": "clipreid", "trained": trained,
+                                                   "reid": model.config.to_dict()}, overwrite=overwrite)
     except (OSError, checkpoints.CheckpointError) as e:  # a full disk, a vanished mount: the checkpoints are kept
       cause = errors.describe(e) if isinstance(e, OSError) else str(e)
       raise TrainingStopped(f"{path}: cannot save ({cause}); the training checkpoints are kept, "
@@ -805,6 +831,8 @@ def _train_and_evaluate(config, run: Run) -> dict:
            model.config.num_classes, model.config.input_size, model.config.clip.vision_grid, model.config.sie_camera,
            model.config.sie_view, jax.device_count())
   meta = run.resume()
+  if meta.get("stage") == 2 and meta.get("epoch") == config.stage2.max_epochs and "next_batch" not in meta:
+    log.info("the run in %s trained to its end before: its model is written and evaluated again", run.dir)
   stage1_dir = run.dir / "stage1"
   if model.config.with_text and meta.get("stage", 1) == 1:
     if stage1_dir.is_dir():
@@ -813,11 +841,11 @@ def _train_and_evaluate(config, run: Run) -> dict:
       variables = load_stage1(pathlib.Path(config.init.stage1), model, run.config["data"])
       log.info("stage 1: the prompts of %s (init.stage1), copied to %s", config.init.stage1, stage1_dir)
       run.create()
-      save_model(stage1_dir, variables, model)
+      save_model(stage1_dir, variables, model, "stage1")
       meta = {}
     else:
       variables = run_stage1(config, run, mesh, model, variables, dataset, meta)
-      save_model(stage1_dir, variables, model)
+      save_model(stage1_dir, variables, model, "stage1")
       meta = {}
   elif model.config.with_text and stage1_dir.is_dir():
     variables = load_stage1(stage1_dir, model)  # stage 2 resumes from its own checkpoint below
@@ -831,9 +859,9 @@ def _train_and_evaluate(config, run: Run) -> dict:
   run.release_signals()
   if stop:
     raise SystemExit(run.exit_code)
-  save_model(run.dir / "model", variables, model, overwrite=True)
+  save_model(run.dir / "model", variables, model, "stage2", overwrite=True)
   result = evaluate_fn(variables)
-  summary = {"final": percent(result)}
+  summary = {"final": percent(result), "evaluated": evaluation_record(config, run.dir / "model")}
   if config.eval.untrained:  # the model as built, before stage 1 (deterministic: rebuilt from the seed)
     untrained = evaluate_fn(initial_variables)
     summary["untrained"] = percent(untrained)

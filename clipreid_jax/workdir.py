@@ -51,11 +51,12 @@ class Run:
   """
 
   # The sections of config.json a restarted run must match (they change the numbers), less the keys inside them
-  # that do not: where the data (or its packed copy) and the CLIP live, count warnings, how often stage 1 logs
+  # that do not: where the data (or its packed copy, VeRi's keypoint files: the records' view ids are in the data's
+  # digest) and the CLIP live, count warnings, how often stage 1 logs
   # and saves, the attention kernel. The data's records are checked instead (`use_data`).
   _CONFIG_KEYS = ("dataset", "model", "init", "stage1", "stage2", "loss", "augment", "seed")
-  _FREE_KEYS = ("dataset.root", "dataset.packed_dir", "dataset.check_counts", "stage1.log_every_epochs",
-                "stage1.checkpoint_every_epochs", "model.attention", "init.clip")
+  _FREE_KEYS = ("dataset.root", "dataset.packed_dir", "dataset.keypoint_dir", "dataset.check_counts",
+                "stage1.log_every_epochs", "stage1.checkpoint_every_epochs", "model.attention", "init.clip")
 
   def __init__(self, workdir: str, config):
     # Checked before the hours of work that fill it (created only at the first record or checkpoint).

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from clipreid_jax import convert, inference
+from clipreid_jax import convert, inference, train
 from clipreid_jax.data import get_dataset
 from clipreid_jax.data.synthetic import write_synthetic_market
 from clipreid_jax.evaluation import eval_func
@@ -374,6 +374,12 @@ def test_extract_camera_and_view_ids_per_image(setup, tmp_path):
   model_dir = root / "model_camview"
   if not model_dir.exists():
     assert convert.main(convert_args(variant, model_dir)) == 0
+  # Eval on a dataset without views (every image would take view row 0): refused, as other cameras are.
+  out = _cli("--config", "configs/market1501_vit.py", "--workdir", str(tmp_path / "views"), "--config.mode=eval",
+             f"--config.checkpoint={model_dir}", f"--config.dataset.root={data}", "--config.dataset.check_counts=False")
+  assert out.returncode == 2 and not (tmp_path / "views").exists(), out.stderr[-1500:]
+  assert out.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint: {model_dir} has an SIE table for 2 views, "
+                                                        "but dataset market1501 at "), out.stderr[-500:]
   names = sorted(str(p) for p in pathlib.Path(data, "query").glob("*.jpg"))[:5]
   cams, views = np.array([0, 2, 1, 2, 0]), np.array([1, 0, 1, 1, 0])
   ext = FeatureExtractor(model_dir, batch_size=2)  # three batches: 2, 2, 1
@@ -483,7 +489,7 @@ def test_evaluation_record_names_what_vehicleid_numbers_depend_on(tmp_path):
   from clipreid_jax import config_defaults  # pylint: disable=g-import-not-at-top
   c = config_defaults.recipe("vehicleid", vehicle=True)
   c.checkpoint, c.dataset.packed_dir, c.dataset.test_size, c.eval.rerank, c.eval.k1 = "m", str(tmp_path), 1600, True, 20
-  assert inference.evaluation_record(c, "vehicleid") == {
+  assert train.evaluation_record(c, c.checkpoint) == {
       "checkpoint": str(pathlib.Path("m").resolve()), "dataset": "vehicleid", "data": str(tmp_path.resolve()),
       "flip": False, "rerank": {"k1": 20, "k2": 15, "lambda_value": 0.3}, "test_size": 1600, "trials": 10,
       "seed": 1234}

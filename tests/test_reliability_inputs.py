@@ -183,6 +183,11 @@ def test_batch_not_divisible_by_devices(tmp_path):
   out, _ = _train(tmp_path, env=env)  # eval.batch_size 16
   _error(out, "eval.batch_size", "16", "3 devices")
   assert not work.exists()
+  # --dry_run checks them too (it said "config OK").
+  _error(_train(tmp_path, "--config.eval.batch_size=15", "--dry_run", env=env)[0], "stage2.num_ids * "
+         "stage2.num_instances", "8", "3 devices")
+  _error(_train(tmp_path, "--dry_run", env=env)[0], "eval.batch_size", "16", "3 devices")
+  assert not work.exists()
 
 
 # --- configuration ---------------------------------------------------------------------------------------------

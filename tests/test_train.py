@@ -55,6 +55,11 @@ def test_end_to_end_outputs(finished):
   assert {"i2t", "t2i"} <= set(records[0]) and {"id_cls", "tri_proj", "i2t", "accuracy"} <= set(records[-2])
   summary = json.loads((work / "metrics.json").read_text())
   assert summary["final"] == train.percent(result)
+  assert all(v == round(v, 4) for v in summary["final"].values())  # no float32 tail (20.000000298023224)
+  # What the numbers are of, as eval mode records it: a rerun with other eval settings evaluates again.
+  assert summary["evaluated"] == {"checkpoint": str((work / "model").resolve()), "dataset": "synthetic",
+                                  "data": str(pathlib.Path(config.dataset.root).resolve()), "flip": False,
+                                  "rerank": False}
   assert config.eval.untrained and summary["untrained"]["mAP"] > 0  # the demo's settings evaluate both
   assert all("images_per_s" in r and r["images_per_s"] > 0 for r in records if r.get("stage") == 2)
   periodic = [r["epoch"] for r in records if r.get("stage") == 2 and 0 < r.get("eval_mAP", -1) <= 1]
@@ -151,6 +156,9 @@ def test_resume_refuses_other_records_at_the_data_root(finished, tmp_path):
   shutil.copytree(root / "data", c.dataset.root)
   run = train.Run(str(root / "work"), c)
   run.use_data(train.load_dataset(c))  # a moved copy: the same records
+  moved = c.copy_and_resolve_references()
+  moved.dataset.keypoint_dir = str(tmp_path / "keypoints")  # VeRi's keypoint files may move too (views are records)
+  train.Run(str(root / "work"), moved).use_data(train.load_dataset(c))
   train_dir = pathlib.Path(c.dataset.root, "bounding_box_train")
   first = sorted(train_dir.iterdir())[0]
   first.rename(first.with_name("9" + first.name[1:]))  # another identity for one image
@@ -530,7 +538,12 @@ def test_init_stage1_of_other_data_or_model_is_refused(finished, tmp_path):
                      r"configuration \(differs in sie_camera: False there, True here\); expected the stage1/ of a "
                      r"run with this run's model settings"):
     train.train_and_evaluate(c, str(tmp_path / "work"))
+  # A trained model/ is a CLIP-ReID model directory too; stage 2 would have started from its fine-tuned encoder.
+  assert json.loads((root / "work" / "model" / "config.json").read_text())["trained"] == "stage2"
+  assert json.loads((source / "config.json").read_text())["trained"] == "stage1"
   for override, expected in (({"init.stage1": str(root / "work")}, "the stage1/ directory of a finished stage 1"),
+                             ({"init.stage1": str(root / "work" / "model")},
+                              "the stage1/ directory .*, not a trained model"),
                              ({"init.stage1": str(source), "model.baseline": True}, "'' for a baseline")):
     c = config.copy_and_resolve_references()
     for k, v in override.items():
@@ -771,7 +784,8 @@ def test_ctrl_c_after_training_stops_at_once(finished, tmp_path, monkeypatch):
   monkeypatch.setattr(train, "evaluate_model", original)
   train.train_and_evaluate(config, str(work))
   final = json.loads((root / "work" / "metrics.json").read_text())["final"]
-  assert json.loads((work / "metrics.json").read_text()) == {"final": final}
+  summary = json.loads((work / "metrics.json").read_text())
+  assert summary["final"] == final and set(summary) == {"final", "evaluated"}
 
 
 @pytest.mark.parametrize("key,value,expected", [
