@@ -868,7 +868,7 @@ def _train_and_evaluate(config, run: Run) -> dict:
     print(f"untrained: {format_metrics(untrained)}", flush=True)
   if jax.process_index() == 0:
     outputs.write_atomic(run.dir / "metrics.json", json.dumps(summary, indent=1) + "\n")
-  run.log_metrics({"final": True, **result})
+  run.log_metrics({"final": True, "epoch": config.stage2.max_epochs, **result})
   run.close()
   print(f"final: {format_metrics(result)}", flush=True)
   return result

@@ -252,11 +252,14 @@ class Run:
     if self._tb is None:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(self.dir / "tensorboard"))
-    prefix = "final" if record.get("final") else f"stage{record.get('stage', 0)}"
+    # The final evaluation is the last stage-2 epoch's (the periodic ones skip that epoch): at that step, as final/*
+    # and as the end of the stage2/eval_* curves.
+    prefixes = ["final/", "stage2/eval_"] if record.get("final") else [f"stage{record.get('stage', 0)}/"]
     step = record.get("epoch", 0)
     for key, value in record.items():
       if key not in ("stage", "epoch", "final") and isinstance(value, (int, float)) and np.isfinite(value):
-        self._tb.add_scalar(f"{prefix}/{key}", value, step)
+        for prefix in prefixes:
+          self._tb.add_scalar(f"{prefix}{key}", value, step)
     self._tb.flush()
 
   def _close_tensorboard(self) -> None:

@@ -9,7 +9,6 @@ import os
 import pathlib
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 
 from clipreid_jax.models.clipreid import load_clipreid
+from train_helpers import tensorboard_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "tiny_run_config.py"
@@ -68,28 +68,13 @@ def _records(workdir) -> list[dict]:
   return [{k: v for k, v in json.loads(l).items() if k not in ("time_s", "images_per_s")} for l in lines]
 
 
-def _scalars(workdir) -> list[tuple[str, int, float]]:
-  """Every TensorBoard scalar (tag, step, value) of the workdir's event files, wall-clock figures left out."""
-  from tensorboardX.proto import event_pb2
-  found = []
-  for f in sorted((pathlib.Path(workdir) / "tensorboard").glob("events.out.tfevents.*")):
-    data, at = f.read_bytes(), 0
-    while at < len(data):  # TFRecord: length (8), its crc (4), the record, its crc (4)
-      (n,) = struct.unpack("<Q", data[at:at + 8])
-      event = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
-      at += 16 + n
-      found += [(v.tag, event.step, v.simple_value) for v in event.summary.value
-                if not v.tag.endswith(("/time_s", "/images_per_s"))]
-  return sorted(found)
-
-
 def _assert_same_run(workdir, reference) -> None:
   a, b = _variables(workdir), _variables(reference)
   assert len(a) == len(b)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
   assert _records(workdir) == _records(reference)
-  assert _scalars(workdir) == _scalars(reference)  # the epochs lost to a kill are not in TensorBoard twice
+  assert tensorboard_scalars(workdir) == tensorboard_scalars(reference)  # the epochs lost to a kill are not in TensorBoard twice
   summary = [json.loads((w / "metrics.json").read_text()) for w in (workdir, reference)]
   assert summary[0].pop("evaluated")["checkpoint"] == str((workdir / "model").resolve())  # each run's own model
   assert summary[1].pop("evaluated")["checkpoint"] == str((reference / "model").resolve())

@@ -19,7 +19,7 @@ from clipreid_jax import config_defaults, convert, inference, train, workdir
 from clipreid_jax.checkpoints import CheckpointError
 from clipreid_jax.models.clipreid import load_clipreid
 from conftest import golden_root
-from train_helpers import tiny_config, tiny_stage2_parts
+from train_helpers import tensorboard_scalars, tiny_config, tiny_stage2_parts
 
 
 def _variables(path):
@@ -67,6 +67,12 @@ def test_end_to_end_outputs(finished):
   events = b"".join(p.read_bytes() for p in (work / "tensorboard").glob("events.out.tfevents.*"))
   for tag in (b"stage1/loss", b"stage2/loss", b"stage2/tri_proj", b"stage2/lr", b"final/mAP"):
     assert tag in events, tag
+  last = config.stage2.max_epochs
+  scalars = {(tag, step): value for tag, step, value in tensorboard_scalars(work)}
+  # The final evaluation at the last epoch: as final/*, and as the end of the periodic eval_* curve (it stopped an
+  # epoch short, and final/* sat at step 0).
+  assert scalars[("final/mAP", last)] == pytest.approx(result["mAP"]) == scalars[("stage2/eval_mAP", last)]
+  assert sorted(step for tag, step in scalars if tag == "stage2/eval_mAP") == list(range(1, last + 1))
   # Stage-1 learning moves only the prompt tokens.
   s1, final = _variables(work / "stage1"), _variables(work / "model")
   assert not np.array_equal(s1["params"]["prompt_learner"]["cls_ctx"], final["params"]["image_encoder"]["proj"][:0])

@@ -48,3 +48,19 @@ def tiny_stage2_parts(config, dataset):
   batch = {k: batch[k] for k in ("image", "pid", "camid", "viewid")}
   tx = train.optim.stage2_optimizer(train.stage2_solver(config), steps_per_epoch=len(loader))
   return model, variables, batch, tx, train.steps.text_features_all(model, variables["params"])
+
+
+def tensorboard_scalars(workdir) -> list[tuple[str, int, float]]:
+  """Every TensorBoard scalar (tag, step, value) of the workdir's event files, wall-clock figures left out."""
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  found = []
+  for f in sorted((pathlib.Path(workdir) / "tensorboard").glob("events.out.tfevents.*")):
+    data, at = f.read_bytes(), 0
+    while at < len(data):  # TFRecord: length (8), its crc (4), the record, its crc (4)
+      (n,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
+      at += 16 + n
+      found += [(v.tag, event.step, v.simple_value) for v in event.summary.value
+                if not v.tag.endswith(("/time_s", "/images_per_s"))]
+  return sorted(found)
