@@ -69,12 +69,17 @@ def main(argv=None) -> int:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], capture_output=True, text=True,
                           env=env, timeout=300)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if not lines:
+    if lines:
+      r = results[name] = json.loads(lines[-1][len("RESULT "):])
+    else:
       tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-      results[name] = {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
-      print(f"{name}: ERROR {results[name]['error']}", flush=True)
+      r = results[name] = {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
+    if args.json:  # after every setting: a part cut by its timeout keeps the settings that finished
+      with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    if "error" in r:
+      print(f"{name}: ERROR {r['error']}", flush=True)
       continue
-    r = results[name] = json.loads(lines[-1][len("RESULT "):])
     print(f"\n== {name} ({', '.join(f'{k}={v}' for k, v in SETTINGS[name].items()) or 'environment as is'}) on "
           f"{r['device']}, jax {r['jax']}", flush=True)
     print(f"   {'point':<16}{'RSS GB':>8}{'anon':>8}{'file':>8}{'peak':>8}")
@@ -84,17 +89,11 @@ def main(argv=None) -> int:
     print("   largest mappings GB: " + ", ".join(f"{n} {v:.2f}" for n, v in r["top_mappings"]))
     print("   environment: " + (", ".join(f"{k}={v}" for k, v in sorted(r["env"].items())) or "none of CUDA_/XLA_/"
                                 "TF_/NVIDIA_/JAX_"), flush=True)
-    if args.json:  # after every setting: a part cut by its timeout keeps the settings that finished
-      with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
   ok = {k: v for k, v in results.items() if "error" not in v}
   if ok:
     print("\nsetting          RSS after the untuned product (GB)")
     for k, v in ok.items():
       print(f"{k:<17}{v['points']['untuned matmul']['VmRSS']:.2f}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
   return 0
 
 

@@ -319,12 +319,11 @@ def evaluate_checkpoint(config, workdir: str, overrides: frozenset = frozenset()
     raise
   except ValueError as e:  # features that are not finite: a broken checkpoint
     raise train.ConfigError(f"checkpoint: {config.checkpoint}: {e}") from None
+  print(f"final: {train.format_metrics(result)}", flush=True)  # also where metrics.json cannot be written
   record = {"final": train.percent(result), "evaluated": train.evaluation_record(config, config.checkpoint)}
   try:
     with outputs.created_folder(out):
       outputs.write_atomic(out / "metrics.json", json.dumps(record, indent=1) + "\n")
-  except OSError as e:  # a full disk: the numbers are printed below all the same
-    print(f"final: {train.format_metrics(result)}", flush=True)
+  except OSError as e:  # a full disk
     raise SaveError(f"--workdir: cannot write {out / 'metrics.json'} ({describe(e)})") from None
-  print(f"final: {train.format_metrics(result)}", flush=True)
   return result

@@ -48,7 +48,6 @@ def use_compilation_cache(setting: str, multi_host: bool = False) -> str | None:
   Must be called before the process compiles anything (JAX decides at its first compilation).
   """
   import importlib.util
-  import os
   import jax
   if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR (or the caller) chose already
     return jax.config.jax_compilation_cache_dir

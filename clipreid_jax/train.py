@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipreid_jax import checkpoints, losses, optim, outputs, steps
-from clipreid_jax.workdir import ConfigError, Run, TrainingStopped, check_finite
+from clipreid_jax.workdir import ConfigError, Run, TrainingStopped, check_finite, record_counts
 from clipreid_jax.data import pipelines, prefetch, sampler, synthetic
 from clipreid_jax.data import errors
 from clipreid_jax.data.errors import DataError
@@ -95,8 +95,8 @@ def validate_config(config) -> None:
     # An empty root would read (and, for synthetic data, write) the current folder.
     _need(bool(ds.get("packed_dir")) or (isinstance(ds.root, str) and ds.root.strip() != ""), "dataset.root",
           ds.root, "a dataset folder (or dataset.packed_dir)")
-  if mode != "extract" and config.dataset.name == "synthetic":  # checked on every host before process 0 writes
-    _check_synthetic(config.dataset)
+    if ds.name == "synthetic":  # checked on every host before process 0 writes
+      _check_synthetic(ds)
   if mode != "train":
     return
   # A training run would ignore it: it starts from init.clip and resumes from its own --workdir.
@@ -802,8 +802,7 @@ def load_stage1(path: pathlib.Path, model, data: dict | None = None) -> dict:
                   else ("", "expected this run's (move it away to learn the prompts again)"))
   if diff:
     raise ConfigError(f"{key}{path}: holds a stage-1 model of another configuration (differs in "
-                      f"{'; '.join(diff[:3])}); "
-                      f"{way_out}")
+                      f"{'; '.join(diff[:3])}); {way_out}")
   run_config = pathlib.Path(path).resolve().parent / "config.json"
   if data is not None and run_config.is_file():
     try:
@@ -811,12 +810,10 @@ def load_stage1(path: pathlib.Path, model, data: dict | None = None) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
       then = None
     if then is not None and then != data["train"]:
-      now = data["train"]
-      counts = lambda d: f"{d.get('identities')} identities, {d.get('images')} images"
-      same = " (as many, but other file names or labels)" if counts(then) == counts(now) else ""
+      then, now = record_counts(then), record_counts(data["train"])
+      same = " (as many, but other file names or labels)" if then == now else ""
       raise ConfigError(f"{key}{path}: its prompts were learnt on other training records ({run_config} recorded "
-                        f"{counts(then)}; this dataset has {counts(now)}{same}); expected a stage 1 of this "
-                        "training set")
+                        f"{then}; this dataset has {now}{same}); expected a stage 1 of this training set")
   return variables
 
 

@@ -43,6 +43,11 @@ class SaveError(TrainingStopped):
   """A checkpoint could not be written (disk full, ...); the half-written one is removed."""
 
 
+def record_counts(split_fingerprint: dict) -> str:
+  """A split's size as the messages about other training records say it (from `Split.fingerprint`)."""
+  return f"{split_fingerprint.get('identities')} identities, {split_fingerprint.get('images')} images"
+
+
 class Run:
   """The workdir: checkpoints/ (orbax), metrics.jsonl, config.json, stage1/ and model/ directories.
 
@@ -52,8 +57,8 @@ class Run:
 
   # The sections of config.json a restarted run must match (they change the numbers), less the keys inside them
   # that do not: where the data (or its packed copy, VeRi's keypoint files: the records' view ids are in the data's
-  # digest) and the CLIP live, count warnings, how often stage 1 logs
-  # and saves, the attention kernel. The data's records are checked instead (`use_data`).
+  # digest) and the CLIP live, count warnings, how often stage 1 logs and saves, the attention kernel. The data's
+  # records are checked instead (`use_data`).
   _CONFIG_KEYS = ("dataset", "model", "init", "stage1", "stage2", "loss", "augment", "seed")
   _FREE_KEYS = ("dataset.root", "dataset.packed_dir", "dataset.keypoint_dir", "dataset.check_counts",
                 "stage1.log_every_epochs", "stage1.checkpoint_every_epochs", "model.attention", "init.clip")
@@ -140,11 +145,9 @@ class Run:
                   and json.dumps(v, sort_keys=True, default=str) != json.dumps(theirs[k], sort_keys=True, default=str))
     changed = sorted({k.split(".")[1] for k in diff if k.startswith("data.")})
     if changed:  # dataset.root may move between restarts; the records it holds may not change
-      def counts(d):
-        return f"{d.get('identities')} identities, {d.get('images')} images"
       now = self.config["data"]
-      what = "; ".join(f"{s}: {counts(now[s])} now, {counts(data_then.get(s, {}))} then"
-                       + (" (other records)" if counts(now[s]) == counts(data_then.get(s, {})) else "")
+      what = "; ".join(f"{s}: {record_counts(now[s])} now, {record_counts(data_then.get(s, {}))} then"
+                       + (" (other records)" if record_counts(now[s]) == record_counts(data_then.get(s, {})) else "")
                        for s in changed)
       key = "dataset.packed_dir" if self.config["dataset"].get("packed_dir") else "dataset.root"
       raise ConfigError(f"{key}: {self.config['dataset'].get(key.split('.')[1])} holds other data than the run in "
