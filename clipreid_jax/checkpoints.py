@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 import threading
@@ -66,8 +67,14 @@ def restore_variables(path: str | os.PathLike) -> dict:
 
 
 def restore_reason(e: Exception) -> str:
-  """The first line of a restore error, without TensorStore's pointer to its details (a pybind11 method repr)."""
-  return errors.first_line(e, limit=10_000).split(" See full TensorStore details")[0][:200]
+  """The first line of a restore error, without TensorStore's pointer to its details (a pybind11 method repr).
+  orbax's "Encountered error while reading array index: (slice(...), ...)" says neither which array nor why: the
+  TensorStore error it wraps does ('Error reading "params...kernel/0.0" ...: Requested byte range ... is not valid
+  for value of size 100')."""
+  if str(e).startswith("Encountered error while reading") and e.__cause__ is not None:
+    e = e.__cause__
+  line = errors.first_line(e, limit=10_000).split(" See full TensorStore details")[0]
+  return re.sub(r' in OCDBT database at local file "[^"]*"', "", line)[:300]  # the folder the message names already
 
 
 def _late_read_error(e, tb) -> bool:
@@ -88,8 +95,8 @@ class _AbandonedReads(logging.Filter):
   that has already failed (each a traceback and TensorStore's whole spec)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(("Task exception was never retrieved",
-                                            "Future exception was never retrieved"))
+    # asyncio names the object's class: "Task", "Future", "_GatheringFuture" (orbax gathers its reads)
+    return not str(record.msg).split("\n", 1)[0].endswith(" exception was never retrieved")
 
 
 @contextlib.contextmanager

@@ -372,6 +372,13 @@ def test_restore_reason_is_the_first_line_without_tensorstore_details():
   e = ValueError("Error reading \"a\": truncated file See full TensorStore details: {spec...}\nsecond line")
   assert checkpoints.restore_reason(e) == 'Error reading "a": truncated file'
   assert checkpoints.restore_reason(RuntimeError()) == "RuntimeError"
+  try:  # orbax's wrapper names a slice; the TensorStore error it wraps names the array and what is wrong
+    raise Exception("Encountered error while reading array index: (slice(0, 8, 1),). See full TensorStore details") \
+        from ValueError('OUT_OF_RANGE: Error reading "k/0.0" in OCDBT database at local file "/c/19/state/": '
+                        'Requested byte range [9, 99) is not valid for value of size 5')
+  except Exception as wrapped:  # pylint: disable=broad-except
+    assert checkpoints.restore_reason(wrapped) == ('OUT_OF_RANGE: Error reading "k/0.0": Requested byte range [9, 99) '
+                                                   'is not valid for value of size 5')
 
 
 @pytest.mark.parametrize("wrapper", ["state_dict", "model"])
