@@ -793,16 +793,10 @@ def load_stage1(path: pathlib.Path, model, data: dict | None = None) -> dict:
   from another run: its shapes would fail deep inside flax, or match and be trained on silently) or, given this
   run's data fingerprint (`init.stage1`: another run's), where the workdir around it recorded other training
   records."""
-  found, variables = clipreid.load_clipreid(path)
-  ours, theirs = (traverse_util.flatten_dict(c.config.to_dict(), sep=".") for c in (model, found))
-  diff = [f"{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in sorted(ours)
-          if json.dumps(ours[k], default=str) != json.dumps(theirs.get(k), default=str)]
   # Its own stage1/ (a restart) or another run's (init.stage1): the way out differs.
   key, way_out = (("init.stage1: ", "expected the stage1/ of a run with this run's model settings") if data is not None
                   else ("", "expected this run's (move it away to learn the prompts again)"))
-  if diff:
-    raise ConfigError(f"{key}{path}: holds a stage-1 model of another configuration (differs in "
-                      f"{'; '.join(diff[:3])}); {way_out}")
+  variables = _load_matching(path, model, f"{key}{path}: holds a stage-1 model", way_out)
   run_config = pathlib.Path(path).resolve().parent / "config.json"
   if data is not None and run_config.is_file():
     try:
@@ -817,23 +811,29 @@ def load_stage1(path: pathlib.Path, model, data: dict | None = None) -> dict:
   return variables
 
 
-def _train_and_evaluate(config, run: Run) -> dict:
-  dataset = load_dataset(config)
-  run.use_data(dataset)
-  check_data(config, dataset)
-  mesh = make_mesh()
-  model, variables = build_model(config, dataset)
-  initial_variables = variables
-  log.info("model %s, %d identities, input %s, grid %s, SIE %s/%s, %d devices", model.config.backbone,
-           model.config.num_classes, model.config.input_size, model.config.clip.vision_grid, model.config.sie_camera,
-           model.config.sie_view, jax.device_count())
-  meta = run.resume()
+def _load_matching(path: pathlib.Path, model, what: str, way_out: str) -> dict:
+  """The variables of a model directory, refused (ConfigError: "{what} of another configuration (differs in ...);
+  {way_out}") where its model is not `model`."""
+  found, variables = clipreid.load_clipreid(path)
+  ours, theirs = (traverse_util.flatten_dict(c.config.to_dict(), sep=".") for c in (model, found))
+  diff = [f"{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in sorted(ours)
+          if json.dumps(ours[k], default=str) != json.dumps(theirs.get(k), default=str)]
+  if diff:
+    raise ConfigError(f"{what} of another configuration (differs in {'; '.join(diff[:3])}); {way_out}")
+  return variables
+
+
+def _train(config, run: Run, mesh, model, variables, dataset, meta: dict, evaluate_fn) -> dict:
+  """Stage 1 (or its stage1/), then stage 2, from where `meta` (the latest checkpoint's) says; writes model/ and
+  returns its variables."""
   if meta.get("stage") == 2 and meta.get("epoch") == config.stage2.max_epochs and "next_batch" not in meta:
     log.info("the run in %s trained to its end before: its model is written and evaluated again", run.dir)
   stage1_dir = run.dir / "stage1"
   if model.config.with_text and meta.get("stage", 1) == 1:
     if stage1_dir.is_dir():
       variables = load_stage1(stage1_dir, model)
+      if not meta:  # its checkpoints deleted: stage 1's records stay with its prompts
+        run.resumed_at(1, config.stage1.max_epochs)
     elif config.init.stage1:  # another run's prompts: stage 2 alone (a sweep over stage-2 settings)
       variables = load_stage1(pathlib.Path(config.init.stage1), model, run.config["data"])
       log.info("stage 1: the prompts of %s (init.stage1), copied to %s", config.init.stage1, stage1_dir)
@@ -846,9 +846,6 @@ def _train_and_evaluate(config, run: Run) -> dict:
       meta = {}
   elif model.config.with_text and stage1_dir.is_dir():
     variables = load_stage1(stage1_dir, model)  # stage 2 resumes from its own checkpoint below
-  # Compiled once for every evaluation below.
-  eval_features = jax.jit(steps.make_feature_fn(model, "eval", flip=config.eval.flip))
-  evaluate_fn = lambda v: evaluate_model(config, mesh, model, v, dataset, eval_features)
   variables = run_stage2(config, run, mesh, model, variables, dataset, meta, evaluate_fn)
   # Training is over and its last checkpoint on disk: from here a signal stops the run at once (no step boundary
   # will act on it; model/ is written atomically, and a rerun saves it and evaluates again from that checkpoint).
@@ -857,6 +854,34 @@ def _train_and_evaluate(config, run: Run) -> dict:
   if stop:
     raise SystemExit(run.exit_code)
   save_model(run.dir / "model", variables, model, "stage2", overwrite=True)
+  return variables
+
+
+def _train_and_evaluate(config, run: Run) -> dict:
+  dataset = load_dataset(config)
+  run.use_data(dataset)
+  check_data(config, dataset)
+  mesh = make_mesh()
+  model, variables = build_model(config, dataset)
+  initial_variables = variables
+  log.info("model %s, %d identities, input %s, grid %s, SIE %s/%s, %d devices", model.config.backbone,
+           model.config.num_classes, model.config.input_size, model.config.clip.vision_grid, model.config.sie_camera,
+           model.config.sie_view, jax.device_count())
+  meta = run.resume()
+  # Compiled once for every evaluation below.
+  eval_features = jax.jit(steps.make_feature_fn(model, "eval", flip=config.eval.flip))
+  evaluate_fn = lambda v: evaluate_model(config, mesh, model, v, dataset, eval_features)
+  model_dir = run.dir / "model"
+  if not meta and (model_dir / "config.json").is_file():
+    # Its checkpoints were deleted after it finished (to free the disk): training again would replace its model.
+    log.info("the run in %s trained to its end before and its checkpoints are gone: its model/ is evaluated again "
+             "(to train again, use a new --workdir)", run.dir)
+    variables = _load_matching(model_dir, model, f"{model_dir}: holds a model",
+                               "expected this run's (move it away to train again)")
+    run.resumed_at(2, config.stage2.max_epochs)
+    run.release_signals()
+  else:
+    variables = _train(config, run, mesh, model, variables, dataset, meta, evaluate_fn)
   result = evaluate_fn(variables)
   summary = {"final": percent(result), "evaluated": evaluation_record(config, run.dir / "model")}
   if config.eval.untrained:  # the model as built, before stage 1 (deterministic: rebuilt from the seed)

@@ -208,6 +208,11 @@ class Run:
     self._resumed_from = (meta.get("stage", 0), meta.get("epoch", 0))
     return meta
 
+  def resumed_at(self, stage: int, epoch: int) -> None:
+    """A run without a checkpoint that goes on from what it wrote at the end of a stage (stage1/ or model/, its
+    checkpoints deleted to free the disk): its records up to there are kept."""
+    self._resumed_from = (stage, epoch)
+
   def _remove_leftovers(self) -> None:
     for p in [*self.dir.glob(".*.partial-*"), *self.dir.glob(".*.old-*"), *self.dir.glob(".*.tmp-*"),
               *(self.dir / "checkpoints").glob("*.orbax-checkpoint-tmp*")]:

@@ -794,6 +794,50 @@ def test_ctrl_c_after_training_stops_at_once(finished, tmp_path, monkeypatch):
   assert summary["final"] == final and set(summary) == {"final", "evaluated"}
 
 
+def _records(work) -> list[dict]:
+  lines = (work / "metrics.jsonl").read_text().splitlines()
+  return [{k: v for k, v in json.loads(l).items() if k not in ("time_s", "images_per_s")} for l in lines]
+
+
+def _files(folder) -> list[tuple]:
+  return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*"))
+
+
+def test_a_finished_run_without_its_checkpoints_is_evaluated_not_trained_again(finished, tmp_path, monkeypatch):
+  """checkpoints/ deleted after the run finished (to free the disk), then the same command again: it trained stage 2
+  afresh and replaced model/ (on a GPU, with another model) and dropped every record from metrics.jsonl. Now model/
+  is evaluated again, untouched, and the records stay; without model/ too, stage 2 trains again from stage1/ and
+  stage 1's records stay."""
+  config, root, _ = finished
+  config = config.copy_and_resolve_references()
+  work = tmp_path / "work"
+  shutil.copytree(root / "work", work)
+  shutil.rmtree(work / "checkpoints")
+  model_files, records = _files(work / "model"), _records(root / "work")
+
+  def trains(*args, **kwargs):
+    raise AssertionError("trained again")
+
+  with monkeypatch.context() as m:
+    m.setattr(train, "run_stage1", trains)
+    m.setattr(train, "run_stage2", trains)
+    train.train_and_evaluate(config, str(work))
+  assert _files(work / "model") == model_files
+  assert _records(work) == records
+  assert json.loads((work / "metrics.json").read_text())["final"] == json.loads(
+      (root / "work" / "metrics.json").read_text())["final"]
+  assert tensorboard_scalars(work) == tensorboard_scalars(root / "work")
+
+  shutil.rmtree(work / "model")
+  shutil.rmtree(work / "checkpoints")
+  with monkeypatch.context() as m:
+    m.setattr(train, "run_stage1", trains)  # its prompts are in stage1/
+    train.train_and_evaluate(config, str(work))
+  assert _records(work) == records  # stage 1's kept, stage 2's the same again (CPU)
+  assert json.loads((work / "metrics.json").read_text())["final"] == json.loads(
+      (root / "work" / "metrics.json").read_text())["final"]
+
+
 @pytest.mark.parametrize("key,value,expected", [
     ("sie_camera", True, "model.sie_camera: expected False for an RN backbone (SIE is ViT-only), got True"),
     ("sie_view", True, "model.sie_view: expected False for an RN backbone (SIE is ViT-only), got True"),
