@@ -23,6 +23,10 @@ QUICK = {
 }
 
 
+_GOAL_LINE = re.compile(r"goal (\w+): (measured .+ target .+? (met|not met)|not measured \(.+\))")
+_GOALS_ON_RESULTS = {"metrics_vs_reference", "same_metrics_same_distances"}
+
+
 @pytest.mark.parametrize("name", sorted(QUICK))
 def test_benchmark_runs(name):
   out = subprocess.run([sys.executable, *QUICK[name]], cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -33,7 +37,11 @@ def test_benchmark_runs(name):
     assert any("stage 2 ViT-B/16" in l for l in lines)
   else:
     goals = [l for l in lines if l.startswith("goal ")]
-    assert goals and all((" met" in l) or ("not measured" in l) for l in goals), goals
+    # Each goal line is well formed ("not met" contains " met": a substring check passed anything). Only the goals on
+    # results must be met here; speed and memory are the benchmark's to judge, not a loaded test machine's.
+    parsed = [_GOAL_LINE.fullmatch(l) for l in goals]
+    assert goals and all(parsed), goals
+    assert all(m[3] == "met" for m in parsed if m[1] in _GOALS_ON_RESULTS), goals
 
 
 def test_dispatch_benchmark_compares_both_forms(tmp_path):

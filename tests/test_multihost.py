@@ -52,14 +52,33 @@ def test_two_hosts_equal_one(tmp_path):
                              atol=1e-6)
 
 
+# Each stage-2 batch 0.2 s late (as in test_reliability_resume): the SIGTERM sent once host 0 logs "epoch 1 step 2"
+# must reach host 1 before training ends, ~1.4 s later on an idle machine, however late a busy test process reads
+# the line; one that lands after training is not agreed on (host 1 dies of it, host 0 aborts ~100 s later).
+_SLOW_STEPS = """
+import sys, time
+from clipreid_jax.data import prefetch
+_prefetch = prefetch.prefetch
+def _slow(*args, **kwargs):
+  for batch in _prefetch(*args, **kwargs):
+    time.sleep(0.2)
+    yield batch
+prefetch.prefetch = _slow
+from absl import app
+from clipreid_jax import main
+app.run(lambda argv: sys.exit(main.main(argv)), flags_parser=main.parse_flags)
+"""
+
+
 class _Host:
   """One process of a 2-process CLI run; its output lines are collected as they come."""
 
-  def __init__(self, index: int, port: int, data, work, extra=()):
+  def __init__(self, index: int, port: int, data, work, extra=(), slow_steps: bool = False):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     args = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(index),
             "--config", f"{HERE / 'tiny_run_config.py'}:{data}", "--workdir", str(work), *extra]
-    self.p = subprocess.Popen([sys.executable, "-m", "clipreid_jax.main", *args], cwd=HERE.parent, env=env,
+    cmd = ["-c", _SLOW_STEPS] if slow_steps else ["-m", "clipreid_jax.main"]
+    self.p = subprocess.Popen([sys.executable, *cmd, *args], cwd=HERE.parent, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines: list = []
     self._reader = threading.Thread(target=lambda: self.lines.extend(self.p.stdout), daemon=True)
@@ -81,7 +100,7 @@ def test_two_hosts_train_through_the_cli_and_resume_after_sigterm_to_one(tmp_pat
   finishes, pictures included (their dataset read used to wait for the other host)."""
   data, work = tmp_path / "data", tmp_path / "work"
   port = _free_port()
-  hosts = [_Host(i, port, data, work) for i in range(2)]
+  hosts = [_Host(i, port, data, work, slow_steps=True) for i in range(2)]
   end = time.time() + 600
   while not hosts[0].saw("stage 2 epoch 1 step 2/") and time.time() < end:
     assert hosts[0].p.poll() is None and hosts[1].p.poll() is None, "".join(hosts[0].lines[-30:])
