@@ -1,9 +1,12 @@
 """The one set of defaults every recipe in configs/ starts from (the official ymls' values).
 
 `recipe(dataset, backbone)` returns a full ConfigDict; a recipe file overrides what its yml changes.
-Unknown keys are rejected by ml_collections when overridden from the command line.
+Unknown keys are rejected: by ml_collections when overridden from the command line, by `check_keys` (the CLI calls
+it) when a config file adds them.
 """
 from __future__ import annotations
+
+import difflib
 
 import ml_collections
 
@@ -126,6 +129,37 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   c.extract.input = ""  # a folder of images or a text file listing them
   c.extract.output = ""  # features.npy + features_index.txt are written here
   return c
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """ValueError naming a key that a config file added and no default has (a misspelt `c.stage2.base_lrr = 1e-3`
+  trained with the default and was recorded in config.json as if used; ml_collections refuses it only as a
+  command-line override), or a key it lacks (a traceback wherever the run first read it)."""
+  flat = lambda c: {k for k, v in _flatten(c)}
+  ours = flat(config)
+  name, backbone = config.get("dataset", {}).get("name", "synthetic"), config.get("model", {}).get("backbone", VIT)
+  known = flat(recipe(str(name), str(backbone)))
+  unknown, missing = sorted(ours - known), sorted(known - ours)
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ValueError(f"unknown key {unknown[0]}{hint}{_more(unknown)}; expected the keys of "
+                     "clipreid_jax/config_defaults.py recipe()")
+  if missing:
+    raise ValueError(f"missing key {missing[0]}{_more(missing)}; expected every key of "
+                     "clipreid_jax/config_defaults.py recipe() (start from it and change what differs)")
+
+
+def _flatten(c, prefix: str = ""):
+  for k, v in c.items():
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      yield from _flatten(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def _more(keys: list) -> str:
+  return f" (and {', '.join(keys[1:4])}{', ...' if len(keys) > 4 else ''})" if len(keys) > 1 else ""
 
 
 # (mAP, R1) of the paper's Tables 2-3 per (dataset, backbone, variant); VehicleID: (R1, R5) on the 800-ID test set.

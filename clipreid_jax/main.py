@@ -168,6 +168,12 @@ def main(argv):
     else:
       stderr_line("error: --config is required, e.g. --config configs/demo.py")
     return 2
+  from clipreid_jax import config_defaults
+  try:
+    config_defaults.check_keys(config)
+  except ValueError as e:
+    stderr_line(f"error: --config={flags.FLAGS['config'].config_filename}: {e}")
+    return 2
   from clipreid_jax import host_memory
   host_memory.keep_step_buffers_mapped()  # before JAX starts its backend
   if config.get("mode", "train") in ("eval", "extract"):
@@ -203,7 +209,10 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|W
 
 def _config_error(e: Exception, argv) -> str:
   """The line for an error of loading the config file or applying an override, naming the file or the flag."""
-  text = str(e.args[0]) if e.args else str(e)
+  arg = e.args[0] if e.args else e
+  # ml_collections raises AttributeError(KeyError("'base_lrr'\nDid you mean ...")) for a near miss: str() of a
+  # KeyError is its repr, one line with the newline escaped.
+  text = str(arg.args[0]) if isinstance(arg, KeyError) and arg.args else str(arg)
   overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
   config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
   if config_file is None and "--config" in argv[1:-1]:

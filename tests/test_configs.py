@@ -30,6 +30,7 @@ def test_recipe_loads_and_validates(path):
   variants = [None] if path.stem == "demo" else [None, "clipreid", "baseline"] + (["sie_olp"] if "vit" in path.stem else [])
   for arg in variants:
     config = mod.get_config() if arg is None else mod.get_config(arg)
+    config_defaults.check_keys(config)  # the keys of recipe(), no more, no fewer
     if path.stem != "demo":  # recipes start from a converted CLIP, named on the command line (their docstrings)
       with pytest.raises(train.ConfigError, match=r"^init.clip: expected a converted CLIP directory"):
         train.validate_config(config)  # was a ZeroDivisionError traceback in the model's constructor

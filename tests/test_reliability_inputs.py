@@ -195,6 +195,9 @@ def test_batch_not_divisible_by_devices(tmp_path):
 
 @pytest.mark.parametrize("override,expected", [
     ("--config.stage1.no_such_key=1", ["--config.stage1.no_such_key", "unknown config key"]),
+    # A near miss of the last key: was `AttributeError: '\'base_lrr\'\nDid you mean "base_lr" instead of ...'`.
+    ("--config.stage2.base_lrr=1e-4", ["--config.stage2.base_lrr: unknown config key 'base_lrr'; did you mean "
+                                       '"base_lr" instead of "base_lrr"?']),
     # A missing section: was `KeyError: '\'stage3\'\nDid you mean "stage2" instead of "stage3"?'`.
     ("--config.stage3.max_epochs=1", ["--config.stage3.max_epochs: unknown config key 'stage3'; did you mean "
                                       '"stage2" instead of "stage3"?']),
@@ -274,6 +277,13 @@ def test_overrides_without_a_config_file(tmp_path):
     # Neither named the file: `AttributeError: module 'config_config' has no attribute 'get_config'`, `SyntaxError: ...`.
     ("config = None\n", "mine.py: defines no get_config(); expected a function get_config() that returns a ConfigDict"),
     ("def get_config(:\n  pass\n", "mine.py: SyntaxError: invalid syntax"),
+    # A misspelt key trained with the default, recorded in config.json as if used; a missing one was a traceback.
+    ("from clipreid_jax.config_defaults import recipe\ndef get_config():\n  c = recipe('market1501')\n"
+     "  c.stage2.base_lrr = 1e-3\n  c.loss.triplet_weigth = 0.0\n  return c\n",
+     "mine.py: unknown key loss.triplet_weigth (did you mean loss.triplet_weight?) (and stage2.base_lrr); expected the "
+     "keys of clipreid_jax/config_defaults.py recipe()"),
+    ("from clipreid_jax.config_defaults import recipe\ndef get_config():\n  c = recipe('market1501')\n"
+     "  del c.model['prompt_tokens']\n  return c\n", "mine.py: missing key model.prompt_tokens; expected every key"),
 ])
 def test_broken_config_file(tmp_path, body, expected):
   (tmp_path / "mine.py").write_text(body)
