@@ -771,6 +771,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise
   finally:
     run.release_signals()
+    run.unlock()
 
 
 def save_model(path: pathlib.Path, variables, model, trained: str, overwrite: bool = False) -> None:

@@ -6,13 +6,16 @@ exit. Nothing is written before the first record or checkpoint. The trainer (tra
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import pathlib
 import shutil
 import signal
 import threading
 import time
+import weakref
 from typing import NoReturn, Optional
 
 import jax
@@ -76,6 +79,7 @@ class Run:
     self.stop_signal = 0  # the signal that asked the run to stop (SIGTERM, SIGINT); 0 while none has
     self._handlers = {}  # the handlers `catch_signals` replaced, put back by `release_signals`
     self._tb = None  # the TensorBoard writer, opened by the first record
+    self._lock = None  # (process 0) the closer of the workdir's descriptor, flock()ed while this run uses it
 
   def catch_signals(self) -> None:
     """From now until `release_signals`, SIGTERM and a first Ctrl-C ask for a checkpoint and a clean exit."""
@@ -164,23 +168,46 @@ class Run:
 
   def create(self) -> None:
     """Creates the workdir on first use (collective: every host calls it at the same point)."""
+    if self.manager is None:
+      if jax.process_index() == 0:
+        try:
+          with outputs.created_folder(self.dir):
+            self.lock()  # before config.json: a run started beside this one stops here, having written nothing
+            f = self.dir / "config.json"
+            if not f.is_file():
+              outputs.write_atomic(f, json.dumps(self.config, indent=1, sort_keys=True, default=str) + "\n")
+        except OSError as e:  # a full disk, a folder made read-only since the start
+          raise SaveError(f"{self.dir}: cannot create the workdir ({errors.describe(e)}); rerun the same command "
+                          "once it can be written") from None
+      multihost_utils.sync_global_devices("workdir created")
+      self._open_manager()
     if self._resumed_from is not None and jax.process_index() == 0:
       self._trim_metrics(self._resumed_from)
       self._rebuild_tensorboard()
     self._resumed_from = None
-    if self.manager is not None:
+
+  def lock(self) -> None:
+    """One run per workdir (process 0 holds an flock on the folder until `unlock` or its exit): a second copy of
+    the command, or a job requeued while the first still runs, would delete the other's checkpoint being written
+    as a kill's leftover, trim its metrics.jsonl and save into the same checkpoints/. ConfigError if it is held."""
+    if self._lock is not None or jax.process_index() != 0 or not self.dir.is_dir():
       return
-    if jax.process_index() == 0:
-      try:
-        with outputs.created_folder(self.dir):
-          f = self.dir / "config.json"
-          if not f.is_file():
-            outputs.write_atomic(f, json.dumps(self.config, indent=1, sort_keys=True, default=str) + "\n")
-      except OSError as e:  # a full disk, a folder made read-only since the start
-        raise SaveError(f"{self.dir}: cannot create the workdir ({errors.describe(e)}); rerun the same command once "
-                        "it can be written") from None
-    multihost_utils.sync_global_devices("workdir created")
-    self._open_manager()
+    fd = os.open(self.dir, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise ConfigError(f"--workdir: {self.dir} is in use by another run (this command started twice, or a job "
+                        "requeued while the first still runs); expected it to end first, or another --workdir") from None
+    except OSError:  # a filesystem without locks (some network mounts): the run goes on unguarded
+      os.close(fd)
+      return
+    self._lock = weakref.finalize(self, os.close, fd)  # closing releases it; also when a Run is dropped unclosed
+
+  def unlock(self) -> None:
+    if self._lock is not None:
+      self._lock()
+      self._lock = None
 
   def _open_manager(self) -> None:
     self.manager = checkpoint_manager(self.dir / "checkpoints")
@@ -195,6 +222,7 @@ class Run:
     """
     if not self.dir.is_dir():
       return {}
+    self._agree_on_lock()
     if jax.process_index() == 0:
       self._remove_leftovers()
     multihost_utils.sync_global_devices("leftovers removed")
@@ -207,6 +235,20 @@ class Run:
                self.dir / "checkpoints" / str(self.manager.latest_step()), meta["stage"], meta["epoch"], where)
     self._resumed_from = (meta.get("stage", 0), meta.get("epoch", 0))
     return meta
+
+  def _agree_on_lock(self) -> None:
+    """`lock`, with every host stopping where process 0 cannot take it (the others would wait for it forever)."""
+    error = None
+    try:
+      self.lock()
+    except ConfigError as e:
+      error = e
+    if jax.process_count() > 1:
+      busy = multihost_utils.process_allgather(np.asarray([error is not None], np.int32))
+      if error is None and np.any(busy):
+        error = ConfigError(f"--workdir: {self.dir} is in use by another run (process 0 found it locked)")
+    if error is not None:
+      raise error
 
   def resumed_at(self, stage: int, epoch: int) -> None:
     """A run without a checkpoint that goes on from what it wrote at the end of a stage (stage1/ or model/, its
@@ -276,9 +318,11 @@ class Run:
       self._tb = None
 
   def close(self) -> None:
-    """Waits for the checkpoint being written and finishes the TensorBoard file (its writer flushes on close)."""
+    """Waits for the checkpoint being written, finishes the TensorBoard file (its writer flushes on close) and lets
+    another run have the workdir."""
     self.wait()
     self._close_tensorboard()
+    self.unlock()
 
   def save(self, counter: int, state, meta: dict, force: bool = False) -> None:
     """Starts checkpoint `counter`: returns once the state is copied off the devices; the files are written in the

@@ -38,7 +38,7 @@ kernel = train.to_host(state.params["classifier"]["kernel"])
 # restores the way a resumed run does.
 run = train.Run(out + ".work", config)
 run.save(1, state, {"stage": 2, "epoch": 1})
-run.wait()
+run.close()  # the workdir's lock goes with it: the restoring Run below takes it
 like = steps.create_state(variables["params"], variables["batch_stats"], tx, text)
 restored = train.Run(out + ".work", config)
 assert restored.resume() == {"stage": 2, "epoch": 1}

@@ -327,3 +327,32 @@ def test_unreadable_checkpoint_is_named_and_nothing_changes(env, reference):
     assert line.startswith(f"error: {work / 'checkpoints' / str(last)}: cannot restore") and "move it away" in line
     assert "See full TensorStore details" not in line, line
     assert sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in work.rglob("*")) == before
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_workdir_in_use_is_refused_and_nothing_changes(env, reference):
+  """The same command started while another process holds the workdir: one line, exit 2, and the other's files
+  untouched (its checkpoint being written is not removed as a kill's leftover, its records not trimmed)."""
+  work = shutil.copytree(reference, env["root"] / "in_use")
+  (work / "checkpoints" / "99.orbax-checkpoint-tmp").mkdir()  # what the other run is writing
+  before = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in work.rglob("*"))
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(work)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    out = _run(env, work)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert out.stderr.strip().splitlines()[-1] == (f"error: --workdir: {work} is in use by another run (this command "
+                                                 "started twice, or a job requeued while the first still runs); "
+                                                 "expected it to end first, or another --workdir"), out.stderr[-3000:]
+  assert sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in work.rglob("*")) == before

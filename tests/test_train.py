@@ -760,6 +760,32 @@ def test_a_restart_before_the_first_checkpoint_starts_metrics_afresh(tmp_path):
       {"stage": 1, "epoch": 1, "loss": 1.0}]
 
 
+def test_a_workdir_is_used_by_one_run_at_a_time(tmp_path):
+  """A second run of the same workdir (the command started twice, a job requeued while the first still runs) deleted
+  the first's checkpoint being written as a kill's leftover and trimmed its metrics.jsonl: it is refused, whether
+  the workdir exists (at `resume`) or the two runs start together (at its creation), until the first ends."""
+  config = tiny_config(tmp_path / "data")
+  work = tmp_path / "work"
+  first, second = train.Run(str(work), config), train.Run(str(work), config)
+  assert first.resume() == {} and second.resume() == {}  # no workdir yet: nothing to guard
+  first.create()
+  with pytest.raises(train.ConfigError, match=f"^--workdir: {re.escape(str(work.resolve()))} is in use by another "
+                     "run .*; expected it to end first, or another --workdir$"):
+    second.create()
+  assert sorted(p.name for p in work.iterdir()) == ["checkpoints", "config.json"]
+  third = train.Run(str(work), config)
+  with pytest.raises(train.ConfigError, match="is in use by another run"):
+    third.resume()
+  first.unlock()
+  assert third.resume() == {}
+  third.close()
+  fourth = train.Run(str(work), config)
+  fourth.resume()
+  del fourth  # dropped without close: its descriptor closes, and the lock with it
+  gc.collect()
+  train.Run(str(work), config).resume()
+
+
 def test_ctrl_c_after_training_stops_at_once(finished, tmp_path, monkeypatch):
   """Once training is over, a first Ctrl-C (during the model's save or the final evaluation) stops the run at once:
   it was announced as "saving at the next step boundary, then exiting" and ignored, the run going on to exit 0. The
