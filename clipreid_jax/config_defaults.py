@@ -138,8 +138,10 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
   flat = lambda c: {k for k, v in _flatten(c)}
   ours = flat(config)
   name, backbone = config.get("dataset", {}).get("name", "synthetic"), config.get("model", {}).get("backbone", VIT)
-  known = flat(recipe(str(name), str(backbone)))
-  unknown, missing = sorted(ours - known), sorted(known - ours)
+  needed = flat(recipe(str(name), str(backbone)))
+  # The synthetic data's sizes stay allowed: a config of synthetic data run on a real dataset (--config.dataset.name)
+  known = needed | flat(recipe("synthetic", str(backbone)))
+  unknown, missing = sorted(ours - known), sorted(needed - ours)
   if unknown:
     close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""

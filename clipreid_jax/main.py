@@ -117,6 +117,19 @@ def run(config, workdir: str) -> int:
   return 0
 
 
+# Paths the shell leaves as "~/..." after `--config.KEY=` (it expands a leading ~ only): a run trained into ./~/...
+_PATH_KEYS = ("dataset.root", "dataset.packed_dir", "dataset.keypoint_dir", "init.clip", "init.stage1", "checkpoint",
+              "extract.input", "extract.output", "workdir")
+
+
+def _expand_home(config) -> None:
+  for key in _PATH_KEYS:
+    section, _, name = key.rpartition(".")
+    node = config[section] if section else config
+    if isinstance(node[name], str) and node[name].startswith("~"):
+      node[name] = os.path.expanduser(node[name])
+
+
 def _overridden_keys() -> frozenset:
   """The config keys set on the command line (`--config.KEY=VALUE`), as opposed to the recipe's values."""
   return frozenset(config_flags.get_override_values(flags.FLAGS["config"]))
@@ -191,7 +204,8 @@ def main(argv):
 
   warnings.showwarning = one_line
   try:
-    return run(config, _WORKDIR.value or default_workdir(config))
+    _expand_home(config)
+    return run(config, os.path.expanduser(_WORKDIR.value or default_workdir(config)))
   except (ConfigError, DataError, CheckpointError) as e:
     stderr_line(f"error: {e}")
     return 2

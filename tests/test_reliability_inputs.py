@@ -290,6 +290,23 @@ def test_broken_config_file(tmp_path, body, expected):
   _error(_cli("--config", tmp_path / "mine.py", "--dry_run"), expected)
 
 
+def test_paths_from_home_are_expanded(tmp_path):
+  """`--workdir=~/runs/x` and `--config.KEY=~/...` reach the program unexpanded (the shell expands a leading ~ only):
+  a run trained into a folder named `~` in the current one (which `rm -rf ~` would then "clean up")."""
+  home = tmp_path / "home"
+  keys = {"dataset.root": "~/data", "init.clip": "~/converted/vit", "init.stage1": "~/w/stage1",
+          "checkpoint": "~/w/model", "extract.input": "~/images", "extract.output": "~/features",
+          "dataset.packed_dir": "~/packed", "dataset.keypoint_dir": "~/keypoints"}
+  out = _cli("--config", "configs/market1501_vit.py", "--workdir=~/runs/x", "--dry_run",
+             *[f"--config.{k}={v}" for k, v in keys.items()], env={"HOME": str(home)})
+  shown = json.loads(out.stdout[:out.stdout.rindex("}") + 1])
+  for key, value in keys.items():
+    section, name = key.split(".") if "." in key else ("", key)
+    assert (shown[section][name] if section else shown[name]) == str(home / value[2:]), key
+  assert shown["workdir"] == str(home / "runs" / "x")
+  assert not (REPO / "~").exists()
+
+
 def test_dry_run_lists_the_keys_then_checks_like_a_run(tmp_path):
   """--dry_run prints every key even when a check then fails, and refuses a workdir the real run would refuse."""
   out = _cli("--config", "configs/market1501_vit.py", "--dry_run")
