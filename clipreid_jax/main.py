@@ -87,6 +87,7 @@ def run(config, workdir: str) -> int:
     if config.mode == "train":
       s = config.stage2
       train.check_batch("stage2.num_ids * stage2.num_instances", s.num_ids * s.num_instances)
+      train.check_init_stage1(config, workdir)
       train.Run(workdir, config)  # refuses another configuration's workdir, or an evaluation's
     elif config.mode == "eval":
       inference.check_eval_workdir(workdir)

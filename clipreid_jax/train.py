@@ -152,26 +152,15 @@ def validate_config(config) -> None:
           m.prompt_tokens, f"an integer in [1, {clipreid.MAX_PROMPT_TOKENS}] (the template fits CLIP's 77 tokens)")
     _need(config.stage1.lr_min <= config.stage1.base_lr, "stage1.lr_min", config.stage1.lr_min,
           f"at most stage1.base_lr ({config.stage1.base_lr:g}): the cosine falls from base_lr to lr_min")
-    if config.stage1.warmup_epochs >= config.stage1.max_epochs:
+    if config.stage1.warmup_epochs >= config.stage1.max_epochs and not config.init.stage1:  # (stage 1 skipped)
       _warn_once("stage1.warmup_epochs %d >= stage1.max_epochs %d: stage 1 never reaches its base_lr",
                   config.stage1.warmup_epochs, config.stage1.max_epochs)
   late = [e for e in milestones if e > config.stage2.max_epochs]
   if late:
     _warn_once("stage2.steps %s: beyond stage2.max_epochs %d, the learning rate never decays there", late,
                 config.stage2.max_epochs)
-  stage1_from = config.init.stage1
-  if stage1_from:
-    _need(not m.baseline, "init.stage1", stage1_from, "'' for a baseline (it has no prompts to learn)")
-    try:
-      meta = checkpoints.read_config(stage1_from)
-    except checkpoints.CheckpointError:
-      meta = {}
-    # A trained model/ or a converted checkpoint is a CLIP-ReID model too, but its image side was fine-tuned:
-    # stage 2 would start from it. Directories saved before `trained` was recorded are known by their name.
-    after_stage1 = meta.get("trained", "stage1" if pathlib.Path(stage1_from).name == "stage1" else None) == "stage1"
-    _need(meta.get("kind") == "clipreid" and after_stage1, "init.stage1", stage1_from,
-          "the stage1/ directory of a finished stage 1 (WORKDIR/stage1), not a trained model (WORKDIR/model) or a "
-          "converted checkpoint (init.clip fine-tunes those)")
+  if config.init.stage1:
+    _need(not m.baseline, "init.stage1", config.init.stage1, "'' for a baseline (it has no prompts to learn)")
   if not config.init.clip:  # a random CLIP needs its sizes (the demo and tests set them; recipes leave them 0)
     _need(_random_clip_sizes(m) is not None, "init.clip", config.init.clip,
           f"a converted CLIP directory (python -m clipreid_jax.convert clip {m.backbone}.pt DIR), or "
@@ -385,6 +374,26 @@ def check_sie_ids(dataset, sie_camera: bool, sie_view: bool, camera_num: int, vi
 
 # --------------------------------------------------------------------------------------------------
 # Model.
+
+
+def check_init_stage1(config, workdir: str) -> None:
+  """init.stage1's source, unless the workdir holds its copy already: a restart goes on from that (the source may
+  be gone: a sweep's run could not resume once the run it started from was deleted)."""
+  source = config.init.stage1
+  if not source or (pathlib.Path(workdir) / "stage1").is_dir():
+    return
+  expected = ("the stage1/ directory of a finished stage 1 (WORKDIR/stage1), not a trained model (WORKDIR/model) or "
+              "a converted checkpoint (init.clip fine-tunes those)")
+  if not pathlib.Path(source).is_dir():
+    raise ConfigError(f"init.stage1: {source}: not found; expected {expected}")
+  try:
+    meta = checkpoints.read_config(source)
+  except checkpoints.CheckpointError:
+    meta = {}
+  # A trained model/ or a converted checkpoint is a CLIP-ReID model too, but its image side was fine-tuned:
+  # stage 2 would start from it. Directories saved before `trained` was recorded are known by their name.
+  after_stage1 = meta.get("trained", "stage1" if pathlib.Path(source).name == "stage1" else None) == "stage1"
+  _need(meta.get("kind") == "clipreid" and after_stage1, "init.stage1", source, expected)
 
 
 def check_init_clip(config) -> str:
@@ -761,6 +770,7 @@ def format_metrics(m: dict) -> str:
 def train_and_evaluate(config, workdir: str) -> dict:
   # Every input is checked before the workdir is touched: values, the workdir's owner, data, batches, the CLIP.
   validate_config(config)
+  check_init_stage1(config, workdir)
   use_attention(config)
   run = Run(workdir, config)
   run.catch_signals()

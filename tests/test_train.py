@@ -509,7 +509,7 @@ def test_init_stage1_reuses_another_runs_prompts(finished, tmp_path):
   the result is that run's model, bit for bit; the prompts are copied into the workdir, so it resumes alone."""
   config, root, _ = finished
   c = config.copy_and_resolve_references()
-  c.init.stage1 = str(root / "work" / "stage1")
+  c.init.stage1 = str(shutil.copytree(root / "work" / "stage1", tmp_path / "sweep" / "stage1"))
   c.eval.untrained = False
   work = tmp_path / "work"
   train.train_and_evaluate(c, str(work))
@@ -521,6 +521,13 @@ def test_init_stage1_reuses_another_runs_prompts(finished, tmp_path):
   records = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
   assert not [r for r in records if r.get("stage") == 1] and [r for r in records if r.get("stage") == 2]
   assert json.loads((work / "config.json").read_text())["init"]["stage1"] == c.init.stage1
+  # The source deleted: the same command goes on from the workdir's copy (it was refused: "expected the stage1/
+  # directory of a finished stage 1"); a new run from it is told it is not found.
+  shutil.rmtree(tmp_path / "sweep")
+  train.train_and_evaluate(c, str(work))
+  with pytest.raises(train.ConfigError, match=r"^init.stage1: .*sweep/stage1: not found; expected the stage1/ "):
+    train.train_and_evaluate(c, str(tmp_path / "new"))
+  assert not (tmp_path / "new").exists()
   # The source is recorded: the workdir refuses to go on without it (or with another), not silently.
   c.init.stage1 = ""
   with pytest.raises(train.ConfigError, match=r"another configuration \(differs in init.stage1\)"):
@@ -557,6 +564,7 @@ def test_init_stage1_of_other_data_or_model_is_refused(finished, tmp_path):
       c[section][key] = v
     with pytest.raises(train.ConfigError, match=r"^init.stage1: expected " + expected):
       train.validate_config(c)
+      train.check_init_stage1(c, str(tmp_path / "new"))
 
 
 def test_init_clip_of_a_clipreid_model_fine_tunes_its_encoders(finished, tmp_path):
