@@ -828,11 +828,6 @@ def test_ctrl_c_after_training_stops_at_once(finished, tmp_path, monkeypatch):
   assert summary["final"] == final and set(summary) == {"final", "evaluated"}
 
 
-def _records(work) -> list[dict]:
-  lines = (work / "metrics.jsonl").read_text().splitlines()
-  return [{k: v for k, v in json.loads(l).items() if k not in ("time_s", "images_per_s")} for l in lines]
-
-
 def _files(folder) -> list[tuple]:
   return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*"))
 
