@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from clipreid_jax.data.synthetic import write_synthetic_market
-from train_helpers import tiny_config
+from train_helpers import CLI_MAIN, SLOW_STEPS, tiny_config
 
 HERE = pathlib.Path(__file__).parent
 
@@ -52,22 +52,9 @@ def test_two_hosts_equal_one(tmp_path):
                              atol=1e-6)
 
 
-# Each stage-2 batch 0.2 s late (as in test_reliability_resume): the SIGTERM sent once host 0 logs "epoch 1 step 2"
-# must reach host 1 before training ends, ~1.4 s later on an idle machine, however late a busy test process reads
-# the line; one that lands after training is not agreed on (host 1 dies of it, host 0 aborts ~100 s later).
-_SLOW_STEPS = """
-import sys, time
-from clipreid_jax.data import prefetch
-_prefetch = prefetch.prefetch
-def _slow(*args, **kwargs):
-  for batch in _prefetch(*args, **kwargs):
-    time.sleep(0.2)
-    yield batch
-prefetch.prefetch = _slow
-from absl import app
-from clipreid_jax import main
-app.run(lambda argv: sys.exit(main.main(argv)), flags_parser=main.parse_flags)
-"""
+# Each stage-2 batch 0.2 s late: the SIGTERM sent once host 0 logs "epoch 1 step 2" must reach host 1 before training
+# ends, ~1.4 s later on an idle machine; one that lands after training is not agreed on (host 1 dies of it, host 0
+# aborts ~100 s later).
 
 
 class _Host:
@@ -77,7 +64,7 @@ class _Host:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     args = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(index),
             "--config", f"{HERE / 'tiny_run_config.py'}:{data}", "--workdir", str(work), *extra]
-    cmd = ["-c", _SLOW_STEPS] if slow_steps else ["-m", "clipreid_jax.main"]
+    cmd = ["-c", SLOW_STEPS + CLI_MAIN] if slow_steps else ["-m", "clipreid_jax.main"]
     self.p = subprocess.Popen([sys.executable, *cmd, *args], cwd=HERE.parent, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines: list = []

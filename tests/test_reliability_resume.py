@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from clipreid_jax.models.clipreid import load_clipreid
-from train_helpers import tensorboard_scalars
+from train_helpers import CLI_MAIN, SLOW_STEPS, tensorboard_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "tiny_run_config.py"
@@ -45,16 +45,8 @@ def _run(env, workdir, *extra, code: str | None = None) -> subprocess.CompletedP
   if code is None:
     cmd = [sys.executable, "-m", "clipreid_jax.main", *argv]
   else:
-    cmd = [sys.executable, "-c", code + _MAIN, *argv]
+    cmd = [sys.executable, "-c", code + CLI_MAIN, *argv]
   return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env["env"])
-
-
-_MAIN = """
-import sys
-from absl import app
-from clipreid_jax import main
-app.run(lambda argv: sys.exit(main.main(argv)), flags_parser=main.parse_flags)
-"""
 
 
 def _variables(workdir) -> list[np.ndarray]:
@@ -116,30 +108,20 @@ def test_same_seed_same_metrics(env, reference):
   assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in records if "stage" in r)
 
 
-# Each stage-2 batch 0.2 s late: a signal sent at a logged step lands inside the epoch even when the test process
-# reads the output seconds late on a busy host (a whole tiny stage 2 takes under a second, and a Ctrl-C meant for
-# epoch 1 has landed after training).
+# Ctrl-C as a terminal's foreground job has it: a suite started in the background (`cmd &` in a script) ignores
+# SIGINT, and the run, inheriting that, rightly leaves it ignored. Then each stage-2 batch late (a Ctrl-C meant for
+# epoch 1 had landed after training).
 _SLOW_STEPS = """
 import signal
-import time
-# Ctrl-C as a terminal's foreground job has it: a suite started in the background (`cmd &` in a script) ignores
-# SIGINT, and the run, inheriting that, rightly leaves it ignored.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from clipreid_jax.data import prefetch
-_prefetch = prefetch.prefetch
-def _slow(*args, **kwargs):
-  for batch in _prefetch(*args, **kwargs):
-    time.sleep(0.2)
-    yield batch
-prefetch.prefetch = _slow
-"""
+""" + SLOW_STEPS
 
 
 class _Process:
   """A CLI process whose output lines are collected as they come, to signal it at a chosen point."""
 
   def __init__(self, env, workdir, slow_steps: bool = False):
-    cmd = ["-c", _SLOW_STEPS + _MAIN] if slow_steps else ["-m", "clipreid_jax.main"]
+    cmd = ["-c", _SLOW_STEPS + CLI_MAIN] if slow_steps else ["-m", "clipreid_jax.main"]
     self.p = subprocess.Popen([sys.executable, *cmd, *_args(env, workdir)], cwd=REPO,
                               env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines: list[str] = []

@@ -64,3 +64,26 @@ def tensorboard_scalars(workdir) -> list[tuple[str, int, float]]:
       found += [(v.tag, event.step, v.simple_value) for v in event.summary.value
                 if not v.tag.endswith(("/time_s", "/images_per_s"))]
   return sorted(found)
+
+
+# Python run before the CLI (`python -c SLOW_STEPS + CLI_MAIN ARGS`): each stage-2 batch 0.2 s late, so that a signal
+# sent on seeing a logged step lands inside the epoch even when a busy test process reads the output seconds late (a
+# whole tiny stage 2 takes under a second).
+SLOW_STEPS = """
+import time
+from clipreid_jax.data import prefetch
+_prefetch = prefetch.prefetch
+def _slow(*args, **kwargs):
+  for batch in _prefetch(*args, **kwargs):
+    time.sleep(0.2)
+    yield batch
+prefetch.prefetch = _slow
+"""
+
+# The CLI as `python -m clipreid_jax.main` runs it.
+CLI_MAIN = """
+import sys
+from absl import app
+from clipreid_jax import main
+app.run(lambda argv: sys.exit(main.main(argv)), flags_parser=main.parse_flags)
+"""
