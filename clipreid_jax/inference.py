@@ -74,6 +74,8 @@ class FeatureExtractor:
       raise ValueError(f"{name}: this model uses SIE (one embedding per {word} of its training set, ids "
                        f"0..{num - 1}); expected {name}= with one id per image")
     ids = np.asarray(ids)
+    if n == 1 and ids.ndim == 0:  # one image, one id: extractor(path, cams=3)
+      ids = ids.reshape(1)
     if ids.shape != (n,) or ids.dtype.kind not in "iu":
       raise ValueError(f"{name}: expected {n} integer ids (one per image), got {ids.dtype} of shape {ids.shape}")
     bad = ids[(ids < 0) | (ids >= num)]

@@ -155,6 +155,9 @@ def validate_config(config) -> None:
     if config.stage1.warmup_epochs >= config.stage1.max_epochs and not config.init.stage1:  # (stage 1 skipped)
       _warn_once("stage1.warmup_epochs %d >= stage1.max_epochs %d: stage 1 never reaches its base_lr",
                   config.stage1.warmup_epochs, config.stage1.max_epochs)
+  if config.stage2.num_instances == 1 and config.loss.triplet_weight:
+    _warn_once("stage2.num_instances 1: no identity has two images in a batch, so the triplet loss has no positive "
+               "pair (each anchor's hardest positive is itself)")
   late = [e for e in milestones if e > config.stage2.max_epochs]
   if late:
     _warn_once("stage2.steps %s: beyond stage2.max_epochs %d, the learning rate never decays there", late,

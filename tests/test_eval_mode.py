@@ -207,6 +207,10 @@ def test_extract_sie_model_needs_cameras(setup, sie_model, tmp_path):
     ext(names[:2], cams=[0, 3])
   with pytest.raises(ValueError, match="expected 2 integer ids"):
     ext(names[:2], cams=[0])
+  # One image, one id: a plain number (it wanted [1]); for two images a number is still refused.
+  np.testing.assert_array_equal(ext(names[0], cams=int(cams[0])), ext(names[:1], cams=cams[:1]))
+  with pytest.raises(ValueError, match="expected 2 integer ids"):
+    ext(names[:2], cams=1)
 
 
 def test_extract_blames_an_unreadable_image_not_the_sie_ids(setup, tmp_path):

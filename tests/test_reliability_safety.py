@@ -149,6 +149,7 @@ def test_bad_value_names_key_value_and_expectation(key, value, expected):
     ("stage1.warmup_epochs", 120, "stage1.warmup_epochs 120 >= stage1.max_epochs 120: stage 1 never reaches"),
     ("stage2.steps", (40, 70), "stage2.steps [70]: beyond stage2.max_epochs 60, the learning rate never decays"),
     ("data_workers", 10**4, "data_workers 10000 is more than the"),
+    ("stage2.num_instances", 1, "stage2.num_instances 1: no identity has two images in a batch"),
 ])
 def test_values_that_run_but_do_less_than_asked_are_warned(key, value, expected, caplog, monkeypatch):
   monkeypatch.setattr(train, "_warned", set())
