@@ -91,12 +91,14 @@ def _late_read_error(e, tb) -> bool:
 
 
 class _AbandonedReads(logging.Filter):
-  """asyncio's report of a task that failed after nobody waited for it any more: the other array reads of a restore
-  that has already failed (each a traceback and TensorStore's whole spec)."""
+  """asyncio's report of a task that failed, or was left pending, after nobody waited for it any more: the other
+  array reads of a restore that has already failed (each a traceback and TensorStore's whole spec)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    # asyncio names the object's class: "Task", "Future", "_GatheringFuture" (orbax gathers its reads)
-    return not str(record.msg).split("\n", 1)[0].endswith(" exception was never retrieved")
+    # asyncio names the object's class: "Task", "Future", "_GatheringFuture" (orbax gathers its reads); a read still
+    # pending when its loop is collected is "Task was destroyed but it is pending!"
+    first = str(record.msg).split("\n", 1)[0]
+    return not (first.endswith(" exception was never retrieved") or first.startswith("Task was destroyed but it is"))
 
 
 @contextlib.contextmanager
