@@ -192,7 +192,10 @@ class Run:
     as a kill's leftover, trim its metrics.jsonl and save into the same checkpoints/. ConfigError if it is held."""
     if self._lock is not None or jax.process_index() != 0 or not self.dir.is_dir():
       return
-    fd = os.open(self.dir, os.O_RDONLY)
+    try:
+      fd = os.open(self.dir, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened for reading: whatever needs it fails later, with its own message
+      return
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -1,9 +1,11 @@
 """The trainer end to end on synthetic data: stage 1, stage 2, evaluation, model directory, modes, resume."""
 import copy
 import dataclasses
+import errno
 import gc
 import json
 import logging
+import os
 import pathlib
 import re
 import shutil
@@ -424,8 +426,6 @@ class _SlowOrFullDisk:
   waits for `release`; the write of epoch `full` fails as on a full disk."""
 
   def __init__(self, monkeypatch, block=None, full=None):
-    import errno
-    import os
     import threading
     from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
     self.release, self.started = threading.Event(), threading.Event()
@@ -768,7 +768,7 @@ def test_a_restart_before_the_first_checkpoint_starts_metrics_afresh(tmp_path):
       {"stage": 1, "epoch": 1, "loss": 1.0}]
 
 
-def test_a_workdir_is_used_by_one_run_at_a_time(tmp_path):
+def test_a_workdir_is_used_by_one_run_at_a_time(tmp_path, monkeypatch):
   """A second run of the same workdir (the command started twice, a job requeued while the first still runs) deleted
   the first's checkpoint being written as a kill's leftover and trimmed its metrics.jsonl: it is refused, whether
   the workdir exists (at `resume`) or the two runs start together (at its creation), until the first ends."""
@@ -791,14 +791,20 @@ def test_a_workdir_is_used_by_one_run_at_a_time(tmp_path):
   fourth.resume()
   del fourth  # dropped without close: its descriptor closes, and the lock with it
   gc.collect()
-  train.Run(str(work), config).resume()
+  fifth = train.Run(str(work), config)
+  fifth.resume()
+
+  def no_locks(fd, operation):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  monkeypatch.setattr(workdir.fcntl, "flock", no_locks)  # a network mount without locks: the run goes on unguarded
+  assert train.Run(str(work), config).resume() == {}
 
 
 def test_ctrl_c_after_training_stops_at_once(finished, tmp_path, monkeypatch):
   """Once training is over, a first Ctrl-C (during the model's save or the final evaluation) stops the run at once:
   it was announced as "saving at the next step boundary, then exiting" and ignored, the run going on to exit 0. The
   rerun saves the model and evaluates from the last checkpoint."""
-  import os  # pylint: disable=g-import-not-at-top
   config, root, _ = finished
   config = config.copy_and_resolve_references()
   config.eval.untrained = False  # one evaluation: one Ctrl-C (a second one stops anyway)
