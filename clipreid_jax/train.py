@@ -397,6 +397,18 @@ def check_init_stage1(config, workdir: str) -> None:
   # stage 2 would start from it. Directories saved before `trained` was recorded are known by their name.
   after_stage1 = meta.get("trained", "stage1" if pathlib.Path(source).name == "stage1" else None) == "stage1"
   _need(meta.get("kind") == "clipreid" and after_stage1, "init.stage1", source, expected)
+  # What the settings alone decide, checked here so that --dry_run sees it too (the run compares the whole model
+  # once the data is read: load_stage1).
+  m, reid = config.model, meta.get("reid") or {}
+  ours = {"image_size": list(m.input_size), "prompt_tokens": m.prompt_tokens, "sie_camera": m.sie_camera,
+          "sie_view": m.sie_view}
+  if m.backbone.startswith("ViT"):
+    ours["clip.vision_stride"] = m.stride
+  theirs = {k: (reid.get("clip") or {}).get(k[5:]) if k.startswith("clip.") else reid.get(k) for k in ours}
+  diff = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if theirs[k] is not None and theirs[k] != ours[k]]
+  if diff:
+    raise ConfigError(f"init.stage1: {source}: holds a stage-1 model of another configuration (differs in "
+                      f"{'; '.join(diff)}); expected the stage1/ of a run with this run's model settings")
 
 
 def check_init_clip(config) -> str:

@@ -565,6 +565,13 @@ def test_init_stage1_of_other_data_or_model_is_refused(finished, tmp_path):
     with pytest.raises(train.ConfigError, match=r"^init.stage1: expected " + expected):
       train.validate_config(c)
       train.check_init_stage1(c, str(tmp_path / "new"))
+  # What the settings alone decide is refused before the data is read, so --dry_run says it too.
+  c = config.copy_and_resolve_references()
+  c.init.stage1, c.model.stride, c.model.input_size = str(source), 12, (64, 48)
+  with pytest.raises(train.ConfigError, match=r"^init.stage1: .*stage1: holds a stage-1 model of another "
+                     r"configuration \(differs in image_size: \[64, 32\] there, \[64, 48\] here; "
+                     r"clip.vision_stride: 16 there, 12 here\); expected the stage1/ of a run with this run's"):
+    train.check_init_stage1(c, str(tmp_path / "new"))
 
 
 def test_init_clip_of_a_clipreid_model_fine_tunes_its_encoders(finished, tmp_path):
