@@ -136,12 +136,16 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
   trained with the default and was recorded in config.json as if used; ml_collections refuses it only as a
   command-line override), or a key it lacks (a traceback wherever the run first read it)."""
   flat = lambda c: {k for k, v in _flatten(c)}
-  ours = flat(config)
+  values = dict(_flatten(config))
+  ours = set(values)
   name, backbone = config.get("dataset", {}).get("name", "synthetic"), config.get("model", {}).get("backbone", VIT)
   needed = flat(recipe(str(name), str(backbone)))
   # The synthetic data's sizes stay allowed: a config of synthetic data run on a real dataset (--config.dataset.name)
   known = needed | flat(recipe("synthetic", str(backbone)))
-  unknown, missing = sorted(ours - known), sorted(needed - ours)
+  # A section set to None (`c.model.random_clip = None` where init.clip is given) stands for its keys.
+  dropped = {k for k in ours - known if values[k] is None and any(n.startswith(k + ".") for n in known)}
+  unknown = sorted(ours - known - dropped)
+  missing = sorted(k for k in needed - ours if not any(k.startswith(d + ".") for d in dropped))
   if unknown:
     close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""

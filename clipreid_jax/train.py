@@ -790,6 +790,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   run = Run(workdir, config)
   run.catch_signals()
   try:
+    run.claim()  # a workdir in use by another run: refused before its data and CLIP are read
     return _train_and_evaluate(config, run)
   except BaseException:
     run.settle()  # a checkpoint still being written lands (or its failure is logged) whatever stopped the run
@@ -905,7 +906,10 @@ def _train_and_evaluate(config, run: Run) -> dict:
     variables = _load_matching(model_dir, model, f"{model_dir}: holds a model",
                                "expected this run's (move it away to train again)")
     run.resumed_at(2, config.stage2.max_epochs)
+    stop = run.stop_agreed()  # a SIGTERM since the start: nothing to save, so it stops the run now, as after training
     run.release_signals()
+    if stop:
+      raise SystemExit(run.exit_code)
   else:
     variables = _train(config, run, mesh, model, variables, dataset, meta, evaluate_fn)
   result = evaluate_fn(variables)

@@ -169,16 +169,20 @@ class Run:
   def create(self) -> None:
     """Creates the workdir on first use (collective: every host calls it at the same point)."""
     if self.manager is None:
+      busy = False
       if jax.process_index() == 0:
         try:
           with outputs.created_folder(self.dir):
-            self.lock()  # before config.json: a run started beside this one stops here, having written nothing
+            # Before config.json: a run started beside this one stops here, having written nothing (and without an
+            # exception in this block, which would remove the folder the other run holds).
+            busy = not self._lock_folder()
             f = self.dir / "config.json"
-            if not f.is_file():
+            if not busy and not f.is_file():
               outputs.write_atomic(f, json.dumps(self.config, indent=1, sort_keys=True, default=str) + "\n")
         except OSError as e:  # a full disk, a folder made read-only since the start
           raise SaveError(f"{self.dir}: cannot create the workdir ({errors.describe(e)}); rerun the same command "
                           "once it can be written") from None
+      self._refuse_if_busy(busy)
       multihost_utils.sync_global_devices("workdir created")
       self._open_manager()
     if self._resumed_from is not None and jax.process_index() == 0:
@@ -186,26 +190,40 @@ class Run:
       self._rebuild_tensorboard()
     self._resumed_from = None
 
-  def lock(self) -> None:
-    """One run per workdir (process 0 holds an flock on the folder until `unlock` or its exit): a second copy of
-    the command, or a job requeued while the first still runs, would delete the other's checkpoint being written
-    as a kill's leftover, trim its metrics.jsonl and save into the same checkpoints/. ConfigError if it is held."""
+  def claim(self) -> None:
+    """One run per workdir: where it exists, process 0 takes its lock (`_lock_folder`) and every host stops with
+    ConfigError if another process holds it (collective). A second copy of the command, or a job requeued while the
+    first still runs, would delete the other's checkpoint being written as a kill's leftover, trim its
+    metrics.jsonl and save into the same checkpoints/. A workdir created later is claimed by `create`."""
+    self._refuse_if_busy(jax.process_index() == 0 and self.dir.is_dir() and not self._lock_folder())
+
+  def _refuse_if_busy(self, busy: bool) -> None:
+    if jax.process_count() > 1:  # every host stops, not process 0 alone: the others would wait for it forever
+      busy = bool(np.any(multihost_utils.process_allgather(np.asarray([busy], np.int32))))
+    if busy:
+      raise ConfigError(f"--workdir: {self.dir} is in use by another run (this command started twice, or a job "
+                        "requeued while the first still runs); expected it to end first, or another --workdir")
+
+  def _lock_folder(self) -> bool:
+    """Process 0's flock on the workdir folder, held until `unlock` or the process's end; False where another process
+    holds it. A folder that cannot be opened, or a filesystem without locks (some network mounts), leaves the run
+    unguarded."""
     if self._lock is not None or jax.process_index() != 0 or not self.dir.is_dir():
-      return
+      return True
     try:
       fd = os.open(self.dir, os.O_RDONLY)
-    except OSError:  # a folder that cannot be opened for reading: whatever needs it fails later, with its own message
-      return
+    except OSError:
+      return True
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       os.close(fd)
-      raise ConfigError(f"--workdir: {self.dir} is in use by another run (this command started twice, or a job "
-                        "requeued while the first still runs); expected it to end first, or another --workdir") from None
-    except OSError:  # a filesystem without locks (some network mounts): the run goes on unguarded
+      return False
+    except OSError:
       os.close(fd)
-      return
+      return True
     self._lock = weakref.finalize(self, os.close, fd)  # closing releases it; also when a Run is dropped unclosed
+    return True
 
   def unlock(self) -> None:
     if self._lock is not None:
@@ -225,7 +243,7 @@ class Run:
     """
     if not self.dir.is_dir():
       return {}
-    self._agree_on_lock()
+    self.claim()
     if jax.process_index() == 0:
       self._remove_leftovers()
     multihost_utils.sync_global_devices("leftovers removed")
@@ -238,20 +256,6 @@ class Run:
                self.dir / "checkpoints" / str(self.manager.latest_step()), meta["stage"], meta["epoch"], where)
     self._resumed_from = (meta.get("stage", 0), meta.get("epoch", 0))
     return meta
-
-  def _agree_on_lock(self) -> None:
-    """`lock`, with every host stopping where process 0 cannot take it (the others would wait for it forever)."""
-    error = None
-    try:
-      self.lock()
-    except ConfigError as e:
-      error = e
-    if jax.process_count() > 1:
-      busy = multihost_utils.process_allgather(np.asarray([error is not None], np.int32))
-      if error is None and np.any(busy):
-        error = ConfigError(f"--workdir: {self.dir} is in use by another run (process 0 found it locked)")
-    if error is not None:
-      raise error
 
   def resumed_at(self, stage: int, epoch: int) -> None:
     """A run without a checkpoint that goes on from what it wrote at the end of a stage (stage1/ or model/, its

@@ -129,3 +129,16 @@ def test_solvers_and_loss_weights_carry_every_config_value():
   assert (s1.base_lr, s1.weight_decay, s1.max_epochs, s1.warmup_lr_init, s1.lr_min, s1.warmup_epochs) == (
       2.5, 0.125, 9, 0.01, 0.001, 2)
   assert (w.id, w.triplet, w.i2t, w.label_smoothing, w.margin) == (0.4, 0.6, 0.7, 0.05, 0.9)
+
+
+def test_check_keys_takes_a_section_set_to_none():
+  """`c.model.random_clip = None` (a config that gives init.clip) stands for the section's keys; a misspelt key below
+  a section is named with the nearest known one."""
+  c = config_defaults.recipe("market1501")
+  c.model.random_clip = None
+  config_defaults.check_keys(c)
+  c = config_defaults.recipe("market1501")
+  c.model.random_clip.embed_dimm = 64
+  with pytest.raises(ValueError, match=r"^unknown key model.random_clip.embed_dimm \(did you mean "
+                     r"model.random_clip.embed_dim\?\)"):
+    config_defaults.check_keys(c)

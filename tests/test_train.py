@@ -788,6 +788,15 @@ def test_a_workdir_is_used_by_one_run_at_a_time(tmp_path, monkeypatch):
                      "run .*; expected it to end first, or another --workdir$"):
     second.create()
   assert sorted(p.name for p in work.iterdir()) == ["checkpoints", "config.json"]
+  # Both start on a new workdir: the one refused must not remove the folder the other has just made and locked.
+  other, late = tmp_path / "other", [train.Run(str(tmp_path / "other"), config) for _ in range(2)]
+  real = late[1]._lock_folder
+  late[1]._lock_folder = lambda: late[0]._lock_folder() and real()  # the first locks it between mkdir and lock
+  with pytest.raises(train.ConfigError, match="is in use by another run"):
+    late[1].create()
+  assert other.is_dir()
+  late[0].create()
+  assert sorted(p.name for p in other.iterdir()) == ["checkpoints", "config.json"]
   third = train.Run(str(work), config)
   with pytest.raises(train.ConfigError, match="is in use by another run"):
     third.resume()
@@ -869,6 +878,22 @@ def test_a_finished_run_without_its_checkpoints_is_evaluated_not_trained_again(f
   assert json.loads((work / "metrics.json").read_text())["final"] == json.loads(
       (root / "work" / "metrics.json").read_text())["final"]
   assert tensorboard_scalars(work) == tensorboard_scalars(root / "work")
+
+  # A SIGTERM at its start stops it there (exit 143), as one after training does: it was evaluated to the end.
+  summary = (work / "metrics.json").stat().st_mtime_ns
+  resume = train.Run.resume
+
+  def resume_then_sigterm(self):
+    meta = resume(self)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return meta
+
+  with monkeypatch.context() as m:
+    m.setattr(train.Run, "resume", resume_then_sigterm)
+    m.setattr(train, "evaluate_model", trains)
+    with pytest.raises(SystemExit) as e:
+      train.train_and_evaluate(config, str(work))
+  assert e.value.code == 143 and (work / "metrics.json").stat().st_mtime_ns == summary
 
   shutil.rmtree(work / "model")
   shutil.rmtree(work / "checkpoints")
