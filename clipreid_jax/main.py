@@ -119,8 +119,9 @@ def run(config, workdir: str) -> int:
 
 
 # Paths the shell leaves as "~/..." after `--config.KEY=` (it expands a leading ~ only): a run trained into ./~/...
+# (The workdir, from --workdir or config.workdir, is expanded where main picks it.)
 _PATH_KEYS = ("dataset.root", "dataset.packed_dir", "dataset.keypoint_dir", "init.clip", "init.stage1", "checkpoint",
-              "extract.input", "extract.output", "workdir")
+              "extract.input", "extract.output")
 
 
 def _expand_home(config) -> None:

@@ -874,12 +874,9 @@ def _train(config, run: Run, mesh, model, variables, dataset, meta: dict, evalua
   elif model.config.with_text and stage1_dir.is_dir():
     variables = load_stage1(stage1_dir, model)  # stage 2 resumes from its own checkpoint below
   variables = run_stage2(config, run, mesh, model, variables, dataset, meta, evaluate_fn)
-  # Training is over and its last checkpoint on disk: from here a signal stops the run at once (no step boundary
-  # will act on it; model/ is written atomically, and a rerun saves it and evaluates again from that checkpoint).
-  stop = run.stop_agreed()  # one that came after the last step's check
-  run.release_signals()
-  if stop:
-    raise SystemExit(run.exit_code)
+  # Its last checkpoint is on disk: model/ is written atomically, and a rerun stopped by a signal from here saves it
+  # and evaluates again from that checkpoint.
+  run.end_training()
   save_model(run.dir / "model", variables, model, "stage2", overwrite=True)
   return variables
 
@@ -906,14 +903,11 @@ def _train_and_evaluate(config, run: Run) -> dict:
     variables = _load_matching(model_dir, model, f"{model_dir}: holds a model",
                                "expected this run's (move it away to train again)")
     run.resumed_at(2, config.stage2.max_epochs)
-    stop = run.stop_agreed()  # a SIGTERM since the start: nothing to save, so it stops the run now, as after training
-    run.release_signals()
-    if stop:
-      raise SystemExit(run.exit_code)
+    run.end_training()  # nothing to train: a SIGTERM since the start stops the run now
   else:
     variables = _train(config, run, mesh, model, variables, dataset, meta, evaluate_fn)
   result = evaluate_fn(variables)
-  summary = {"final": percent(result), "evaluated": evaluation_record(config, run.dir / "model")}
+  summary = {"final": percent(result), "evaluated": evaluation_record(config, model_dir)}
   if config.eval.untrained:  # the model as built, before stage 1 (deterministic: rebuilt from the seed)
     untrained = evaluate_fn(initial_variables)
     summary["untrained"] = percent(untrained)

@@ -100,6 +100,14 @@ class Run:
       log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
     self.stop_signal = self.stop_signal or signum
 
+  def end_training(self) -> None:
+    """Training is over (or there is none to do): from here a signal stops the process at once, as no step boundary
+    will act on it; one that came before this (after the last step's check) stops the run now."""
+    stop = self.stop_agreed()
+    self.release_signals()
+    if stop:
+      raise SystemExit(self.exit_code)
+
   def release_signals(self) -> None:
     """Puts back the handlers the run replaced: after training, Ctrl-C stops the process again."""
     for sig, handler in self._handlers.items():
