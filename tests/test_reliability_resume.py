@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from clipreid_jax.models.clipreid import load_clipreid
-from train_helpers import CLI_MAIN, SLOW_STEPS, tensorboard_scalars
+from train_helpers import CLI_MAIN, SLOW_STEPS, folder_state, tensorboard_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "tiny_run_config.py"
@@ -284,12 +284,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, reference
 
 
 def test_workdir_of_another_configuration(env, reference):
-  before = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in reference.rglob("*"))
+  before = folder_state(reference)
   out = _run(env, reference, "--config.seed=7")
   assert out.returncode == 2, out.stderr[-3000:]
   line = out.stderr.strip().splitlines()[-1]
   assert line.startswith("error: ") and str(reference / "config.json") in line and "differs in seed" in line, line
-  assert sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in reference.rglob("*")) == before
+  assert folder_state(reference) == before
 
 
 def test_unreadable_checkpoint_is_named_and_nothing_changes(env, reference):
@@ -301,14 +301,14 @@ def test_unreadable_checkpoint_is_named_and_nothing_changes(env, reference):
       files = [max(files, key=lambda f: f.stat().st_size)]
     for f in files:
       f.write_bytes(f.read_bytes()[:cut(f)])
-    before = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in work.rglob("*"))
+    before = folder_state(work)
     out = _run(env, work)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: {work / 'checkpoints' / str(last)}: cannot restore") and "move it away" in line
     assert "See full TensorStore details" not in line, line
-    assert sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in work.rglob("*")) == before
+    assert folder_state(work) == before
 
 
 _HOLD_LOCK = """
@@ -325,7 +325,7 @@ def test_a_workdir_in_use_is_refused_and_nothing_changes(env, reference):
   untouched (its checkpoint being written is not removed as a kill's leftover, its records not trimmed)."""
   work = shutil.copytree(reference, env["root"] / "in_use")
   (work / "checkpoints" / "99.orbax-checkpoint-tmp").mkdir()  # what the other run is writing
-  before = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in work.rglob("*"))
+  before = folder_state(work)
   holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(work)], stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
@@ -337,4 +337,4 @@ def test_a_workdir_in_use_is_refused_and_nothing_changes(env, reference):
   assert out.stderr.strip().splitlines()[-1] == (f"error: --workdir: {work} is in use by another run (this command "
                                                  "started twice, or a job requeued while the first still runs); "
                                                  "expected it to end first, or another --workdir"), out.stderr[-3000:]
-  assert sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in work.rglob("*")) == before
+  assert folder_state(work) == before

@@ -21,7 +21,7 @@ from clipreid_jax import config_defaults, convert, inference, train, workdir
 from clipreid_jax.checkpoints import CheckpointError
 from clipreid_jax.models.clipreid import load_clipreid
 from conftest import golden_root
-from train_helpers import tensorboard_scalars, tiny_config, tiny_stage2_parts
+from train_helpers import folder_state, tensorboard_scalars, tiny_config, tiny_stage2_parts
 
 
 def _variables(path):
@@ -850,10 +850,6 @@ def test_ctrl_c_after_training_stops_at_once(finished, tmp_path, monkeypatch):
   assert summary["final"] == final and set(summary) == {"final", "evaluated"}
 
 
-def _files(folder) -> list[tuple]:
-  return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*"))
-
-
 def test_a_finished_run_without_its_checkpoints_is_evaluated_not_trained_again(finished, tmp_path, monkeypatch):
   """checkpoints/ deleted after the run finished (to free the disk), then the same command again: it trained stage 2
   afresh and replaced model/ (on a GPU, with another model) and dropped every record from metrics.jsonl. Now model/
@@ -864,7 +860,7 @@ def test_a_finished_run_without_its_checkpoints_is_evaluated_not_trained_again(f
   work = tmp_path / "work"
   shutil.copytree(root / "work", work)
   shutil.rmtree(work / "checkpoints")
-  model_files, records = _files(work / "model"), _records(root / "work")
+  model_files, records = folder_state(work / "model"), _records(root / "work")
 
   def trains(*args, **kwargs):
     raise AssertionError("trained again")
@@ -873,7 +869,7 @@ def test_a_finished_run_without_its_checkpoints_is_evaluated_not_trained_again(f
     m.setattr(train, "run_stage1", trains)
     m.setattr(train, "run_stage2", trains)
     train.train_and_evaluate(config, str(work))
-  assert _files(work / "model") == model_files
+  assert folder_state(work / "model") == model_files
   assert _records(work) == records
   assert json.loads((work / "metrics.json").read_text())["final"] == json.loads(
       (root / "work" / "metrics.json").read_text())["final"]

@@ -87,3 +87,8 @@ from absl import app
 from clipreid_jax import main
 app.run(lambda argv: sys.exit(main.main(argv)), flags_parser=main.parse_flags)
 """
+
+
+def folder_state(folder) -> list[tuple]:
+  """Every path below `folder` with its mtime and size: equal before and after means nothing was written there."""
+  return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in pathlib.Path(folder).rglob("*"))
