@@ -188,6 +188,8 @@ def make_feature_fn(model: CLIPReID, kind: str, flip: bool = False) -> Callable:
   test-time flip; not in the official code, off by default (`eval.flip`).
   'eval' computes in float32 whatever the model's compute dtype: the official evaluation runs without autocast (its
   stage-1 bank, like its training, under fp16 autocast), and eval mode, which loads float32, gives the same numbers.
+  Its products are full float32 too: JAX's default would compute float32 matmuls and convolutions in TF32 on NVIDIA
+  GPUs from Ampere on (one bfloat16 pass on TPU), where the official code (CUDA 10.2, before TF32) ran float32.
   """
   cfg = model.config
   if kind == "eval":
@@ -199,9 +201,11 @@ def make_feature_fn(model: CLIPReID, kind: str, flip: bool = False) -> Callable:
       return model.apply(variables, images, method=CLIPReID.stage1_feature)
     cams = batch["camid"] if cfg.sie_camera else None
     views = batch["viewid"] if cfg.sie_view else None
-    feats = model.apply(variables, images, cams, views, method=CLIPReID.eval_feature)
-    if flip:  # NHWC: axis 2 is the width
-      feats = (feats + model.apply(variables, images[:, :, ::-1], cams, views, method=CLIPReID.eval_feature)) / 2
+    # Read where each product is traced: the jitted function's products get HIGHEST precision.
+    with jax.default_matmul_precision("float32"):
+      feats = model.apply(variables, images, cams, views, method=CLIPReID.eval_feature)
+      if flip:  # NHWC: axis 2 is the width
+        feats = (feats + model.apply(variables, images[:, :, ::-1], cams, views, method=CLIPReID.eval_feature)) / 2
     return feats
 
   return fn

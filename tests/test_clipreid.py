@@ -106,7 +106,8 @@ def test_from_clip_matches_official_construction(tmp_path):
     params = variables["params"]
     pos = params["image_encoder"]["positional_embedding"] if model.config.clip.is_vit else \
         params["image_encoder"]["attnpool"]["positional_embedding"]
-    key = "image_encoder.positional_embedding" if model.config.clip.is_vit else "image_encoder.attnpool.positional_embedding"
+    key = ("image_encoder.positional_embedding" if model.config.clip.is_vit
+           else "image_encoder.attnpool.positional_embedding")
     np.testing.assert_allclose(pos, state[key], rtol=0, atol=2 * np.finfo(np.float32).eps * np.abs(state[key]).max())
     np.testing.assert_array_equal(params["prompt_learner"]["token_prefix"], state["prompt_learner.token_prefix"])
     np.testing.assert_array_equal(params["prompt_learner"]["token_suffix"], state["prompt_learner.token_suffix"])
@@ -291,6 +292,41 @@ def test_evaluation_features_are_float32_with_bfloat16_compute(converted):
   fp32 = steps.make_feature_fn(model, "eval")(variables, batch)
   assert bf16.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(bf16), np.asarray(fp32))
+
+
+def _product_precisions(fn, *args) -> list:
+  """The precision of every matmul and convolution `fn` traces, nested calls (custom_vjp, jit) included."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        yield eqn.params["precision"]
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+          if hasattr(sub, "eqns"):
+            yield from walk(sub)
+
+  return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+@pytest.mark.parametrize("backbone", ["vit", "rn50"])
+def test_evaluation_features_use_full_float32_products(converted, backbone):
+  """JAX computes float32 products in TF32 on Ampere+ GPUs and in one bfloat16 pass on TPU by default; the test
+  feature asks for full float32 (the official evaluation ran in float32), the stage-1 bank keeps the default."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from clipreid_jax import steps  # pylint: disable=g-import-not-at-top
+  model, variables = converted(next(v for v in VARIANTS if v.parent.name == backbone))
+  h, w = model.config.input_size
+  batch = {"image": np.zeros((2, h, w, 3), np.uint8), "camid": np.zeros(2, np.int32),
+           "viewid": np.zeros(2, np.int32)}
+  for flip in (False, True):
+    found = _product_precisions(steps.make_feature_fn(model, "eval", flip=flip), variables, batch)
+    assert len(found) > 10, found
+    assert set(found) == {(jax.lax.Precision.HIGHEST,) * 2}, set(found)
+  bank = _product_precisions(steps.make_feature_fn(model, "stage1"), variables, batch)
+  assert len(bank) > 10 and set(bank) == {None}, set(bank)
 
 
 def test_convert_rn50_drops_the_sie_table_the_official_model_never_reads(tmp_path, capsys):
