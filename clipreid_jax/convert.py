@@ -302,7 +302,9 @@ def clip_variables(sd: dict[str, np.ndarray], cfg: CLIPConfig, *, grid: Optional
   sd = dict(sd)
   if grid is not None and tuple(grid) != tuple(cfg.vision_grid):
     key = "visual.positional_embedding" if cfg.is_vit else "visual.attnpool.positional_embedding"
-    sd[key] = resize_pos_embed(sd[key], tuple(grid), tuple(cfg.vision_grid))
+    # In float32, as the trainer resizes the converted (float32) table: OpenAI's float16 table would otherwise be
+    # rounded to float16 after the resize, and differ from the table of a conversion without --input_size.
+    sd[key] = resize_pos_embed(np.asarray(sd[key], np.float32), tuple(grid), tuple(cfg.vision_grid))
     cfg = dataclasses.replace(cfg, vision_grid=tuple(grid), vision_grid_source=tuple(cfg.vision_grid))
   return cfg, convert_state_dict(sd, CLIP_RENAMES)
 

@@ -163,6 +163,21 @@ def _list_entry(line: str, base: pathlib.Path) -> tuple[pathlib.Path, list[int]]
   return resolve(",".join(fields).strip()), ids
 
 
+def _walk_files(top: pathlib.Path):
+  """Every file below `top`, through symlinked folders too (Path.rglob skips them: a folder of crops gathered with
+  `ln -s` lost those images silently), each real folder once (a link to a folder above it loops)."""
+  seen = set()
+  for folder, dirs, names in os.walk(top, followlinks=True):
+    real = os.path.realpath(folder)
+    if real in seen:
+      dirs[:] = []
+      continue
+    seen.add(real)
+    dirs.sort()
+    for name in names:
+      yield pathlib.Path(folder) / name
+
+
 def list_images(spec: str) -> ImageList:
   """A folder (recursively, sorted), one image file, or a text file with one image per line: `path` or
   `path,camera[,view]` (SIE ids), paths relative to the list file; an optional header row (`path,camera,view`);
@@ -172,7 +187,7 @@ def list_images(spec: str) -> ImageList:
   p = pathlib.Path(spec)
   if p.is_dir():
     # Hidden entries skipped, as the dataset readers do: macOS copies leave `._NAME.jpg` (not images) beside each
-    files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+    files = sorted(str(f) for f in _walk_files(p) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
                    and not any(part.startswith(".") for part in f.relative_to(p).parts))
     if not files:
       raise EmptySplitError(f"extract.input: {spec} holds no images ({', '.join(IMAGE_SUFFIXES)})")

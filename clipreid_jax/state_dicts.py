@@ -1,7 +1,8 @@
 """Reading PyTorch-world checkpoints safely into `{name: numpy array}`.
 
 Formats: OpenAI's TorchScript archives (`ViT-B-16.pt`, `RN50.pt`, ...), plain `torch.save` state dicts
-(.pt/.pth, optionally wrapped in {"state_dict": ...} or {"model": ...}), `.safetensors` and `.npz`.
+(.pt/.pth, optionally wrapped in {"state_dict": ...} or {"model": ...}), `.safetensors` and `.npz`; the `module.`
+prefix of every key of a model saved from (Distributed)DataParallel is removed.
 
 Security: plain pickles are read only with torch's `weights_only=True`, which refuses any object but
 tensors and containers. A TorchScript archive holds code, so it is loaded only when its SHA-256
@@ -37,7 +38,8 @@ OPENAI_SHA256 = {
 }
 
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-                       "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+                       "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+                       "BF16": np.uint16}  # bfloat16: the top half of a float32, widened on reading (as .pt files)
 
 
 def sha256(path: pathlib.Path) -> str:
@@ -161,6 +163,8 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
       raise CheckpointError(f"{path}: tensor {k!r} has {end - start} bytes, but shape {tuple(shape)} of "
                             f"{info['dtype']} needs {math.prod(shape) * dtype.itemsize}")
     out[k] = np.frombuffer(data[base + start:base + end], dtype=dtype).reshape(shape).copy()
+    if info["dtype"] == "BF16":
+      out[k] = (out[k].astype(np.uint32) << 16).view(np.float32)
   return out
 
 
@@ -190,6 +194,8 @@ def read_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, n
     raise CheckpointError(f"{path}: unknown checkpoint extension {suffix!r}; expected .pt, .pth, .safetensors or .npz")
   if not sd:
     raise CheckpointError(f"{path}: holds no tensors")
+  if all(k.startswith("module.") for k in sd):  # saved from DataParallel / DistributedDataParallel (or open_clip)
+    sd = {k[len("module."):]: v for k, v in sd.items()}
   # A diverged or corrupt checkpoint converts silently otherwise, and every feature of the model is NaN.
   bad = [k for k, v in sd.items() if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
   if bad:

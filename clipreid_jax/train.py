@@ -321,6 +321,23 @@ def check_data(config, dataset) -> None:
     log.warning("model.sie_view: %s has no view labels (one view), so the view embedding is the same for every "
                 "image; views are labelled in VeRi-776", dataset.name)
   check_valid_queries(dataset)
+  check_test_files(dataset)
+
+
+def check_test_files(dataset) -> None:
+  """Query and gallery images are first read by the evaluation after training (the stage-1 bank reads the training
+  images before): a missing or empty file among them is found now, with one stat per image, not after the run."""
+  for split in (dataset.query, dataset.gallery):
+    if split.images is not None:  # a pack holds the bytes (checked when it was prepared)
+      continue
+    for i in range(len(split)):
+      path = split.path(i)
+      try:
+        size = os.stat(path).st_size
+      except OSError as e:
+        raise errors.ImageReadError(f"cannot read image {path}: {e.strerror or e}") from None
+      if not size:
+        raise errors.ImageReadError(f"image file {path} is empty (0 bytes)")
 
 
 def check_valid_queries(dataset) -> None:
@@ -906,10 +923,15 @@ def _train_and_evaluate(config, run: Run) -> dict:
     run.end_training()  # nothing to train: a SIGTERM since the start stops the run now
   else:
     variables = _train(config, run, mesh, model, variables, dataset, meta, evaluate_fn)
-  result = evaluate_fn(variables)
+  try:
+    result = evaluate_fn(variables)
+    if config.eval.untrained:  # the model as built, before stage 1 (deterministic: rebuilt from the seed)
+      untrained = evaluate_fn(initial_variables)
+  except DataError as e:  # an unreadable test image: the trained model is kept, a rerun evaluates it
+    raise type(e)(f"{e} (training is finished and its model is in {model_dir}: fix the image and run the same "
+                  "command again to evaluate it)") from None
   summary = {"final": percent(result), "evaluated": evaluation_record(config, model_dir)}
-  if config.eval.untrained:  # the model as built, before stage 1 (deterministic: rebuilt from the seed)
-    untrained = evaluate_fn(initial_variables)
+  if config.eval.untrained:
     summary["untrained"] = percent(untrained)
     print(f"untrained: {format_metrics(untrained)}", flush=True)
   if jax.process_index() == 0:

@@ -624,3 +624,77 @@ def test_convert_refuses_a_stride_above_the_patch(vit_sd, tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f"error: {src}: --stride 20 is more than the CLIP's 16-pixel patch, which would skip pixels; "
                  "expected 1..16"] and not (tmp_path / "out").exists()
+
+
+def test_state_dict_saved_from_data_parallel_converts(small, tmp_path, capsys):
+  """A CLIP fine-tuned under (Distributed)DataParallel, or an open_clip training checkpoint, has every key under
+  `module.`: `convert clip` refused it as "missing tensor 'ln_final.weight', not a CLIP state dict" (`convert
+  clipreid` removed the prefix)."""
+  _, _, sd = small
+  plain, wrapped = tmp_path / "plain.pt", tmp_path / "dp.pt"
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, plain)
+  torch.save({"epoch": 3, "state_dict": {"module." + k: torch.from_numpy(v) for k, v in sd.items()}}, wrapped)
+  assert convert.main(["clip", str(plain), str(tmp_path / "a")]) == 0
+  assert convert.main(["clip", str(wrapped), str(tmp_path / "b")]) == 0, capsys.readouterr().err
+  _, va = load_clip(tmp_path / "a")
+  _, vb = load_clip(tmp_path / "b")
+  for x, y in zip(jax.tree_util.tree_leaves(va), jax.tree_util.tree_leaves(vb)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_bfloat16_safetensors_read_as_the_same_pt(tmp_path):
+  """bfloat16 weights (a CLIP saved with `.to(torch.bfloat16)`) converted from .pt but were refused from
+  .safetensors ("unsupported dtype BF16"): both now read as the same float32 values."""
+  from clipreid_jax.state_dicts import read_state_dict  # pylint: disable=g-import-not-at-top
+  sd = {"a.weight": torch.randn(3, 5, generator=torch.Generator().manual_seed(0)).bfloat16(),
+        "b": torch.tensor([1.0, -2.5e-3, 3e38]).bfloat16(), "n": torch.arange(3)}
+  torch.save(sd, tmp_path / "w.pt")
+  header, blobs, offset = {}, [], 0
+  for k, v in sd.items():
+    b = (v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy().tobytes()
+    header[k] = {"dtype": "BF16" if v.dtype == torch.bfloat16 else "I64", "shape": list(v.shape),
+                 "data_offsets": [offset, offset + len(b)]}
+    blobs.append(b)
+    offset += len(b)
+  h = json.dumps(header).encode()
+  (tmp_path / "w.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+  want, got = read_state_dict(tmp_path / "w.pt"), read_state_dict(tmp_path / "w.safetensors")
+  assert sorted(got) == sorted(want)
+  for k in want:
+    assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+    np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_resize_at_conversion_equals_the_trainers_for_float16_weights(tmp_path):
+  """OpenAI's weights are float16. `convert clip --input_size` resized the positional table and rounded it back to
+  float16, while the trainer resizes the converted float32 table: the two documented ways differed by ~1e-4."""
+  from clipreid_jax.models import clipreid  # pylint: disable=g-import-not-at-top
+  sd = {k: torch.from_numpy(v).half() if v.dtype == np.float32 else torch.from_numpy(v)
+        for k, v in state_dict_numpy(random_clip(3, **SMALL["vit"])).items()}
+  torch.save(sd, tmp_path / "clip16.pt")
+  assert convert.main(["clip", str(tmp_path / "clip16.pt"), str(tmp_path / "square")]) == 0
+  assert convert.main(["clip", str(tmp_path / "clip16.pt"), str(tmp_path / "reid"), "--input_size", "64", "32"]) == 0
+  tables = []
+  for name in ("square", "reid"):
+    cfg, variables = load_clip(tmp_path / name)
+    _, reid = clipreid.from_clip(cfg.config, variables, num_classes=3, input_size=(64, 32))
+    tables.append(np.asarray(reid["params"]["image_encoder"]["positional_embedding"]))
+  np.testing.assert_array_equal(tables[0], tables[1])
+
+
+def test_resnet_converted_for_the_reid_input_size_names_the_last_stride(tmp_path):
+  """`convert clip RN50.pt --input_size 256 128` (as README said for that geometry) gives OpenAI's last-stride-2
+  grid, which CLIP-ReID's ResNet (last stride 1) refuses; the refusal said to convert "with this input size and
+  stride" -- what the user had done. It names --resnet_last_stride 1, with which the conversion fits."""
+  from clipreid_jax.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
+  from clipreid_jax.models import clipreid  # pylint: disable=g-import-not-at-top
+  sd = {k: torch.from_numpy(v) for k, v in state_dict_numpy(random_clip(3, **SMALL["resnet"])).items()}
+  torch.save(sd, tmp_path / "rn.pt")
+  assert convert.main(["clip", str(tmp_path / "rn.pt"), str(tmp_path / "s2"), "--input_size", "64", "32"]) == 0
+  model, variables = load_clip(tmp_path / "s2")
+  with pytest.raises(CheckpointError, match="--resnet_last_stride 1"):
+    clipreid.from_clip(model.config, variables, num_classes=3, input_size=(64, 32))
+  assert convert.main(["clip", str(tmp_path / "rn.pt"), str(tmp_path / "s1"), "--input_size", "64", "32",
+                       "--resnet_last_stride", "1"]) == 0
+  model, variables = load_clip(tmp_path / "s1")
+  clipreid.from_clip(model.config, variables, num_classes=3, input_size=(64, 32))

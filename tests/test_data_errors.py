@@ -199,3 +199,27 @@ def test_one_line_forms_of_foreign_errors():
   assert errors.first_line(ValueError("x" * 200)) == "x" * 200
   assert errors.describe(ValueError("bad input\nmore"), limit=5) == "ValueError: ba..."
   assert errors.describe(KeyError()) == "KeyError"
+
+
+def test_list_file_that_is_not_utf8_is_a_list_file_error(tmp_path, capsys):
+  """Excel's "CSV (Comma delimited)" writes Windows-1252 (its "Unicode Text" UTF-16): an accented name was a
+  UnicodeDecodeError traceback from the custom reader, and from the MSMT17/VehicleID/VeRi list readers."""
+  (tmp_path / "im").mkdir()
+  (tmp_path / "im" / "a.jpg").write_bytes(_jpeg())
+  (tmp_path / "train.csv").write_text("im/a.jpg,1,1\n")
+  (tmp_path / "query.csv").write_text("im/a.jpg,1,1\n")
+  (tmp_path / "gallery.csv").write_bytes(b"path,identity,camera\nim/a.jpg,1,1\nim/a.jpg,jos\xe9,1\n")
+  with pytest.raises(data.ListFileError, match=r"gallery.csv:3: not UTF-8 text") as e:
+    data.get_dataset("custom", tmp_path)
+  _one_line(e.value)
+  assert inspect_cli.main(["custom", str(tmp_path)]) == 2
+  assert "gallery.csv:3: not UTF-8" in capsys.readouterr().err
+  d = tmp_path / "VehicleID_V1.0"
+  (d / "image").mkdir(parents=True)
+  (d / "image" / "0000001.jpg").write_bytes(_jpeg())
+  (d / "train_test_split").mkdir()
+  (d / "train_test_split" / "train_list.txt").write_text("0000001 1\n")
+  (d / "train_test_split" / "test_list_800.txt").write_text("0000001 1\n".encode("utf-16").decode("latin-1"),
+                                                             encoding="latin-1")
+  with pytest.raises(data.ListFileError, match=r"test_list_800.txt:1: not UTF-8 text"):
+    data.get_dataset("vehicleid", tmp_path)

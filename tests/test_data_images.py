@@ -94,6 +94,18 @@ def test_16_bit_gray_keeps_its_range(tmp_path):
   assert np.all(out[..., 0] == out[..., 2]) and out.max() == 63000 >> 8
 
 
+def test_16_bit_pgm_keeps_its_range(tmp_path):
+  """A 16-bit PGM (thermal and depth cameras write them) opens as PIL mode "I", which convert("RGB") clipped at 255
+  as it did 16-bit PNGs: 99% of the picture white. It becomes its top byte, as the PNG does; an "I" image holding
+  8-bit values converts as before."""
+  values = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)  # 0 .. 63,000
+  (tmp_path / "g16.pgm").write_bytes(b"P5\n8 8\n65535\n" + values.astype(">u2").tobytes())
+  out = np.asarray(data.read_image(tmp_path / "g16.pgm"))
+  np.testing.assert_array_equal(out[..., 0], values >> 8)
+  small = Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8) * 4)  # mode "I", values 0..252
+  np.testing.assert_array_equal(np.asarray(images.to_rgb(small))[..., 1], np.arange(64).reshape(8, 8) * 4)
+
+
 def test_truncated_jpeg_loads_with_a_warning(tmp_path):
   rng = np.random.default_rng(1)
   buf = io.BytesIO()

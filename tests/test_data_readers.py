@@ -312,6 +312,32 @@ def test_custom_without_cameras(tmp_path):
   assert metrics.num_valid_queries(ds.query.pids, ds.gallery.pids, ds.query.camids, ds.gallery.camids) == 1
 
 
+def test_custom_without_cameras_never_matches_an_image_with_itself(tmp_path):
+  """Cameras unknown and a query set drawn from the gallery (the same file in query.csv and gallery.csv): the query
+  kept its own copy as a match (query camera 0, gallery camera 1), at distance 0, so R1 was 100% for any model. Its
+  copy is now out of its ranking, and only it (the other query images stay in the gallery)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from clipreid_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+  touch_images(tmp_path / "im", ["a1.jpg", "a2.jpg", "b1.jpg", "b2.jpg", "c1.jpg"])
+  (tmp_path / "query.csv").write_text("im/a1.jpg,a\nim/b1.jpg,b\n")
+  (tmp_path / "gallery.csv").write_text("im/a1.jpg,a\nim/a2.jpg,a\nim/b1.jpg,b\nim/b2.jpg,b\nim/c1.jpg,c\n")
+  ds = data.get_dataset("custom", tmp_path)
+  q, g = ds.query, ds.gallery
+  rng = np.random.default_rng(0)
+  feats = {name: rng.normal(size=4) for name in ("a1", "a2", "b1", "b2", "c1")}
+  qf = np.stack([feats[p[-6:-4]] for p in q.relpaths])
+  gf = np.stack([feats[p[-6:-4]] for p in g.relpaths])
+  dist = ((qf[:, None] - gf[None]) ** 2).sum(-1)
+  got = metrics.eval_func(dist, q.pids, g.pids, q.camids, g.camids)
+  aps = []
+  for i, path in enumerate(q.relpaths):  # each query ranked against the gallery without its own copy
+    keep = [j for j, p in enumerate(g.relpaths) if p != path]
+    one = metrics.eval_func(dist[i:i + 1, keep], q.pids[i:i + 1], g.pids[keep], np.zeros(1, int),
+                            np.ones(len(keep), int))
+    aps.append(one.mAP)
+  assert got.num_valid_queries == 2 and got.mAP == pytest.approx(np.mean(aps)) and got.mAP < 1
+
+
 def test_registry_names_and_layouts():
   assert data.DATASET_NAMES == ("market1501", "msmt17", "dukemtmc", "occ_duke", "veri", "vehicleid", "custom")
   assert data.canonical_name("VehicleID") == "vehicleid" and data.canonical_name("Market") == "market1501"

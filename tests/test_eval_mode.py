@@ -428,6 +428,19 @@ def test_extract_folder_skips_hidden_entries(tmp_path):
   assert inference.list_images(str(hidden)).files == [str(hidden / "c.jpg")]
 
 
+def test_extract_folder_follows_symlinked_folders(tmp_path):
+  """Crops gathered with `ln -s` (a camera's folder linked into the input): Path.rglob does not enter a symlinked
+  folder, so its images were left out of features.npy without a word. A link back up the tree is walked once."""
+  (tmp_path / "cam1").mkdir()
+  (tmp_path / "cam1" / "a.jpg").write_bytes(b"x")
+  (tmp_path / "crops").mkdir()
+  (tmp_path / "crops" / "b.jpg").write_bytes(b"x")
+  (tmp_path / "crops" / "cam1").symlink_to(tmp_path / "cam1", target_is_directory=True)
+  (tmp_path / "crops" / "loop").symlink_to(tmp_path / "crops", target_is_directory=True)
+  listed = inference.list_images(str(tmp_path / "crops"))
+  assert listed.files == [str(tmp_path / "crops" / "b.jpg"), str(tmp_path / "crops" / "cam1" / "a.jpg")]
+
+
 def test_eval_on_a_test_only_custom_set(setup, tmp_path):
   """Cross-domain evaluation on a set that has only query and gallery (a custom dataset without train.csv): the
   numbers equal those of the same images read as Market-1501; training on it is refused in one line."""

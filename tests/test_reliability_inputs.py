@@ -125,6 +125,17 @@ def test_bad_image_file(tmp_path, market, how, expected):
   assert not work.exists()  # the feature bank reads every training image before anything is written
 
 
+def test_empty_gallery_image_is_refused_before_training(tmp_path, market):
+  """Query and gallery images are first read by the final evaluation: a zero-byte gallery image ended a finished
+  training run (hours, on MSMT17) with exit code 2 and a written workdir. One stat per test image finds it first."""
+  data = shutil.copytree(market, tmp_path / "data")
+  img = max((data / "bounding_box_test").iterdir())
+  img.write_bytes(b"")
+  out, work = _train(tmp_path, data=data)
+  _error(out, img.name, "is empty (0 bytes)")
+  assert not work.exists()
+
+
 def test_list_file_naming_a_missing_image(tmp_path, market):
   data = tmp_path / "custom"
   shutil.copytree(market, data / "images")

@@ -9,7 +9,8 @@ may be left out where the set is only evaluated or embedded: the training split 
 
 - The camera column may be left out of every list file (`path,identity`) where the cameras are not known: query
   images then count as camera 0 and gallery images as camera 1, so the protocol's same-camera rule removes no
-  gallery image (the usual convention; SIE needs real cameras).
+  gallery image (the usual convention; SIE needs real cameras). An image listed in both query and gallery gets a
+  camera of its own there, so that the rule leaves out of its ranking its own copy, and only that.
 - `path` is relative to the folder of the list file (absolute paths work too); any format PIL reads.
 - `identity` and `camera` (and the optional `view`) are integers or free text.
 - The header row is optional; with it the columns may come in any order (names: path, identity|id|pid,
@@ -54,7 +55,7 @@ def read_csv(list_file: str, check_files: bool = True) -> list[Row]:
   with_camera = None  # set by the header or the first row: every row of a file has a camera, or none has
   # utf-8-sig: Excel's "CSV UTF-8" and Notepad start the file with a BOM, which would hide the header
   with open(list_file, newline="", encoding="utf-8-sig") as f:
-    for line, fields in enumerate(csv.reader(f), 1):
+    for line, fields in enumerate(csv.reader(layouts.utf8_lines(f, list_file, NAME)), 1):
       fields = [x.strip() for x in fields]
       if not any(fields) or fields[0].startswith("#"):
         continue
@@ -130,6 +131,13 @@ def load(root: str | os.PathLike, *, train_list: str = "train.csv", query_list: 
                                "cameras in every list file or in none")
   if without:  # cameras unknown: query 0, gallery 1, so no gallery image is removed as a same-camera match
     rows = {s: [(p, i, "1" if s == "gallery" else "0", v) for p, i, _, v in rows[s]] for s in SPLITS}
+    # An image listed in query and gallery (a query set drawn from the gallery) would match itself at rank 1: both
+    # copies get a camera of their own, so the same-camera rule removes that copy, and only it, from its ranking.
+    where = lambda s, p: os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(lists[SPLITS.index(s)])), p))
+    both = {where("query", r[0]) for r in rows["query"]} & {where("gallery", r[0]) for r in rows["gallery"]}
+    if both:
+      rows = {s: [(p, i, f"same image {where(s, p)}" if s != "train" and where(s, p) in both else c, v)
+                  for p, i, c, v in rows[s]] for s in SPLITS}
   every = [r for s in SPLITS for r in rows[s]]
   cams = _numbering({r[2] for r in rows["train"]}, {r[2] for r in every})
   views = _numbering({r[3] for r in rows["train"]}, {r[3] for r in every})

@@ -77,6 +77,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
   if img.mode.startswith("I;16"):
     # 16-bit gray: PIL's convert("RGB") (the official path) clips at 255 and whitens the picture; keep the top byte.
     img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), "L")
+  elif img.mode == "I" and np.asarray(img).max() > 255:
+    # 32-bit gray holding 16-bit values (a 16-bit PGM opens so): the same whitening; the same top byte. Values up to
+    # 255 (8-bit data in an int32 image) convert as they are.
+    img = Image.fromarray((np.clip(np.asarray(img), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8), "L")
   return img if img.mode == "RGB" else img.convert("RGB")
 
 

@@ -125,7 +125,7 @@ def read_list_file(path: str, name: str, min_fields: int = 2) -> list[tuple[int,
     raise errors.ListFileError(f"{name}: list file {path} not found")
   out = []
   with open(path, encoding="utf-8-sig") as f:  # a leading BOM (Windows editors) is not part of the first name
-    for n, line in enumerate(f, 1):
+    for n, line in enumerate(utf8_lines(f, path, name), 1):
       fields = line.split()
       if not fields or fields[0].startswith("#"):
         continue
@@ -133,6 +133,25 @@ def read_list_file(path: str, name: str, min_fields: int = 2) -> list[tuple[int,
         raise errors.ListFileError(f"{name}: {path}:{n}: expected at least {min_fields} fields, got {line.strip()!r}")
       out.append((n, fields))
   return out
+
+
+def utf8_lines(f, path: str, name: str):
+  """The lines of a text file opened as UTF-8; ListFileError naming the file and line where the bytes are not
+  UTF-8 (a list saved by Excel as "CSV (Comma delimited)" is Windows-1252, as "Unicode Text" UTF-16)."""
+  try:
+    yield from f
+  except UnicodeDecodeError:
+    with open(path, "rb") as raw:  # the text layer decodes blocks ahead of the line being read: find the line
+      data = raw.read()
+    try:
+      data.decode("utf-8-sig")
+      at, byte = 0, b""
+    except UnicodeDecodeError as e:
+      at, byte = e.start, data[e.start:e.start + 1]
+    line = data[:at].count(b"\n") + 1
+    raise errors.ListFileError(
+        f"{name}: {path}:{line}: not UTF-8 text (byte {byte!r} cannot be decoded); expected "
+        "a UTF-8 list file (in Excel: save as \"CSV UTF-8\")") from None
 
 
 def check_exists(path: str, list_file: str, line: int, name: str) -> None:

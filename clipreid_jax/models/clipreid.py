@@ -291,9 +291,11 @@ def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, i
   # second resize would be silently different (up to the table's whole range). A non-square grid is always such a
   # one; a square one is known from the conversion's record (directories converted before it was kept are not).
   if have != tuple(grid) and (have[0] != have[1] or clip_cfg.vision_grid_source):
+    how = ("this input size and --resnet_last_stride 1 (CLIP-ReID's ResNet keeps the last stage at stride 1)"
+           if not clip_cfg.is_vit else "this input size and stride")
     raise CheckpointError(f"the converted CLIP has a {have[0]}x{have[1]} token grid (converted with --input_size for "
                           f"another geometry), this model needs {grid[0]}x{grid[1]}; expected OpenAI's square grid: "
-                          "convert without --input_size, or with this input size and stride")
+                          f"convert without --input_size, or with {how}")
   noun = prompt_noun_for(dataset)
   tokens = tokenize(prompt_template(noun, prompt_tokens))[0]
   cfg = ReIDConfig(clip=dataclasses.replace(clip_cfg, vision_grid=grid, vision_grid_source=()),
