@@ -186,6 +186,16 @@ def test_resize_matches_torch(src_grid, out_hw):
   np.testing.assert_allclose(out[1:], ref, rtol=0, atol=2 * np.finfo(np.float32).eps * np.abs(ref).max())
 
 
+def test_resize_from_a_non_square_grid_matches_torch():
+  """in_hw is (rows, columns) of the source grid, as a ReID table (e.g. 16x8) is laid out."""
+  pe = np.random.RandomState(0).randn(6 * 3 + 1, 8).astype(np.float32)
+  grid = torch.from_numpy(pe[1:].reshape(1, 6, 3, -1)).permute(0, 3, 1, 2)
+  ref = F.interpolate(grid, size=(4, 5), mode="bilinear").permute(0, 2, 3, 1).reshape(-1, 8).numpy()
+  out = convert.resize_pos_embed(pe, (4, 5), in_hw=(6, 3))
+  assert out.shape == (4 * 5 + 1, 8)
+  np.testing.assert_allclose(out[1:], ref, rtol=0, atol=2 * np.finfo(np.float32).eps * np.abs(ref).max())
+
+
 def _golden_resize_cases():
   cases = []
   for arch_dir in sorted(p for p in golden_root().iterdir() if (p / "clip_openai_layout.npz").is_file()):

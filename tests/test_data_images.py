@@ -80,6 +80,15 @@ def test_resize_of_a_picture_of_the_transposed_size():
   np.testing.assert_array_equal(out, np.asarray(Image.fromarray(wide).resize((32, 64), images.BILINEAR)))
 
 
+@pytest.mark.parametrize("hw", [(100, 64), (128, 50)], ids=["height_differs", "width_differs"])
+def test_resize_when_only_one_side_differs(hw):
+  """A picture that already has the asked width (or height) is still resized to the asked height (or width)."""
+  img = np.arange(hw[0] * hw[1] * 3, dtype=np.uint32).reshape(*hw, 3).astype(np.uint8)
+  out = images.resize(img, (128, 64))
+  assert out.shape == (128, 64, 3)
+  np.testing.assert_array_equal(out, np.asarray(Image.fromarray(img).resize((64, 128), images.BILINEAR)))
+
+
 def test_grayscale_is_replicated(tmp_path):
   Image.new("L", (4, 4), 77).save(tmp_path / "g.png")
   assert np.all(np.asarray(data.read_image(tmp_path / "g.png")) == 77)

@@ -14,7 +14,7 @@ import pytest
 from clipreid_jax import convert, inference, train
 from clipreid_jax.data import get_dataset
 from clipreid_jax.data.synthetic import write_synthetic_market
-from clipreid_jax.evaluation import eval_func
+from clipreid_jax.evaluation import eval_func, evaluate_reranked
 from clipreid_jax.inference import FeatureExtractor
 from golden_reid import convert_args, variants
 
@@ -164,6 +164,27 @@ def test_eval_with_reranking_on_fewer_items_than_k1(setup, tmp_path):
              "--config.dataset.check_counts=False", "--config.eval.batch_size=8", "--config.eval.rerank=True")
   assert out.returncode == 0, out.stderr[-2000:]
   assert 0 < json.loads((tmp_path / "w" / "metrics.json").read_text())["final"]["mAP"] <= 100
+
+
+def test_eval_with_reranking_follows_k1_k2_and_lambda(setup, tmp_path):
+  """eval.k1, eval.k2 and eval.lambda_value all reach the re-ranking (lambda 0: the Jaccard distance alone)."""
+  root, model_dir, data = setup
+  out = _cli("--config", "configs/market1501_vit.py", "--workdir", str(tmp_path / "w"), "--config.mode=eval",
+             f"--config.checkpoint={model_dir}", f"--config.dataset.root={data}",
+             "--config.dataset.check_counts=False", "--config.eval.batch_size=8", "--config.eval.rerank=True",
+             "--config.eval.k1=8", "--config.eval.k2=3", "--config.eval.lambda_value=0.0")
+  assert out.returncode == 0, out.stderr[-2000:]
+  got = json.loads((tmp_path / "w" / "metrics.json").read_text())["final"]
+  ds = get_dataset("market1501", data, check_counts=False)
+  ext = FeatureExtractor(model_dir)
+  qf = ext([ds.query.path(i) for i in range(len(ds.query))])
+  gf = ext([ds.gallery.path(i) for i in range(len(ds.gallery))])
+  labels = (ds.query.pids, ds.gallery.pids, ds.query.camids, ds.gallery.camids)
+  want = evaluate_reranked(qf, gf, *labels, k1=8, k2=3, lambda_value=0.0)
+  other = evaluate_reranked(qf, gf, *labels, k1=8, k2=3, lambda_value=0.3)
+  assert abs(want.mAP - other.mAP) > 1e-3  # lambda changes the numbers on this data
+  assert got["mAP"] / 100 == pytest.approx(want.mAP, abs=1e-6)
+  assert got["R1"] / 100 == pytest.approx(want.rank(1), abs=1e-6)
 
 
 def test_eval_without_a_valid_query(setup, tmp_path):

@@ -257,6 +257,12 @@ def test_accelerator_path_untuned_and_in_pieces(monkeypatch):
   assert res.mAP == ref.mAP and res.num_valid_queries == ref.num_valid_queries
 
 
+def test_l2_normalize_divides_by_the_norm_clamped_at_eps():
+  """torch's F.normalize: x / max(|x|, 1e-12), so a vector shorter than 1e-12 is scaled by 1e12, not normalised."""
+  x = np.array([[3.0, 4.0], [3e-13, 4e-13], [0.0, 0.0]], np.float32)
+  np.testing.assert_allclose(np.asarray(metrics.l2_normalize(x)), [[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]], rtol=1e-6)
+
+
 def test_non_finite_gallery_features_are_refused():
   """The finiteness check covers the gallery too, not only the query (a gallery NaN would surface later, as a NaN
   distance blamed on a re-ranking)."""

@@ -111,14 +111,18 @@ def test_rows_in_any_order_match_dense():
   assert rr.nnz() > 0 and rr.num_query == 20 and rr.num_gallery == 90
 
 
-def test_reranked_evaluation_equals_eval_func_on_dense():
+@pytest.mark.parametrize("lam", [0.3, 0.0, 0.9])
+def test_reranked_evaluation_equals_eval_func_on_dense(lam):
   rng = np.random.default_rng(4)
   nq, ng = 30, 140
   q, g = _clustered(rng, nq, ng, 16, 15, 1.0)
   labels = (rng.integers(0, 8, nq), rng.integers(0, 8, ng), rng.integers(0, 3, nq), rng.integers(0, 3, ng))
-  res = rerank.evaluate_reranked(q, g, *labels, k1=20, k2=6, lambda_value=0.3, normalize=False, chunk=9)
-  ref = metrics.eval_func(re_ranking_exact(q, g, 20, 6, 0.3), *labels)
+  res = rerank.evaluate_reranked(q, g, *labels, k1=20, k2=6, lambda_value=lam, normalize=False, chunk=9)
+  ref = metrics.eval_func(re_ranking_exact(q, g, 20, 6, lam), *labels)
   assert abs(res.mAP - ref.mAP) <= 1e-9 and np.array_equal(res.cmc, ref.cmc)
+  if lam != 0.3:  # lambda_value reaches the distances: another lambda gives other numbers
+    other = metrics.eval_func(re_ranking_exact(q, g, 20, 6, 0.3), *labels)
+    assert abs(res.mAP - other.mAP) > 1e-4
 
 
 def test_half_k_and_expansion_rule_follow_numpy():

@@ -265,6 +265,40 @@ def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch, c
   assert records[0] == records[1] and [r.get("epoch") for r in records[1] if r.get("stage") == 2] == [1, 2]
 
 
+def test_preemption_at_the_first_stage2_step_keeps_the_stage1_checkpoints(finished, tmp_path, monkeypatch):
+  """Stage-2 checkpoint counters continue after stage 1's epochs: a pre-emption right after stage 2's first step
+  saves a new checkpoint (not one numbered like a stage-1 epoch), and the resumed run equals the uninterrupted one."""
+  config, root, _ = finished
+  runs, calls = [], {"n": 0}
+  original_init, original_to_global = train.Run.__init__, train.to_global
+
+  def init(self, *a, **k):
+    original_init(self, *a, **k)
+    runs.append(self)
+
+  def to_global(mesh, local):
+    if "pid" in local:  # a stage-2 batch
+      calls["n"] += 1
+      if calls["n"] == 2:
+        runs[-1]._on_stop_signal(signal.SIGTERM)
+    return original_to_global(mesh, local)
+
+  monkeypatch.setattr(train.Run, "__init__", init)
+  monkeypatch.setattr(train, "to_global", to_global)
+  with pytest.raises(SystemExit) as stop:
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+  assert stop.value.code == 143
+  meta = runs[-1].latest_meta()
+  assert meta["stage"] == 2 and meta["epoch"] == 0 and meta["next_batch"] == 1, meta
+  steps_done = sorted(int(p.name) for p in (tmp_path / "work" / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps_done[-2] == config.stage1.max_epochs < steps_done[-1], steps_done  # stage 1's last one is kept
+  monkeypatch.setattr(train, "to_global", original_to_global)
+  train.train_and_evaluate(config, str(tmp_path / "work"))
+  a, b = _variables(root / "work" / "model"), _variables(tmp_path / "work" / "model")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_mid_epoch_position_reads_every_checkpoint_form():
   """The batch number, and the grain iterator states that checkpoints of earlier versions hold instead."""
   assert train.mid_epoch_position({"stage": 2, "epoch": 3}) is None
@@ -502,6 +536,65 @@ def test_stage1_does_not_depend_on_the_eval_batch_size(tmp_path):
     run.close()
     learnt.append(np.asarray(out["params"]["prompt_learner"]["cls_ctx"]))
   np.testing.assert_array_equal(learnt[0], learnt[1])
+
+
+def test_stage1_reshuffles_every_epoch_and_steps_at_its_epochs_lr(tmp_path, monkeypatch):
+  """Each stage-1 epoch draws its own order of the bank (the official loader reshuffles every epoch), and every
+  optimizer step of epoch e, the partial last batch included (ceil(N / batch) steps an epoch), runs at lr(e)."""
+  config = tiny_config(tmp_path / "data")
+  dataset = train.load_dataset(config)
+  n = len(dataset.train)
+  config.stage1.batch_size = next(b for b in range(5, n) if n % b)  # a partial last batch
+  steps_per_epoch = -(-n // config.stage1.batch_size)
+  perms, schedules = [], []
+  permutation, lr_schedules = jax.random.permutation, train.optim.stage1_lr_schedules
+
+  def record_permutation(key, x, *args, **kwargs):
+    out = permutation(key, x, *args, **kwargs)
+    if isinstance(x, int) and x == n:
+      perms.append(np.asarray(out))
+    return out
+
+  def record_schedules(*args, **kwargs):
+    schedules.append(lr_schedules(*args, **kwargs))
+    return schedules[-1]
+
+  monkeypatch.setattr(jax.random, "permutation", record_permutation)
+  monkeypatch.setattr(train.optim, "stage1_lr_schedules", record_schedules)
+  model, variables = train.build_model(config, dataset)
+  run = train.Run(str(tmp_path / "work"), config)
+  train.run_stage1(config, run, train.make_mesh(), model, variables, dataset, {})
+  run.close()
+  assert len(perms) == config.stage1.max_epochs == 2
+  assert sorted(perms[0]) == list(range(n)) and not np.array_equal(perms[0], perms[1])
+  lr_of_epoch = train.stage1_solver(config).schedule()
+  assert lr_of_epoch(1) != lr_of_epoch(2)
+  (sched,) = [s[train.optim.TRAIN] for s in schedules]
+  for epoch in (1, 2):
+    for i in range(steps_per_epoch):
+      assert float(sched((epoch - 1) * steps_per_epoch + i)) == np.float32(lr_of_epoch(epoch)), (epoch, i)
+
+
+def test_stage2_augments_with_the_configured_settings(tmp_path, monkeypatch):
+  """augment.flip_prob, augment.padding and augment.erase_prob reach stage 2's step (not the step's defaults)."""
+  config = tiny_config(tmp_path / "data")
+  config.augment.update(flip_prob=0.25, padding=3, erase_prob=0.75)
+  dataset = train.load_dataset(config)
+  model, variables = train.build_model(config, dataset)
+  made = []
+
+  def record(*args, **kwargs):
+    made.append(kwargs)
+    raise _Stop()
+
+  monkeypatch.setattr(train.steps, "make_stage2_step", record)
+  run = train.Run(str(tmp_path / "work"), config)
+  with pytest.raises(_Stop):
+    train.run_stage2(config, run, train.make_mesh(), model, variables, dataset, {}, None)
+  run.close()
+  assert len(made) == 1
+  assert {k: made[0].get(k) for k in ("flip_prob", "padding", "erase_prob")} == {
+      "flip_prob": 0.25, "padding": 3, "erase_prob": 0.75}
 
 
 def test_init_stage1_reuses_another_runs_prompts(finished, tmp_path):
