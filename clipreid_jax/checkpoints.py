@@ -32,6 +32,9 @@ class CheckpointError(ValueError):
 def read_config(path: str | os.PathLike) -> dict:
   path = pathlib.Path(path)
   cfg_file = path / "config.json"
+  if path.is_file():  # a PyTorch checkpoint itself, given where its converted directory goes
+    raise CheckpointError(f"{path}: a file; expected the directory that `python -m clipreid_jax.convert clip {path} "
+                          f"DIR` (OpenAI's CLIP) or `... convert clipreid {path} DIR` (a CLIP-ReID checkpoint) writes")
   if not cfg_file.is_file():
     raise CheckpointError(f"{cfg_file}: not found; expected a directory written by `python -m clipreid_jax.convert`")
   try:

@@ -58,6 +58,9 @@ def recipe(dataset: str, backbone: str = VIT, *, root: str = "data/", vehicle: b
   c.model.sie_coe = 1.0  # the official SIE+OLP recipe uses 1.0 (the code default is 3.0)
   c.model.baseline = False  # True: the paper's baseline (image encoder only, no text)
   c.model.prompt_tokens = 4  # learned tokens per identity: "A photo of a X X X X person." (official: 4)
+  # The prompt's last word(s): auto = "vehicle" for VeRi-776 and VehicleID, "person" otherwise (the official choice);
+  # or your data's, e.g. "vehicle" for a custom set of vehicles.
+  c.model.prompt_noun = "auto"
   c.model.dtype = "auto"  # auto: bfloat16 compute on GPU/TPU, float32 on CPU; parameters are always float32
   c.model.attention = "auto"  # auto / cudnn: cuDNN flash attention on NVIDIA GPUs in bf16/fp16, XLA's elsewhere;
   # xla: XLA's everywhere (deterministic backward pass; docs/reliability.md)

@@ -120,6 +120,12 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
   if tokens > MAX_PROMPT_TOKENS:
     raise CheckpointError(f"{path}: prompt_learner.cls_ctx has {tokens} tokens per identity; expected 1.."
                           f"{MAX_PROMPT_TOKENS}")
+  if dataset is None:  # a renamed file: what the dataset decides was guessed (VeRi's: person prompts, 160 cameras)
+    guessed = (["person prompts"] if with_text else []) + (
+        [f"an SIE table of {n_rows} cameras"] if "cv_embed" in sd and sie is None else [])
+    if guessed:
+      warnings.warn(f"{path}: its name starts with none of the official datasets' names: read as a model of "
+                    f"{' and '.join(guessed)}; pass --dataset NAME (veri or vehicleid: a vehicle model)", stacklevel=3)
   return ReIDConfig(clip=clip_cfg, num_classes=int(num_classes), sie_camera=sie_camera,
                     sie_view=sie_view, camera_num=int(cams), view_num=int(views), sie_coe=float(sie_coe),
                     prompt_noun=noun, with_text=with_text, eot_index=eot_index_of(noun, tokens),
@@ -168,7 +174,8 @@ def official_settings(cfg: ReIDConfig) -> str:
          if cfg.sie_rows else "")
   sizes = f"{cfg.num_classes} training identities"
   if cfg.sie_rows:
-    sizes += f", {cfg.camera_num} cameras, {cfg.view_num} views"
+    plural = lambda n, what: f"{n} {what}" + "s" * (n != 1)
+    sizes += f", {plural(cfg.camera_num, 'camera')}, {plural(cfg.view_num, 'view')}"
   return (f"MODEL.NAME {cfg.backbone}, INPUT.SIZE_TEST [{h}, {w}], MODEL.STRIDE_SIZE [{stride}, {stride}], {sie}"
           f"{'the baseline (processor.py, make_model.py)' if not cfg.with_text else 'CLIP-ReID (make_model_clipreid.py)'}"
           f", and a dataset of {sizes}")

@@ -150,6 +150,12 @@ def validate_config(config) -> None:
   if not m.baseline:
     _need(_is_int(m.prompt_tokens) and 1 <= m.prompt_tokens <= clipreid.MAX_PROMPT_TOKENS, "model.prompt_tokens",
           m.prompt_tokens, f"an integer in [1, {clipreid.MAX_PROMPT_TOKENS}] (the template fits CLIP's 77 tokens)")
+    noun = m.prompt_noun
+    _need(isinstance(noun, str) and re.fullmatch(r"[a-z]+( [a-z]+)*", noun) is not None, "model.prompt_noun", noun,
+          "'auto' or lowercase words, e.g. 'vehicle'")
+    if noun != "auto":
+      _need(_prompt_fits(noun, m.prompt_tokens), "model.prompt_noun", noun,
+            f"words that fit CLIP's 77 tokens with model.prompt_tokens={m.prompt_tokens}")
     _need(config.stage1.lr_min <= config.stage1.base_lr, "stage1.lr_min", config.stage1.lr_min,
           f"at most stage1.base_lr ({config.stage1.base_lr:g}): the cosine falls from base_lr to lr_min")
     if config.stage1.warmup_epochs >= config.stage1.max_epochs and not config.init.stage1:  # (stage 1 skipped)
@@ -168,6 +174,20 @@ def validate_config(config) -> None:
     _need(_random_clip_sizes(m) is not None, "init.clip", config.init.clip,
           f"a converted CLIP directory (python -m clipreid_jax.convert clip {m.backbone}.pt DIR), or "
           "model.random_clip sizes > 0 for a random CLIP")
+
+
+def _prompt_fits(noun: str, prompt_tokens: int) -> bool:
+  from clipreid_jax.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
+  try:
+    tokenize(clipreid.prompt_template(noun, prompt_tokens))
+  except ValueError:  # longer than CLIP's context
+    return False
+  return True
+
+
+def prompt_noun(config) -> str | None:
+  """The prompt's noun that model.prompt_noun sets; None for 'auto' (the dataset's: clipreid.prompt_noun_for)."""
+  return None if config.model.prompt_noun == "auto" else config.model.prompt_noun
 
 
 def _check_synthetic(ds) -> None:
@@ -418,7 +438,7 @@ def check_init_stage1(config, workdir: str) -> None:
   # once the data is read: load_stage1).
   m, reid = config.model, meta.get("reid") or {}
   ours = {"image_size": list(m.input_size), "prompt_tokens": m.prompt_tokens, "sie_camera": m.sie_camera,
-          "sie_view": m.sie_view}
+          "sie_view": m.sie_view, "prompt_noun": prompt_noun(config) or clipreid.prompt_noun_for(config.dataset.name)}
   if m.backbone.startswith("ViT"):
     ours["clip.vision_stride"] = m.stride
   theirs = {k: (reid.get("clip") or {}).get(k[5:]) if k.startswith("clip.") else reid.get(k) for k in ours}
@@ -495,7 +515,7 @@ def build_model(config, dataset) -> tuple[clipreid.CLIPReID, dict]:
                 sie_camera=m.sie_camera, sie_view=m.sie_view, camera_num=max(dataset.num_train_cams, 1),
                 view_num=max(dataset.num_train_views, 1), sie_coe=m.sie_coe, dataset=config.dataset.name,
                 with_text=not m.baseline, prompt_tokens=m.prompt_tokens, rng=jax.random.PRNGKey(config.seed),
-                dtype=compute_dtype(m.dtype))
+                dtype=compute_dtype(m.dtype), prompt_noun=prompt_noun(config))
   except clipreid.GeometryError as e:  # its message starts with the argument, a model.* key here
     raise ConfigError(f"model.{e}") from None
   except checkpoints.CheckpointError as e:

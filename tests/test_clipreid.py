@@ -127,7 +127,8 @@ def test_inference_from_tensors_official_names(tmp_path):
   variant = next(v for v in VARIANTS if (v / "model_state.npz").is_file())
   sd = dict(np.load(variant / "model_state.npz"))
   m = meta(variant)
-  cfg = official.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
+  with pytest.warns(UserWarning, match="x.pth: its name starts with none of the official datasets' names"):
+    cfg = official.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
   assert cfg.num_classes == sd["classifier.weight"].shape[0]
   assert cfg.clip.text_width == sd["text_encoder.ln_final.weight"].shape[0]
   # A full-size ViT-B/16 person checkpoint with a 15-row camera table (MSMT17 SIE+OLP), built from shapes.
@@ -346,6 +347,25 @@ def test_convert_rn50_drops_the_sie_table_the_official_model_never_reads(tmp_pat
   assert "SIE is ViT-only" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
+def test_convert_warns_when_the_file_name_names_no_dataset(tmp_path, capsys):
+  """A released checkpoint renamed (my_model.pth): its prompt noun and SIE layout were guessed silently (a VeRi
+  camera x view model read as person prompts and 160 cameras); now one warning line says what was guessed."""
+  variant = next(v for v in VARIANTS if v.name == "c_sie_cam")
+  src = variant / "model_state.pth" if (variant / "model_state.pth").is_file() else variant / "model_state.npz"
+  renamed = tmp_path / ("my_model" + src.suffix)
+  renamed.write_bytes(src.read_bytes())
+  m = meta(variant)
+  assert convert.main(["clipreid", str(renamed), str(tmp_path / "a"), "--input_size", *map(str, m["SIZE_TRAIN"]),
+                       "--stride", str(m["STRIDE_SIZE"][0]), "--sie_coe", str(m["SIE_COE"])]) == 0
+  err = capsys.readouterr().err.strip().splitlines()
+  rows = m["camera_num"]
+  assert err == [f"warning: {renamed}: its name starts with none of the official datasets' names: read as a model of "
+                 f"person prompts and an SIE table of {rows} cameras; pass --dataset NAME (veri or vehicleid: a "
+                 "vehicle model)"], err
+  assert convert.main(convert_args(variant, tmp_path / "named")) == 0  # --dataset given: nothing guessed or said
+  assert capsys.readouterr().err.strip() == ""
+
+
 def test_convert_infers_the_olp_stride_from_an_input_size_given_alone(tmp_path):
   """`--input_size` without `--stride` on an OLP checkpoint: the stride whose grid fits the table (was: 16, refused)."""
   variant = next(v for v in VARIANTS if meta(v)["STRIDE_SIZE"][0] == 12)
@@ -428,7 +448,8 @@ def test_prompt_tokens_other_than_four(tmp_path):
   # A converted checkpoint says how many tokens it learnt.
   sd = dict(np.load(variant / "model_state.npz"))
   sd["prompt_learner.cls_ctx"] = sd["prompt_learner.cls_ctx"][:, :2]
-  cfg = official.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
+  with pytest.warns(UserWarning, match="x.pth: its name starts with none of the official datasets' names"):
+    cfg = official.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
   assert (cfg.prompt_tokens, cfg.eot_index) == (2, 9)
   sd["prompt_learner.cls_ctx"] = np.zeros((3, 70, 8), np.float32)
   with pytest.raises(CheckpointError, match=r"x.pth: prompt_learner.cls_ctx has 70 tokens per identity; expected "

@@ -72,10 +72,17 @@ def test_partial_layout_names_the_missing_entry(tmp_path):
 
 
 def test_empty_split(tmp_path):
-  _market(tmp_path, query=())
+  d = _market(tmp_path, query=())
   with pytest.raises(data.EmptySplitError, match="split 'query' is empty") as e:
     data.get_dataset("market1501", tmp_path, check_counts=False)
   _one_line(e.value)
+  # Images re-encoded as .png: the split is still empty (the published layout is .jpg), and a warning says why.
+  for n in ("0003_c1s1_000001_01.png", "0003_c1s1_000002_01.png"):
+    (d / "query" / n).write_bytes(b"")
+  with pytest.warns(data.DataWarning, match=r"market1501: query holds no .jpg image \(the published layout's\), only "
+                    r"2 other files, e.g. 0003_c1s1_000001_01.png, 0003_c1s1_000002_01.png"):
+    with pytest.raises(data.EmptySplitError, match="split 'query' is empty"):
+      data.get_dataset("market1501", tmp_path, check_counts=False)
 
 
 @pytest.mark.parametrize("content,match", [(b"", "is empty"), (b"not an image at all", "not an image file"),

@@ -130,6 +130,18 @@ def test_eval_bad_input(setup, tmp_path, args, expected):
   assert not (tmp_path / "w" / "metrics.json").exists()
 
 
+def test_a_pytorch_file_where_a_model_directory_goes_says_convert_it(tmp_path):
+  """FeatureExtractor("model.pth") (or --config.checkpoint / init.clip = the .pth): it said "model.pth/config.json:
+  not found"; it now names the conversion command."""
+  from clipreid_jax.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
+  f = tmp_path / "Market1501_clipreid_ViT-B-16_60.pth"
+  f.write_bytes(b"")
+  with pytest.raises(CheckpointError) as e:
+    FeatureExtractor(f)
+  assert str(e.value) == (f"{f}: a file; expected the directory that `python -m clipreid_jax.convert clip {f} DIR` "
+                          f"(OpenAI's CLIP) or `... convert clipreid {f} DIR` (a CLIP-ReID checkpoint) writes")
+
+
 def test_eval_batch_not_divisible_by_the_devices_names_the_batch(setup, tmp_path):
   """It was reported as a problem of the checkpoint (`error: checkpoint: DIR: eval.batch_size: ...`)."""
   _, model_dir, data = setup

@@ -703,8 +703,11 @@ def test_fine_tuning_needs_a_text_encoder_and_the_same_prompt_noun(finished):
   source, variables = load_clipreid(root / "work" / "model")
   from clipreid_jax.models import clipreid
   kw = dict(num_classes=3, input_size=(64, 32))
-  with pytest.raises(CheckpointError, match="a model of person prompts, this dataset's are vehicle prompts"):
+  with pytest.raises(CheckpointError, match="a model of person prompts, this run's are vehicle prompts; expected a "
+                     "model trained on vehicles, model.prompt_noun='person', or a converted CLIP"):
     clipreid.from_clipreid(source.config, variables, dataset="veri", **kw)
+  model, _ = clipreid.from_clipreid(source.config, variables, dataset="veri", prompt_noun="person", **kw)
+  assert model.config.prompt_noun == "person"
   baseline = dataclasses.replace(source.config, with_text=False)
   with pytest.raises(CheckpointError, match=r"a baseline model \(no text encoder\)"):
     clipreid.from_clipreid(baseline, variables, **kw)
@@ -729,6 +732,37 @@ def test_stage1_learns_prompts_of_another_length(tmp_path):
   assert after["prompt_learner"]["cls_ctx"].shape[1] == 2
   assert not np.array_equal(before["prompt_learner"]["cls_ctx"], after["prompt_learner"]["cls_ctx"])
   np.testing.assert_array_equal(before["image_encoder"]["proj"], after["image_encoder"]["proj"])
+
+
+def test_prompt_noun_of_your_own(tmp_path):
+  """model.prompt_noun: a custom set of vehicles learns "A photo of a X X X X vehicle." prompts (auto gave person
+  prompts to every custom set); several words work; a bad value is refused before anything is read."""
+  from clipreid_jax import steps  # pylint: disable=g-import-not-at-top
+  from clipreid_jax.models import clipreid  # pylint: disable=g-import-not-at-top
+  from clipreid_jax.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path / "data")
+  dataset = train.load_dataset(config)
+  made = {}
+  for noun in ("auto", "vehicle", "red panda"):
+    config.model.prompt_noun = noun
+    train.validate_config(config)
+    model, variables = train.build_model(config, dataset)
+    want = "person" if noun == "auto" else noun
+    assert model.config.prompt_noun == want
+    assert model.config.eot_index == int(tokenize(clipreid.prompt_template(want))[0].argmax())
+    made[want] = (model, variables, np.asarray(variables["params"]["prompt_learner"]["token_suffix"])[0])
+  # The fixed tokens after the X's: the noun's own, then the same "." and end token (CLIP's token embeddings).
+  person, vehicle, panda = (made[n][2] for n in ("person", "vehicle", "red panda"))
+  assert not np.array_equal(person[0], vehicle[0]) and not np.array_equal(vehicle[0], panda[0])
+  np.testing.assert_array_equal(person[1:3], vehicle[1:3])
+  np.testing.assert_array_equal(person[1:3], panda[2:4])
+  assert made["red panda"][0].config.eot_index == made["vehicle"][0].config.eot_index + 1
+  features = [np.asarray(steps.text_features_all(m, v["params"])) for m, v, _ in made.values()]
+  assert not np.allclose(features[0], features[1]) and not np.allclose(features[1], features[2])
+  for bad, why in (("Vehicle", "lowercase words"), ("", "lowercase words"), (" ".join(["zebra"] * 70), "77 tokens")):
+    config.model.prompt_noun = bad
+    with pytest.raises(train.ConfigError, match=f"model.prompt_noun: expected .*{why}"):
+      train.validate_config(config)
 
 
 def test_a_random_rn_clip_from_one_stage_depth(tmp_path):

@@ -70,7 +70,13 @@ def parse_folder(dataset_dir: str, sub: str, *, name: str, num_cams: int, skip_j
     DataError: a camera number outside 1..num_cams.
   """
   records, unparsed = [], []
-  for fname in list_images(os.path.join(dataset_dir, sub)):
+  names = list_images(os.path.join(dataset_dir, sub))
+  if not names:  # e.g. the images re-encoded as .png: the split would be "empty" without a word about them
+    others = sorted(f for f in os.listdir(os.path.join(dataset_dir, sub)) if not f.startswith("."))
+    if others:
+      warnings.warn(f"{name}: {sub} holds no .jpg image (the published layout's), only {len(others)} other files, "
+                    f"e.g. {', '.join(others[:3])}", errors.DataWarning, stacklevel=2)
+  for fname in names:
     m = PID_CAM_PATTERN.search(fname)
     try:  # the pattern's [-\d]+ (the official one) also takes '12-3'
       pid, cam = int(m.group(1)), int(m.group(2))

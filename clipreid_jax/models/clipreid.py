@@ -262,11 +262,12 @@ class GeometryError(ValueError):
 def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, input_size: tuple[int, int],
               stride: int = 16, sie_camera=False, sie_view=False, camera_num=1, view_num=1, sie_coe=3.0,
               dataset: str = "market1501", with_text: bool = True, prompt_tokens: int = N_CTX, rng=None,
-              dtype=jnp.float32):
+              dtype=jnp.float32, prompt_noun: str | None = None):
   """A CLIP-ReID model initialised from converted CLIP variables, as the official `make_model` does.
 
   The image positional embedding is resized to the ReID grid; heads, SIE and prompt tokens are drawn
-  fresh from `rng`; the prompt's prefix/suffix come from CLIP's token embedding.
+  fresh from `rng`; the prompt's prefix/suffix come from CLIP's token embedding. `prompt_noun`: the prompt's last
+  word(s) (default: the dataset's, `prompt_noun_for`).
 
   Raises:
     GeometryError: an input size below one token, or a stride above the patch size (it would skip pixels).
@@ -296,7 +297,7 @@ def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, i
     raise CheckpointError(f"the converted CLIP has a {have[0]}x{have[1]} token grid (converted with --input_size for "
                           f"another geometry), this model needs {grid[0]}x{grid[1]}; expected OpenAI's square grid: "
                           f"convert without --input_size, or with {how}")
-  noun = prompt_noun_for(dataset)
+  noun = prompt_noun or prompt_noun_for(dataset)
   tokens = tokenize(prompt_template(noun, prompt_tokens))[0]
   cfg = ReIDConfig(clip=dataclasses.replace(clip_cfg, vision_grid=grid, vision_grid_source=()),
                    num_classes=num_classes, sie_camera=sie_camera, sie_view=sie_view, camera_num=camera_num,
@@ -326,7 +327,7 @@ def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, i
 def from_clipreid(source: ReIDConfig, source_variables: dict, *, num_classes: int, input_size: tuple[int, int],
                   stride: int = 16, sie_camera=False, sie_view=False, camera_num=1, view_num=1, sie_coe=3.0,
                   dataset: str = "market1501", with_text: bool = True, prompt_tokens: int = N_CTX, rng=None,
-                  dtype=jnp.float32):
+                  dtype=jnp.float32, prompt_noun: str | None = None):
   """A CLIP-ReID model whose encoders start from a trained CLIP-ReID model's (fine-tuning on another dataset):
   the image encoder, the text encoder and the prompt's fixed tokens are copied; the prompt tokens, classifiers,
   BN necks and SIE table are drawn fresh from `rng` for this dataset's identities and cameras.
@@ -342,12 +343,12 @@ def from_clipreid(source: ReIDConfig, source_variables: dict, *, num_classes: in
   if source.clip.is_vit and stride != source.clip.vision_stride:
     raise GeometryError(f"stride: {stride} differs from the CLIP-ReID model's {source.clip.vision_stride}; expected "
                         "the stride it was trained with")
-  noun = prompt_noun_for(dataset)
+  noun = prompt_noun or prompt_noun_for(dataset)
   if with_text and not source.with_text:
     raise CheckpointError("a baseline model (no text encoder); expected a CLIP-ReID model, or model.baseline=True")
   if with_text and noun != source.prompt_noun:
-    raise CheckpointError(f"a model of {source.prompt_noun} prompts, this dataset's are {noun} prompts; expected a "
-                          f"model trained on {noun}s, or a converted CLIP")
+    raise CheckpointError(f"a model of {source.prompt_noun} prompts, this run's are {noun} prompts; expected a "
+                          f"model trained on {noun}s, model.prompt_noun={source.prompt_noun!r}, or a converted CLIP")
   if with_text and prompt_tokens != source.prompt_tokens:  # its fixed tokens are stored around that many X's
     raise CheckpointError(f"a model of {source.prompt_tokens} prompt tokens per identity, this run asks for "
                           f"{prompt_tokens}; expected model.prompt_tokens={source.prompt_tokens}")
