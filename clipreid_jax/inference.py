@@ -215,8 +215,12 @@ def list_images(spec: str) -> ImageList:
     path, row = _list_entry(line, p.parent)
     if not path.is_file():
       fields = line.split(",")
-      for k in (1, 2):  # an existing image followed by ids that are not integers ("x.jpg,cam3")
-        if len(fields) > k and _list_entry(",".join(fields[:-k]), p.parent)[0].is_file():
+      for k in (1, 2):  # an existing image followed by ids that are not integers ("x.jpg,cam3"), or by three ids
+        image, ids = _list_entry(",".join(fields[:-k]), p.parent) if len(fields) > k else (None, [])
+        if image is not None and image.is_file():
+          if all(f.strip().lstrip("-").isdigit() for f in fields[-k:]):
+            raise ListFileError(f"{p}:{number}: {len(ids) + k} ids after the image {image}: expected at most two "
+                                "(camera, view)")
           raise ListFileError(f"{p}:{number}: {','.join(fields[-k:]).strip()!r} after the image "
                               f"{','.join(fields[:-k]).strip()}: expected integer camera (and view) ids")
       raise ListFileError(f"{p}:{number}: lists {path}, which does not exist")

@@ -297,6 +297,10 @@ MALFORMED = {
     "int_keys": ("clipreid", "a.pth", lambda p, sd: torch.save({1: torch.zeros(2)}, p), "not a string"),
     "nan_weights": ("clip", "a.npz", _npz_with(**{"ln_final.weight": lambda v: np.full_like(v, np.nan)}),
                     "tensor 'ln_final.weight' holds NaN or infinite values; expected finite weights"),
+    # An infinite weight (a diverged run) without any NaN: every feature would be NaN or infinite all the same.
+    "inf_weights": ("clip", "a.npz", _npz_with(**{"ln_final.weight": lambda v: np.where(np.arange(v.size) == 0,
+                                                                                         np.inf, v)}),
+                    "tensor 'ln_final.weight' holds NaN or infinite values; expected finite weights"),
     # Text files named .pt: torch's whole message is "101" (a KeyError of the first byte), or a weights_only refusal
     # that blames an "Unsupported operand" and suggests weights_only=False.
     "text_file": ("clip", "a.pt", lambda p, sd: p.write_text("hello"),
@@ -377,6 +381,30 @@ def test_atomic_directory_leaves_no_staging_or_old_copy(tmp_path):
   assert json.loads((dst / "config.json").read_text())["version"] == 2
 
 
+def test_a_model_directory_is_replaced_only_with_overwrite(tmp_path):
+  """Without --overwrite an existing destination is refused, even a model directory (which --overwrite may
+  replace): the model in place is kept whole and no staging folder is left beside it."""
+  from clipreid_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  dst = tmp_path / "model"
+  with checkpoints.atomic_directory(dst) as stage:
+    (stage / "variables").mkdir()
+    (stage / "config.json").write_text(json.dumps({"kind": "clip", "version": 1}))
+  with pytest.raises(checkpoints.CheckpointError, match=r"model: already exists; choose a new destination or pass "
+                     "--overwrite"):
+    with checkpoints.atomic_directory(dst) as stage:
+      (stage / "variables").mkdir()
+      (stage / "config.json").write_text(json.dumps({"kind": "clip", "version": 2}))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+  assert json.loads((dst / "config.json").read_text())["version"] == 1
+
+
+def test_a_model_directory_without_its_variables_is_named_incomplete(tmp_path):
+  """config.json without variables/ (a copy cut short): the error names the missing folder, not orbax's reason."""
+  from clipreid_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  (tmp_path / "config.json").write_text(json.dumps({"kind": "clip"}))
+  with pytest.raises(checkpoints.CheckpointError, match=r"variables: not found; the model directory is incomplete$"):
+    checkpoints.restore_variables(tmp_path)
+
 def test_restore_reason_is_the_first_line_without_tensorstore_details():
   from clipreid_jax import checkpoints  # pylint: disable=g-import-not-at-top
   e = ValueError("Error reading \"a\": truncated file See full TensorStore details: {spec...}\nsecond line")
@@ -401,6 +429,15 @@ def test_state_dict_wrapped_in_a_checkpoint_dict_is_read(tmp_path, wrapper):
   assert sorted(got) == ["a.weight", "b"] and got["b"].dtype == np.float32
   np.testing.assert_array_equal(got["a.weight"], np.arange(6, dtype=np.float32).reshape(2, 3))
 
+
+def test_a_data_parallel_prefix_is_dropped_only_where_every_key_has_it(tmp_path):
+  """A state dict saved from DataParallel ("module." before every key) reads under the plain names; where only some
+  keys start with "module." (a module of that name), no name is cut."""
+  from clipreid_jax.state_dicts import read_state_dict  # pylint: disable=g-import-not-at-top
+  np.savez(tmp_path / "dp.npz", **{"module.a.weight": np.ones(2, np.float32), "module.b": np.zeros(3, np.float32)})
+  assert sorted(read_state_dict(tmp_path / "dp.npz")) == ["a.weight", "b"]
+  np.savez(tmp_path / "mixed.npz", **{"module.a.weight": np.ones(2, np.float32), "b": np.zeros(3, np.float32)})
+  assert sorted(read_state_dict(tmp_path / "mixed.npz")) == ["b", "module.a.weight"]
 
 def _tiny_clip(vision_layers: int):
   """(model, variables, images, tokens) of a small random CLIP, converted as the trainer converts one."""

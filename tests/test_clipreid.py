@@ -457,6 +457,20 @@ def test_prompt_tokens_other_than_four(tmp_path):
     official.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
 
 
+def test_a_checkpoint_may_learn_the_longest_prompt_that_fits():
+  """clipreid.MAX_PROMPT_TOKENS learned tokens fill CLIP's 77 with the template's other 8: a checkpoint that learnt
+  that many is read (its end token is the last one); one token more is refused."""
+  variant = next(v for v in VARIANTS if meta(v)["DATASETS.NAMES"] != "veri")
+  m = meta(variant)
+  sd = dict(np.load(variant / "model_state.npz"))
+  sd["prompt_learner.cls_ctx"] = np.zeros((3, clipreid.MAX_PROMPT_TOKENS, 8), np.float32)
+  with pytest.warns(UserWarning, match="x.pth: its name starts with none"):
+    cfg = official.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
+  assert (cfg.prompt_tokens, cfg.eot_index) == (clipreid.MAX_PROMPT_TOKENS, 76)
+  sd["prompt_learner.cls_ctx"] = np.zeros((3, clipreid.MAX_PROMPT_TOKENS + 1, 8), np.float32)
+  with pytest.raises(CheckpointError, match=r"prompt_learner.cls_ctx has 70 tokens per identity; expected 1..69"):
+    official.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v.parent.name}/{v.name}")
 def test_export_writes_the_official_state_dict(variant, tmp_path, capsys):
   """`convert export` writes what the official code's model.state_dict() holds: every key, dtype and value of the

@@ -241,6 +241,19 @@ def test_a_folder_inside_the_pack_names_the_packs_root(market):
       packed.load_packed("market1501", inner)
 
 
+def test_same_records_compares_every_label():
+  """`Split.same_records` (prepare's check that an existing pack holds the folder's records) compares the camera and
+  view ids too: a VeRi pack made without keypoint files (every view 0) is not the records asked for with them. The
+  root may differ (a moved folder)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from clipreid_jax.data.records import Split  # pylint: disable=g-import-not-at-top
+  ids = lambda *v: np.asarray(v, np.int32)
+  split = Split("/a", np.asarray(["x.jpg", "y.jpg"]), ids(0, 1), ids(0, 0), ids(0, 0))
+  assert split.same_records(dataclasses.replace(split, root="/moved"))
+  for field in ("pids", "camids", "viewids"):
+    assert not split.same_records(dataclasses.replace(split, **{field: ids(0, 2)})), field
+  assert not split.same_records(dataclasses.replace(split, relpaths=np.asarray(["x.jpg", "z.jpg"])))
+
 def test_a_pack_refuses_reader_options_it_was_not_prepared_with(tmp_path):
   """gallery_seed (VehicleID) and keypoint_dir (VeRi) are baked into a pack's records at prepare time: a run asking
   for others is refused in one line naming the key, not served the pack's silently."""

@@ -461,6 +461,18 @@ def test_extract_folder_skips_hidden_entries(tmp_path):
   assert inference.list_images(str(hidden)).files == [str(hidden / "c.jpg")]
 
 
+def test_list_file_lines_take_at_most_two_ids(tmp_path):
+  """A list line is `path`, `path,camera` or `path,camera,view`: a third id column is refused, not read as a
+  camera and a view with one column dropped."""
+  (tmp_path / "a.jpg").write_bytes(b"x")
+  (tmp_path / "two.txt").write_text("a.jpg,1,0\n")
+  listed = inference.list_images(str(tmp_path / "two.txt"))
+  assert listed.files == [str(tmp_path / "a.jpg")] and listed.cams.tolist() == [1] and listed.views.tolist() == [0]
+  (tmp_path / "three.txt").write_text("a.jpg,1,0,2\n")
+  with pytest.raises(ValueError, match=rf"three.txt:1: 3 ids after the image {tmp_path / 'a.jpg'}: expected at most "
+                     r"two \(camera, view\)$"):
+    inference.list_images(str(tmp_path / "three.txt"))
+
 def test_extract_folder_follows_symlinked_folders(tmp_path):
   """Crops gathered with `ln -s` (a camera's folder linked into the input): Path.rglob does not enter a symlinked
   folder, so its images were left out of features.npy without a word. A link back up the tree is walked once."""

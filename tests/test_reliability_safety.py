@@ -6,6 +6,7 @@ import subprocess
 import sys
 import zipfile
 
+import jax
 import pytest
 
 from clipreid_jax import config_defaults, train, workdir
@@ -134,6 +135,9 @@ def test_every_recipe_is_valid(key):
     ("stage1.checkpoint_every_epochs", 0, "a positive integer"),
     ("eval.lambda_value", 1.5, "a number in [0, 1]"),
     ("stage1.lr_min", 1.0, "at most stage1.base_lr"),
+    # Found only at the first step otherwise (the prefetch depth after stage 1; a zero logging period divides by 0).
+    ("prefetch_batches", 0, "a positive integer"),
+    ("log_every_steps", 0, "a positive integer"),
 ])
 def test_bad_value_names_key_value_and_expectation(key, value, expected):
   c = config_defaults.official("market1501", config_defaults.VIT)
@@ -189,6 +193,12 @@ def test_boundary_values_are_accepted_without_a_warning(key, value, caplog, monk
   train.validate_config(c)
   assert not caplog.records, caplog.text
 
+
+def test_check_batch_refuses_an_empty_batch():
+  """A batch of 0 divides evenly by any number of devices: it is refused as not positive, naming the key."""
+  with pytest.raises(train.ConfigError, match=r"^eval.batch_size: expected a positive batch size, got 0$"):
+    train.check_batch("eval.batch_size", 0)
+  train.check_batch("eval.batch_size", jax.device_count())
 
 def test_eval_mode_checks_the_evaluation_keys():
   """eval mode evaluates: its re-ranking and VehicleID keys are checked like a training run's."""

@@ -503,6 +503,19 @@ def test_save_returns_before_the_write_and_the_checkpoint_holds_the_saved_values
   assert int(state["n"]) == 3
 
 
+def test_the_last_two_checkpoints_are_kept(tmp_path):
+  """Each save past the second deletes the oldest checkpoint (docs/reliability.md): a long run's disk holds two
+  states, the newest and the one before it (kept while the newest is written), and resumes from the newest."""
+  work = tmp_path / "work"
+  run = train.Run(str(work), tiny_config(tmp_path / "data"))
+  for counter in (1, 2, 3, 4):
+    run.save(counter, _small_state(), {"stage": 1, "epoch": counter})
+  run.close()
+  assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [3, 4]
+  again = train.Run(str(work), tiny_config(tmp_path / "data"))
+  assert again.resume()["epoch"] == 4
+  again.close()
+
 def test_a_failed_background_write_is_reported_by_the_next_save(tmp_path, monkeypatch):
   _SlowOrFullDisk(monkeypatch, full=2)
   work = tmp_path / "work"
@@ -806,6 +819,23 @@ def test_restart_drops_the_records_and_files_a_kill_left(tmp_path):
     assert [json.loads(l) for l in lines] == expected, done
 
 
+def test_restart_rewrites_tensorboard_from_the_kept_records(tmp_path):
+  """The epochs a kill lost (logged after the checkpoint resumed from) leave TensorBoard too: its events are
+  rewritten from the trimmed metrics.jsonl, so the re-run epochs are not shown twice."""
+  config = tiny_config(tmp_path / "data")
+  work = tmp_path / "work"
+  run = train.Run(str(work), config)
+  for stage, epoch, loss in ((1, 1, 4.0), (1, 2, 3.0), (2, 1, 2.0)):
+    run.log_metrics({"stage": stage, "epoch": epoch, "loss": loss})
+  run.close()
+  assert tensorboard_scalars(work) == [("stage1/loss", 1, 4.0), ("stage1/loss", 2, 3.0), ("stage2/loss", 1, 2.0)]
+  again = train.Run(str(work), config)
+  again.resumed_at(1, 1)
+  again.log_metrics({"stage": 1, "epoch": 2, "loss": 2.5})
+  again.close()
+  assert tensorboard_scalars(work) == [("stage1/loss", 1, 4.0), ("stage1/loss", 2, 2.5)]
+  assert [json.loads(l)["loss"] for l in (work / "metrics.jsonl").read_text().splitlines()] == [4.0, 2.5]
+
 def test_percent_and_format_metrics():
   """metrics.json holds rates (and their VehicleID spreads) in percent and counts as they are; the log line the same."""
   m = {"mAP": 0.5, "mINP": 0.25, "R1": 0.625, "R5": 0.75, "R10": 0.875, "mAP_std": 0.0125, "R1_std": 0.02,
@@ -943,6 +973,33 @@ def test_a_workdir_is_used_by_one_run_at_a_time(tmp_path, monkeypatch):
   monkeypatch.setattr(workdir.fcntl, "flock", no_locks)  # a network mount without locks: the run goes on unguarded
   assert train.Run(str(work), config).resume() == {}
 
+
+def test_the_first_stop_signal_sets_the_exit_code_and_a_second_ctrl_c_is_not_caught(tmp_path):
+  """SIGTERM then Ctrl-C before the step boundary: the run exits 143 (the pre-emption asked first), not 130. A first
+  Ctrl-C puts Python's handler back, so a second one stops at once instead of waiting for the checkpoint; a Ctrl-C
+  that the caller ignores (a background job) stays ignored. `release_signals` puts every handler back."""
+  run = train.Run(str(tmp_path / "work"), tiny_config(tmp_path / "data"))
+  previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    run.catch_signals()
+    assert signal.getsignal(signal.SIGTERM) == run._on_stop_signal == signal.getsignal(signal.SIGINT)
+    run._on_stop_signal(signal.SIGTERM)
+    run._on_stop_signal(signal.SIGINT)
+    assert run.stop_signal == signal.SIGTERM and run.exit_code == 143 and run.stop_agreed()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    run.release_signals()
+    assert signal.getsignal(signal.SIGTERM) == previous[signal.SIGTERM]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    other = train.Run(str(tmp_path / "work"), tiny_config(tmp_path / "data"))
+    other.catch_signals()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and other.stop_signal == 0 and not other.stop_agreed()
+    other._on_stop_signal(signal.SIGINT)
+    assert other.exit_code == 130
+    other.release_signals()
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 def test_ctrl_c_after_training_stops_at_once(finished, tmp_path, monkeypatch):
   """Once training is over, a first Ctrl-C (during the model's save or the final evaluation) stops the run at once:

@@ -140,6 +140,8 @@ def test_tiles_keep_the_input_aspect_and_distances_show_the_smallest():
   assert ranks.tile_size((224, 224), height=64) == (64, 64)
   assert ranks.distance_decimals(np.array([0.0, 0.0012, 0.9])) == 5  # 0.00120: three significant digits
   assert ranks.distance_decimals(np.array([0.25, 1.5])) == 3
+  assert ranks.distance_decimals(np.array([0.00025, 0.5])) == 6  # 0.000250: six decimals, the most
+  assert ranks.distance_decimals(np.array([1.2e-9])) == 6  # near-duplicates: still six, not all of them
 
 
 def test_tsne_of_fewer_points_than_the_perplexity_needs():
@@ -182,6 +184,14 @@ def test_staged_folder_moves_nothing_where_a_file_is_in_the_way(tmp_path):
       _write_files(stage, {"a.png": "new", "ranks/q.png": "new"})
   assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "ranks"] and (out / "ranks").read_text() == "a file"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["vis"]  # no staging folder left
+  # A folder where the block writes a file: refused before anything moves (os.replace would fail half-way).
+  (out / "curves.png").mkdir()
+  with pytest.raises(inputs.VisualizeError, match=r"^--out: cannot write .*vis/curves\.png: .*vis/curves\.png is in "
+                     "the way"):
+    with inputs.staged_folder(out, "--out") as stage:
+      _write_files(stage, {"a.png": "new", "curves.png": "new"})
+  assert sorted(p.name for p in out.iterdir()) == ["curves.png", "keep.txt", "ranks"] and (out / "curves.png").is_dir()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["vis"]
 
 
 
