@@ -173,7 +173,7 @@ def _walk_files(top: pathlib.Path):
       dirs[:] = []
       continue
     seen.add(real)
-    dirs.sort()
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders are skipped below anyway
     for name in names:
       yield pathlib.Path(folder) / name
 

@@ -125,7 +125,8 @@ def infer_reid_config(sd: dict, path: str, *, input_size=None, stride=None, data
         [f"an SIE table of {n_rows} cameras"] if "cv_embed" in sd and sie is None else [])
     if guessed:
       warnings.warn(f"{path}: its name starts with none of the official datasets' names: read as a model of "
-                    f"{' and '.join(guessed)}; pass --dataset NAME (veri or vehicleid: a vehicle model)", stacklevel=3)
+                    f"{' and '.join(guessed)}; pass --dataset NAME (veri or vehicleid for a vehicle "
+                    "model; custom for data of your own, as guessed)", stacklevel=3)
   return ReIDConfig(clip=clip_cfg, num_classes=int(num_classes), sie_camera=sie_camera,
                     sie_view=sie_view, camera_num=int(cams), view_num=int(views), sie_coe=float(sie_coe),
                     prompt_noun=noun, with_text=with_text, eot_index=eot_index_of(noun, tokens),
@@ -138,7 +139,6 @@ def convert_clipreid(src: str, dst: str, *, dataset=None, input_size=None, strid
   check_options(input_size=input_size, stride=stride, camera_num=camera_num, view_num=view_num)
   with naming_file(src):
     sd = read_state_dict(src)
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     if "cv_embed" in sd and "image_encoder.attnpool.positional_embedding" in sd:
       # The official model builds the SIE table for RN50 too but reads it only for ViT: the table changes nothing.
       if sie is not None:

@@ -201,7 +201,7 @@ def make_feature_fn(model: CLIPReID, kind: str, flip: bool = False) -> Callable:
       return model.apply(variables, images, method=CLIPReID.stage1_feature)
     cams = batch["camid"] if cfg.sie_camera else None
     views = batch["viewid"] if cfg.sie_view else None
-    # Read where each product is traced: the jitted function's products get HIGHEST precision.
+    # The precision is read when each product is traced, so every dot/conv traced here (under jit too) is HIGHEST.
     with jax.default_matmul_precision("float32"):
       feats = model.apply(variables, images, cams, views, method=CLIPReID.eval_feature)
       if flip:  # NHWC: axis 2 is the width

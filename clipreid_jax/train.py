@@ -10,6 +10,7 @@ workdir is written; a non-finite loss or gradient stops the run without saving t
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import logging
@@ -150,17 +151,17 @@ def validate_config(config) -> None:
   if not m.baseline:
     _need(_is_int(m.prompt_tokens) and 1 <= m.prompt_tokens <= clipreid.MAX_PROMPT_TOKENS, "model.prompt_tokens",
           m.prompt_tokens, f"an integer in [1, {clipreid.MAX_PROMPT_TOKENS}] (the template fits CLIP's 77 tokens)")
-    noun = m.prompt_noun
-    _need(isinstance(noun, str) and re.fullmatch(r"[a-z]+( [a-z]+)*", noun) is not None, "model.prompt_noun", noun,
-          "'auto' or lowercase words, e.g. 'vehicle'")
-    if noun != "auto":
-      _need(_prompt_fits(noun, m.prompt_tokens), "model.prompt_noun", noun,
-            f"words that fit CLIP's 77 tokens with model.prompt_tokens={m.prompt_tokens}")
     _need(config.stage1.lr_min <= config.stage1.base_lr, "stage1.lr_min", config.stage1.lr_min,
           f"at most stage1.base_lr ({config.stage1.base_lr:g}): the cosine falls from base_lr to lr_min")
     if config.stage1.warmup_epochs >= config.stage1.max_epochs and not config.init.stage1:  # (stage 1 skipped)
       _warn_once("stage1.warmup_epochs %d >= stage1.max_epochs %d: stage 1 never reaches its base_lr",
                   config.stage1.warmup_epochs, config.stage1.max_epochs)
+  noun = m.prompt_noun  # a baseline's model is built with its prompt too (the text side unused)
+  _need(isinstance(noun, str) and re.fullmatch(r"[a-z]+( [a-z]+)*", noun) is not None, "model.prompt_noun", noun,
+        "'auto' or lowercase words, e.g. 'vehicle'")
+  if noun != "auto" and _is_int(m.prompt_tokens):
+    _need(_prompt_fits(noun, m.prompt_tokens), "model.prompt_noun", noun,
+          f"words that fit CLIP's 77 tokens with model.prompt_tokens={m.prompt_tokens}")
   if config.stage2.num_instances == 1 and config.loss.triplet_weight:
     _warn_once("stage2.num_instances 1: no identity has two images in a batch, so the triplet loss has no positive "
                "pair (each anchor's hardest positive is itself)")
@@ -185,9 +186,10 @@ def _prompt_fits(noun: str, prompt_tokens: int) -> bool:
   return True
 
 
-def prompt_noun(config) -> str | None:
-  """The prompt's noun that model.prompt_noun sets; None for 'auto' (the dataset's: clipreid.prompt_noun_for)."""
-  return None if config.model.prompt_noun == "auto" else config.model.prompt_noun
+def prompt_noun(config) -> str:
+  """The prompt's noun: model.prompt_noun, or for 'auto' the dataset's (clipreid.prompt_noun_for)."""
+  noun = config.model.prompt_noun
+  return clipreid.prompt_noun_for(config.dataset.name) if noun == "auto" else noun
 
 
 def _check_synthetic(ds) -> None:
@@ -346,18 +348,14 @@ def check_data(config, dataset) -> None:
 
 def check_test_files(dataset) -> None:
   """Query and gallery images are first read by the evaluation after training (the stage-1 bank reads the training
-  images before): a missing or empty file among them is found now, with one stat per image, not after the run."""
-  for split in (dataset.query, dataset.gallery):
-    if split.images is not None:  # a pack holds the bytes (checked when it was prepared)
-      continue
-    for i in range(len(split)):
-      path = split.path(i)
-      try:
-        size = os.stat(path).st_size
-      except OSError as e:
-        raise errors.ImageReadError(f"cannot read image {path}: {e.strerror or e}") from None
-      if not size:
-        raise errors.ImageReadError(f"image file {path} is empty (0 bytes)")
+  images before): a missing or empty file among them is found now, with one stat per image, not after the run.
+  The stats run in threads: 94k of them one after another take minutes on a network filesystem."""
+  from clipreid_jax.data import images  # pylint: disable=g-import-not-at-top
+  paths = [split.path(i) for split in (dataset.query, dataset.gallery)
+           if split.images is None for i in range(len(split))]  # a pack holds the bytes (checked when prepared)
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    for _ in pool.map(images.check_file, paths):  # the first bad file in order raises
+      pass
 
 
 def check_valid_queries(dataset) -> None:
@@ -369,7 +367,8 @@ def check_valid_queries(dataset) -> None:
   q, g = dataset.query, dataset.gallery
   if metrics.num_valid_queries(q.pids, g.pids, q.camids, g.camids) == 0:
     raise DataError(f"{dataset.name}: no query has a gallery image of its identity from another camera; expected "
-                    "at least one (the evaluation protocol drops same-identity same-camera gallery images)")
+                    "at least one (the evaluation protocol drops same-identity same-camera gallery images; in a "
+                    "custom set without cameras, a query's own copy in the gallery)")
 
 
 def check_sie_fits(cfg: clipreid.ReIDConfig, dataset, model_name: str, dataset_name: str,
@@ -438,7 +437,7 @@ def check_init_stage1(config, workdir: str) -> None:
   # once the data is read: load_stage1).
   m, reid = config.model, meta.get("reid") or {}
   ours = {"image_size": list(m.input_size), "prompt_tokens": m.prompt_tokens, "sie_camera": m.sie_camera,
-          "sie_view": m.sie_view, "prompt_noun": prompt_noun(config) or clipreid.prompt_noun_for(config.dataset.name)}
+          "sie_view": m.sie_view, "prompt_noun": prompt_noun(config)}
   if m.backbone.startswith("ViT"):
     ours["clip.vision_stride"] = m.stride
   theirs = {k: (reid.get("clip") or {}).get(k[5:]) if k.startswith("clip.") else reid.get(k) for k in ours}
@@ -947,7 +946,7 @@ def _train_and_evaluate(config, run: Run) -> dict:
     result = evaluate_fn(variables)
     if config.eval.untrained:  # the model as built, before stage 1 (deterministic: rebuilt from the seed)
       untrained = evaluate_fn(initial_variables)
-  except DataError as e:  # an unreadable test image: the trained model is kept, a rerun evaluates it
+  except errors.ImageReadError as e:  # an unreadable test image: the trained model is kept, a rerun evaluates it
     raise type(e)(f"{e} (training is finished and its model is in {model_dir}: fix the image and run the same "
                   "command again to evaluate it)") from None
   summary = {"final": percent(result), "evaluated": evaluation_record(config, model_dir)}

@@ -357,7 +357,6 @@ def test_existing_destination_is_kept(small, tmp_path, capsys):
   assert len(err) == 1 and "cannot create its folder" in err[0] and str(src) in err[0], err
 
 
-
 def test_atomic_directory_leaves_no_staging_or_old_copy(tmp_path):
   """A block that fails leaves neither the destination nor its staging folder; a replaced directory's old copy is
   removed once the new one is in place."""
@@ -405,6 +404,7 @@ def test_a_model_directory_without_its_variables_is_named_incomplete(tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match=r"variables: not found; the model directory is incomplete$"):
     checkpoints.restore_variables(tmp_path)
 
+
 def test_restore_reason_is_the_first_line_without_tensorstore_details():
   from clipreid_jax import checkpoints  # pylint: disable=g-import-not-at-top
   e = ValueError("Error reading \"a\": truncated file See full TensorStore details: {spec...}\nsecond line")
@@ -438,6 +438,7 @@ def test_a_data_parallel_prefix_is_dropped_only_where_every_key_has_it(tmp_path)
   assert sorted(read_state_dict(tmp_path / "dp.npz")) == ["a.weight", "b"]
   np.savez(tmp_path / "mixed.npz", **{"module.a.weight": np.ones(2, np.float32), "b": np.zeros(3, np.float32)})
   assert sorted(read_state_dict(tmp_path / "mixed.npz")) == ["b", "module.a.weight"]
+
 
 def _tiny_clip(vision_layers: int):
   """(model, variables, images, tokens) of a small random CLIP, converted as the trainer converts one."""

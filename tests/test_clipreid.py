@@ -360,10 +360,22 @@ def test_convert_warns_when_the_file_name_names_no_dataset(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   rows = m["camera_num"]
   assert err == [f"warning: {renamed}: its name starts with none of the official datasets' names: read as a model of "
-                 f"person prompts and an SIE table of {rows} cameras; pass --dataset NAME (veri or vehicleid: a "
-                 "vehicle model)"], err
+                 f"person prompts and an SIE table of {rows} cameras; pass --dataset NAME (veri or vehicleid for a "
+                 "vehicle model; custom for data of your own, as guessed)"], err
   assert convert.main(convert_args(variant, tmp_path / "named")) == 0  # --dataset given: nothing guessed or said
   assert capsys.readouterr().err.strip() == ""
+
+
+def test_convert_a_checkpoint_saved_from_data_parallel(tmp_path):
+  """A CLIP-ReID model trained under DataParallel saves every key under `module.`: it converts as the plain one."""
+  variant = next(v for v in VARIANTS if (v / "model_state.npz").is_file())
+  sd = dict(np.load(variant / "model_state.npz"))
+  np.savez(tmp_path / "dp.npz", **{"module." + k: v for k, v in sd.items()})
+  args = convert_args(variant, tmp_path / "plain")
+  assert convert.main(args) == 0
+  assert convert.main([args[0], str(tmp_path / "dp.npz"), str(tmp_path / "dp"), *args[3:]]) == 0
+  (_, a), (_, b) = clipreid.load_clipreid(tmp_path / "plain"), clipreid.load_clipreid(tmp_path / "dp")
+  chex.assert_trees_all_equal(a, b)
 
 
 def test_convert_infers_the_olp_stride_from_an_input_size_given_alone(tmp_path):
@@ -470,6 +482,7 @@ def test_a_checkpoint_may_learn_the_longest_prompt_that_fits():
   sd["prompt_learner.cls_ctx"] = np.zeros((3, clipreid.MAX_PROMPT_TOKENS + 1, 8), np.float32)
   with pytest.raises(CheckpointError, match=r"prompt_learner.cls_ctx has 70 tokens per identity; expected 1..69"):
     official.infer_reid_config(sd, "x.pth", input_size=tuple(m["SIZE_TRAIN"]), stride=m["STRIDE_SIZE"][0])
+
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v.parent.name}/{v.name}")
 def test_export_writes_the_official_state_dict(variant, tmp_path, capsys):

@@ -221,6 +221,10 @@ def test_list_file_that_is_not_utf8_is_a_list_file_error(tmp_path, capsys):
   _one_line(e.value)
   assert inspect_cli.main(["custom", str(tmp_path)]) == 2
   assert "gallery.csv:3: not UTF-8" in capsys.readouterr().err
+  # Excel's BOM before it: still line 3 and the byte itself (the BOM's 3 bytes counted)
+  (tmp_path / "gallery.csv").write_bytes(b"\xef\xbb\xbfpath,identity,camera\nim/a.jpg,1,1\nim/a.jpg,jos\xe9,1\n")
+  with pytest.raises(data.ListFileError, match=r"gallery.csv:3: not UTF-8 text \(byte b'\\xe9' cannot"):
+    data.get_dataset("custom", tmp_path)
   d = tmp_path / "VehicleID_V1.0"
   (d / "image").mkdir(parents=True)
   (d / "image" / "0000001.jpg").write_bytes(_jpeg())

@@ -115,7 +115,6 @@ def test_prepare_refuses_a_stale_pack(tmp_path):
     packed.prepare("market1501", root, tmp_path / "tfds")
 
 
-
 @pytest.mark.parametrize("split_dir", ["query", "bounding_box_test"])
 def test_prepare_refuses_a_pack_stale_in_the_test_splits(tmp_path, split_dir):
   """The query and gallery records are checked too: an old pack must not be reported as this folder's."""
@@ -253,6 +252,7 @@ def test_same_records_compares_every_label():
   for field in ("pids", "camids", "viewids"):
     assert not split.same_records(dataclasses.replace(split, **{field: ids(0, 2)})), field
   assert not split.same_records(dataclasses.replace(split, relpaths=np.asarray(["x.jpg", "z.jpg"])))
+
 
 def test_a_pack_refuses_reader_options_it_was_not_prepared_with(tmp_path):
   """gallery_seed (VehicleID) and keypoint_dir (VeRi) are baked into a pack's records at prepare time: a run asking

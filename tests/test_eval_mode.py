@@ -473,6 +473,7 @@ def test_list_file_lines_take_at_most_two_ids(tmp_path):
                      r"two \(camera, view\)$"):
     inference.list_images(str(tmp_path / "three.txt"))
 
+
 def test_extract_folder_follows_symlinked_folders(tmp_path):
   """Crops gathered with `ln -s` (a camera's folder linked into the input): Path.rglob does not enter a symlinked
   folder, so its images were left out of features.npy without a word. A link back up the tree is walked once."""

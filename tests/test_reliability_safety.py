@@ -200,6 +200,7 @@ def test_check_batch_refuses_an_empty_batch():
     train.check_batch("eval.batch_size", 0)
   train.check_batch("eval.batch_size", jax.device_count())
 
+
 def test_eval_mode_checks_the_evaluation_keys():
   """eval mode evaluates: its re-ranking and VehicleID keys are checked like a training run's."""
   for key, value in (("k1", 0), ("k2", -1), ("trials", 0), ("lambda_value", 2.0)):

@@ -516,6 +516,7 @@ def test_the_last_two_checkpoints_are_kept(tmp_path):
   assert again.resume()["epoch"] == 4
   again.close()
 
+
 def test_a_failed_background_write_is_reported_by_the_next_save(tmp_path, monkeypatch):
   _SlowOrFullDisk(monkeypatch, full=2)
   work = tmp_path / "work"
@@ -836,6 +837,7 @@ def test_restart_rewrites_tensorboard_from_the_kept_records(tmp_path):
   assert tensorboard_scalars(work) == [("stage1/loss", 1, 4.0), ("stage1/loss", 2, 2.5)]
   assert [json.loads(l)["loss"] for l in (work / "metrics.jsonl").read_text().splitlines()] == [4.0, 2.5]
 
+
 def test_percent_and_format_metrics():
   """metrics.json holds rates (and their VehicleID spreads) in percent and counts as they are; the log line the same."""
   m = {"mAP": 0.5, "mINP": 0.25, "R1": 0.625, "R5": 0.75, "R10": 0.875, "mAP_std": 0.0125, "R1_std": 0.02,
@@ -979,6 +981,7 @@ def test_the_first_stop_signal_sets_the_exit_code_and_a_second_ctrl_c_is_not_cau
   Ctrl-C puts Python's handler back, so a second one stops at once instead of waiting for the checkpoint; a Ctrl-C
   that the caller ignores (a background job) stays ignored. `release_signals` puts every handler back."""
   run = train.Run(str(tmp_path / "work"), tiny_config(tmp_path / "data"))
+  other = None
   previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
   try:
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1000,6 +1003,10 @@ def test_the_first_stop_signal_sets_the_exit_code_and_a_second_ctrl_c_is_not_cau
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
+    for r in (run, other):
+      if r is not None:
+        r.close()
+
 
 def test_ctrl_c_after_training_stops_at_once(finished, tmp_path, monkeypatch):
   """Once training is over, a first Ctrl-C (during the model's save or the final evaluation) stops the run at once:

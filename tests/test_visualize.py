@@ -123,7 +123,6 @@ def test_choose_queries_worst_skips_queries_without_match():
   np.testing.assert_array_equal(picked, [0, 2, 3, 4])
 
 
-
 def test_rank_list_keeps_other_identities_of_the_query_camera():
   """The protocol drops only the query's identity seen by the query's camera; another person in that camera stays."""
   qf = np.array([[1.0, 0.0]])
@@ -160,7 +159,6 @@ def test_curves_keep_the_last_record_of_an_epoch():
   assert stage1 == {} and {e: r["loss"] for e, r in stage2.items()} == {1: 5.0, 2: 3.0} and final["mAP"] == 0.2
 
 
-
 def test_root_reads_the_folder_of_a_run_trained_on_a_pack(tmp_path):
   """--root names the folder to read, also where the run's config.json records the packed copy it trained on."""
   from clipreid_jax import data  # pylint: disable=g-import-not-at-top
@@ -192,7 +190,6 @@ def test_staged_folder_moves_nothing_where_a_file_is_in_the_way(tmp_path):
       _write_files(stage, {"a.png": "new", "curves.png": "new"})
   assert sorted(p.name for p in out.iterdir()) == ["curves.png", "keep.txt", "ranks"] and (out / "curves.png").is_dir()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["vis"]
-
 
 
 def test_sample_identities_owner_is_the_position_of_the_label():

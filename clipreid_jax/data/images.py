@@ -47,19 +47,38 @@ def read_image(path: str | os.PathLike) -> Image.Image:
   return decode_image(read_bytes(path), path)
 
 
+def _unreadable(path, e: OSError) -> errors.ImageReadError:
+  return errors.ImageReadError(f"cannot read image {os.fspath(path)}: {e.strerror or e}")
+
+
+def _empty(name) -> errors.ImageReadError:
+  return errors.ImageReadError(f"image file {os.fspath(name)} is empty (0 bytes)")
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
   """The file's bytes; ImageReadError naming it when it cannot be read."""
   try:
     with open(path, "rb") as f:
       return f.read()
   except OSError as e:
-    raise errors.ImageReadError(f"cannot read image {os.fspath(path)}: {e.strerror or e}") from None
+    raise _unreadable(path, e) from None
+
+
+def check_file(path: str | os.PathLike) -> None:
+  """The ImageReadError that `read_image` would raise first for a missing, unreadable or empty file, from one stat
+  (the trainer checks the test images so before training: the evaluation reads them only after it)."""
+  try:
+    size = os.stat(path).st_size
+  except OSError as e:
+    raise _unreadable(path, e) from None
+  if not size:
+    raise _empty(path)
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
   """Decodes the bytes of an image file as RGB, like `read_image`; `name` identifies it in messages."""
   if not data:
-    raise errors.ImageReadError(f"image file {name} is empty (0 bytes)")
+    raise _empty(name)
   try:
     img = Image.open(io.BytesIO(data))
     img.load()

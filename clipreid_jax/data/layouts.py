@@ -150,7 +150,7 @@ def utf8_lines(f, path: str, name: str):
     with open(path, "rb") as raw:  # the text layer decodes blocks ahead of the line being read: find the line
       data = raw.read()
     try:
-      data.decode("utf-8-sig")
+      data.decode("utf-8")  # not utf-8-sig: its error positions would not count a BOM's 3 bytes
       at, byte = 0, b""
     except UnicodeDecodeError as e:
       at, byte = e.start, data[e.start:e.start + 1]
