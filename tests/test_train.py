@@ -223,14 +223,9 @@ def test_resume_equals_uninterrupted(finished, tmp_path, monkeypatch, stop_at):
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("workers_before,workers_after", [(0, 1), (1, 0)])
-def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch, caplog, workers_before, workers_after):
-  """SIGTERM sets a flag; the trainer saves mid-epoch (the batches consumed) and exits 143. The resumed run equals
-  the uninterrupted one, with or without grain worker processes on either side (they may change between
-  restarts)."""
-  config, root, _ = finished
-  config = copy.deepcopy(config)
-  config.data_workers = workers_before
+def _sigterm_at_stage2_batch(monkeypatch, n: int) -> list:
+  """A SIGTERM to the run as its n-th stage-2 batch goes to the devices (`monkeypatch.undo()` ends it); returns the
+  Runs created, the run's last."""
   runs, calls = [], {"n": 0}
   original_init, original_to_global = train.Run.__init__, train.to_global
 
@@ -241,18 +236,30 @@ def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch, c
   def to_global(mesh, local):
     if "pid" in local:  # a stage-2 batch
       calls["n"] += 1
-      if calls["n"] == 5:  # epoch 2 (3 steps an epoch here), first step
+      if calls["n"] == n:
         runs[-1]._on_stop_signal(signal.SIGTERM)
     return original_to_global(mesh, local)
 
   monkeypatch.setattr(train.Run, "__init__", init)
   monkeypatch.setattr(train, "to_global", to_global)
+  return runs
+
+
+@pytest.mark.parametrize("workers_before,workers_after", [(0, 1), (1, 0)])
+def test_preemption_mid_epoch_resumes_exactly(finished, tmp_path, monkeypatch, caplog, workers_before, workers_after):
+  """SIGTERM sets a flag; the trainer saves mid-epoch (the batches consumed) and exits 143. The resumed run equals
+  the uninterrupted one, with or without grain worker processes on either side (they may change between
+  restarts)."""
+  config, root, _ = finished
+  config = copy.deepcopy(config)
+  config.data_workers = workers_before
+  runs = _sigterm_at_stage2_batch(monkeypatch, 5)  # epoch 2 (3 steps an epoch here), first step
   with pytest.raises(SystemExit) as stop:
     train.train_and_evaluate(config, str(tmp_path / "work"))
   assert stop.value.code == 143
   meta = runs[-1].latest_meta()
   assert meta["stage"] == 2 and meta["epoch"] == 1 and meta["next_batch"] == 1, meta  # epoch 2's first step done
-  monkeypatch.setattr(train, "to_global", original_to_global)
+  monkeypatch.undo()
   config.data_workers = workers_after
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, str(tmp_path / "work"))
@@ -269,22 +276,7 @@ def test_preemption_at_the_first_stage2_step_keeps_the_stage1_checkpoints(finish
   """Stage-2 checkpoint counters continue after stage 1's epochs: a pre-emption right after stage 2's first step
   saves a new checkpoint (not one numbered like a stage-1 epoch), and the resumed run equals the uninterrupted one."""
   config, root, _ = finished
-  runs, calls = [], {"n": 0}
-  original_init, original_to_global = train.Run.__init__, train.to_global
-
-  def init(self, *a, **k):
-    original_init(self, *a, **k)
-    runs.append(self)
-
-  def to_global(mesh, local):
-    if "pid" in local:  # a stage-2 batch
-      calls["n"] += 1
-      if calls["n"] == 2:
-        runs[-1]._on_stop_signal(signal.SIGTERM)
-    return original_to_global(mesh, local)
-
-  monkeypatch.setattr(train.Run, "__init__", init)
-  monkeypatch.setattr(train, "to_global", to_global)
+  runs = _sigterm_at_stage2_batch(monkeypatch, 2)
   with pytest.raises(SystemExit) as stop:
     train.train_and_evaluate(config, str(tmp_path / "work"))
   assert stop.value.code == 143
@@ -292,7 +284,7 @@ def test_preemption_at_the_first_stage2_step_keeps_the_stage1_checkpoints(finish
   assert meta["stage"] == 2 and meta["epoch"] == 0 and meta["next_batch"] == 1, meta
   steps_done = sorted(int(p.name) for p in (tmp_path / "work" / "checkpoints").iterdir() if p.name.isdigit())
   assert steps_done[-2] == config.stage1.max_epochs < steps_done[-1], steps_done  # stage 1's last one is kept
-  monkeypatch.setattr(train, "to_global", original_to_global)
+  monkeypatch.undo()
   train.train_and_evaluate(config, str(tmp_path / "work"))
   a, b = _variables(root / "work" / "model"), _variables(tmp_path / "work" / "model")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
