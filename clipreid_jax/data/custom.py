@@ -129,15 +129,21 @@ def load(root: str | os.PathLike, *, train_list: str = "train.csv", query_list: 
     raise errors.ListFileError(f"{NAME}: {without[0]} has no camera column but "
                                f"{next(x for s, x in zip(SPLITS, lists) if rows[s] and rows[s][0][2])} has; expected "
                                "cameras in every list file or in none")
+
+  def relpath(split: str, p: str) -> str:
+    """A row's image path from root: the same for every list file that names that image."""
+    base = os.path.relpath(os.path.dirname(os.path.abspath(lists[SPLITS.index(split)])), os.path.abspath(root))
+    return os.path.normpath(os.path.join(base, p))
+
   if without:  # cameras unknown: query 0, gallery 1, so no gallery image is removed as a same-camera match
     rows = {s: [(p, i, "1" if s == "gallery" else "0", v) for p, i, _, v in rows[s]] for s in SPLITS}
     # An image listed in query and gallery (a query set drawn from the gallery) would match itself at rank 1: both
     # copies get a camera of their own, so the same-camera rule removes that copy, and only it, from its ranking.
-    where = lambda s, p: os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(lists[SPLITS.index(s)])), p))
-    both = {where("query", r[0]) for r in rows["query"]} & {where("gallery", r[0]) for r in rows["gallery"]}
+    test = {s: [relpath(s, r[0]) for r in rows[s]] for s in ("query", "gallery")}
+    both = set(test["query"]) & set(test["gallery"])
     if both:
-      rows = {s: [(p, i, f"same image {where(s, p)}" if s != "train" and where(s, p) in both else c, v)
-                  for p, i, c, v in rows[s]] for s in SPLITS}
+      for s, paths in test.items():
+        rows[s] = [(p, i, f"same image {path}" if path in both else c, v) for (p, i, c, v), path in zip(rows[s], paths)]
   every = [r for s in SPLITS for r in rows[s]]
   cams = _numbering({r[2] for r in rows["train"]}, {r[2] for r in every})
   views = _numbering({r[3] for r in rows["train"]}, {r[3] for r in every})
@@ -146,8 +152,7 @@ def load(root: str | os.PathLike, *, train_list: str = "train.csv", query_list: 
   train_pid = _numbering({r[1] for r in rows["train"]})
 
   def records(split: str, pid_of: dict[str, int]) -> list[tuple[str, int, int, int]]:
-    base = os.path.relpath(os.path.dirname(os.path.abspath(lists[SPLITS.index(split)])), os.path.abspath(root))
-    return [(os.path.normpath(os.path.join(base, p)), pid_of[i], cams[c], views[v]) for p, i, c, v in rows[split]]
+    return [(relpath(split, p), pid_of[i], cams[c], views[v]) for p, i, c, v in rows[split]]
 
   return ReidDataset(
       NAME,
