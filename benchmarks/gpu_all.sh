@@ -12,8 +12,9 @@
 #
 # then, through the device tool:  run(command="bash benchmarks/gpu_all.sh", carry=[".devdeps", ".whl"],
 # timeout_s=600) (the tool's limit above the script's own budget: a part cut by its `timeout` still prints what it
-# measured). PARTS picks the parts (default steps,eval,recipe; also rss, profile, dispatch, demo), in this order: rss
-# (JAX's start-up host memory), profile (PROFILE_VARIANTS, ~1 min each), dispatch (DISPATCH_ARGS), steps (STEP_ARGS
+# measured). PARTS picks the parts (default steps,eval,recipe; also rss, profile, cbupdate, dispatch, demo), in this
+# order: rss (JAX's start-up host memory), profile (PROFILE_VARIANTS, ~1 min each), cbupdate (the profile's default
+# with XLA's command-buffer update mode SKIP_TEMP), dispatch (DISPATCH_ARGS), steps (STEP_ARGS
 # picks rows), eval (EVAL_ARGS), demo (the Quickstart's main job), recipe. A call of the kind the twelfth session
 # made first (~4 min on an H200):
 #   PARTS=rss,profile,steps,eval,demo PROFILE_VARIANTS=default,xla,nographs PROFILE_STEPS=3 \
@@ -95,6 +96,17 @@ if part profile; then
   timeout "${PROFILE_BUDGET_S:-200}" "$PY" benchmarks/profile_step.py --variants "${PROFILE_VARIANTS:-default}" \
     --profile_steps "${PROFILE_STEPS:-5}" ${PROFILE_ARGS:-} --explain 16 --json "$OUT/profile.json" 2>&1 \
     | grep --line-buffered -v "^PROFILE" | tee "$OUT/profile.txt"
+fi
+
+# 1a. Optional (part cbupdate, ~1 min): the default variant again in a process of its own in which XLA keeps the
+#     executables' temporary buffers at fixed virtual addresses (XLA_FLAGS --xla_gpu_command_buffer_update_mode=
+#     SKIP_TEMP, which takes XLA's VMM allocator; jax 0.11 has it), so that its CUDA graphs need no update for them at
+#     each call. The step runs in 25 graphs and 24 thunks outside them (benchmarks/aot_report.py), 49 launches, yet
+#     the H200's host took 12.6 ms per call: its "dispatch" against the profile's says how much of that is updates.
+if part cbupdate; then
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=SKIP_TEMP" timeout "${CBUPDATE_BUDGET_S:-120}" \
+    "$PY" benchmarks/profile_step.py --variants default --profile_steps 0 --json "$OUT/profile_skiptemp.json" 2>&1 \
+    | grep --line-buffered -v "^PROFILE"
 fi
 
 # 1b. Optional (part dispatch, ~1.5 min): the host time of one step call in the trainer's loop, the state as a pytree

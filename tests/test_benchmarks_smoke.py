@@ -215,3 +215,53 @@ def test_profile_variants_name_real_options():
   assert profile_step.VARIANTS["xla"][0] == {"variant": "xla"}
   with pytest.raises(Exception, match="not a valid enum value"):  # the check above can fail
     jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_enable_command_buffer": "FUSIONS"}).lower(jnp.ones(2)).compile()
+
+
+def test_aot_report_compiles_the_trainers_programs(tmp_path):
+  """The ahead-of-time report (run here on this CPU, a small model) compiles the three programs and reports each
+  one's memory from XLA's buffer assignment; the stage-2 step donates its state."""
+  out = subprocess.run([sys.executable, "benchmarks/aot_report.py", "--targets", "cpu", "--tiny", "--json",
+                        str(tmp_path / "aot.json")], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = {r["program"]: r for r in json.loads((tmp_path / "aot.json").read_text())}
+  assert set(rows) == {"stage2", "stage1", "eval"}
+  for r in rows.values():
+    assert r["peak_gib"] == pytest.approx(r["arguments_gib"] + r["outputs_gib"] - r["donated_gib"] + r["temp_gib"])
+    assert r["temp_gib"] > 0
+  # the state's arrays are reused as the step's outputs; the features are new
+  assert rows["stage2"]["donated_gib"] == pytest.approx(rows["stage2"]["outputs_gib"], rel=0.01)
+  assert rows["eval"]["donated_gib"] == 0
+  assert "| cpu | 1 | stage2 | default |" in out.stdout
+
+
+def test_aot_report_reads_xla_gpu_thunk_sequences():
+  """What the host launches per call, from XLA:GPU's thunk-sequence dump: graphs and the thunks outside them at the
+  top level, the kernels recorded in the graphs indented under them."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import aot_report  # pylint: disable=g-import-not-at-top
+  dump = ("000: kCommandBuffer [source       | next=003 (1)] \n"
+          "    001: kCopy         [source        | next=002 (1) ] kCopy\n"
+          "    002: kCustomKernel [prev=001 (1)  | sink ] loop_add_fusion grid: [1, 1, 1]\n"
+          "003: kCuDnn         [prev=000 (1) | next=000 (1)] kCuDnn\n"
+          "000: kCommandBuffer [prev=003 (1) | next=004 (1)] \n"
+          "    004: kCustomKernel [source | sink ] input_reduce_fusion grid: [8, 1, 1]\n"
+          "004: kConvolution   [prev=000 (1) | sink] kConvolution\n")
+  assert aot_report.thunk_structure(dump) == {"host_launches": 4, "per_iteration": 0, "graphs": 2, "kernels": 5,
+                                              "in_graphs": 3, "outside_graphs": {"kConvolution": 1, "kCuDnn": 1}}
+  without_graphs = "000: kCustomKernel [source | next=001 (1)] f\n001: kCuDnn [prev=000 (1) | sink] kCuDnn\n"
+  assert aot_report.thunk_structure(without_graphs)["host_launches"] == 2
+  # a loop (the stage-1 epoch): its body's thunks are launched at every iteration, its graphs' kernels are not
+  loop = ("000: kCommandBuffer [source | next=004 (1)]\n    001: kCustomKernel [source | sink] f\n"
+          "004: kWhile         [prev=000 (1) | sink]\ncondition:\n    000: kCustomKernel [source | sink] c\n"
+          "  body:\n    000: kCommandBuffer      [source        | next=011 (1)]\n"
+          "        002: kCustomKernel [source | sink] g\n        003: kCustomKernel [source | sink] h\n"
+          "    011: kCuDnn              [prev=000 (1)  | next=000 (1)] kCuDnn\n"
+          "    012: kDynamicSliceFusion [prev=011 (1)  | sink        ] params=1, results=1\n")
+  assert aot_report.thunk_structure(loop) == {
+      "host_launches": 2, "per_iteration": 4, "graphs": 2, "kernels": 6, "in_graphs": 3,
+      "outside_graphs": {"kCuDnn": 1, "kCustomKernel": 1, "kDynamicSliceFusion": 1}}
+  hlo = ("  %all-reduce-start.1 = f32[768]{0} all-reduce-start(%p), replica_groups={}\n"
+         "  %all-reduce-done.1 = f32[768]{0} all-reduce-done(%all-reduce-start.1)\n"
+         "  %ag = bf16[64,512]{1,0} all-gather(%x), dimensions={0}\n")
+  assert aot_report.collectives(hlo) == {"all-reduce": 1, "all-gather": 1}

@@ -649,6 +649,28 @@ def test_cudnn_attention_only_where_cudnn_runs(monkeypatch, case, expected):
   assert asked == [expected], (case, asked)
 
 
+def test_target_platform_builds_for_a_platform_that_is_not_here(monkeypatch):
+  """clip.TARGET_PLATFORM (ahead-of-time compilation, benchmarks/aot_report.py) decides what the process's own
+  platform would: 'gpu' asks for cuDNN's attention without a GPU to ask, 'tpu' drops the CPU-only rewrites."""
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  asked = []
+  real = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda *a, implementation=None, **kw: asked.append(implementation) or real(*a, **kw))
+  monkeypatch.setattr(clip_lib, "ATTENTION_IMPLEMENTATION", "cudnn")
+  q = jax.numpy.ones((1, 6, 2, 64), jax.numpy.bfloat16)
+  assert clip_lib._on_cpu_by_default(None)  # pylint: disable=protected-access  # this process: the CPU
+  clip_lib.attention(q, q, q)
+  assert asked == []  # the CPU's written-out attention
+  monkeypatch.setattr(clip_lib, "TARGET_PLATFORM", "gpu")
+  clip_lib.attention(q, q, q)
+  assert asked == ["cudnn"]
+  monkeypatch.setattr(clip_lib, "TARGET_PLATFORM", "tpu")
+  assert not clip_lib._on_cpu_by_default(None)  # pylint: disable=protected-access
+  clip_lib.attention(q, q, q)
+  assert asked == ["cudnn", None]  # XLA's own attention
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_even_length_attention_is_exact(causal):
   """The odd-length padding used for cuDNN (whose backward takes even lengths), run here with XLA's kernel:

@@ -8,6 +8,7 @@ import pathlib
 
 import chex
 from flax import traverse_util
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -120,6 +121,13 @@ def test_from_clip_matches_official_construction(tmp_path):
       assert sie.shape == state["cv_embed"].shape and abs(float(np.std(sie)) - 0.02) < 0.003
       assert np.abs(sie).max() > 0.045  # flax's truncated_normal(0.02) stops at 2 std, 0.04
     assert model.config.eot_index == 11
+    # the configuration alone (what benchmarks/aot_report.py compiles from, without weights) is the built model's
+    assert clipreid.reid_config(
+        clip_model.config, num_classes=m["num_classes"], input_size=tuple(m["SIZE_TRAIN"]),
+        stride=m["STRIDE_SIZE"][0], sie_camera=m["SIE_CAMERA"], sie_view=m["SIE_VIEW"], camera_num=m["camera_num"],
+        view_num=m["view_num"], sie_coe=m["SIE_COE"], dataset=m["DATASETS.NAMES"]) == model.config
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), clipreid.expected_variables(model.config)) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), variables)
 
 
 def test_inference_from_tensors_official_names(tmp_path):

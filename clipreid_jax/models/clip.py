@@ -173,8 +173,17 @@ ATTENTION_IMPLEMENTATION: Optional[str] = "cudnn"
 ATTENTION_SETTINGS = {"auto": "cudnn", "xla": None, "cudnn": "cudnn"}
 
 
+# The platform the model is built for when it is not this process's (ahead-of-time compilation for a GPU or TPU that
+# is not here, benchmarks/aot_report.py): 'gpu' (an NVIDIA GPU cuDNN's flash attention runs on), 'tpu' or 'cpu'.
+# None: the platform new computations go to. Read at trace time, as ATTENTION_IMPLEMENTATION.
+TARGET_PLATFORM: Optional[str] = None
+
+
 def _target_platform() -> str:
-  """The platform new computations go to: `jax.default_device` when set (e.g. an init on the host CPU)."""
+  """TARGET_PLATFORM, else the platform new computations go to: `jax.default_device` when set (e.g. an init on the
+  host CPU)."""
+  if TARGET_PLATFORM is not None:
+    return TARGET_PLATFORM
   dev = jax.config.jax_default_device
   if dev is None:
     return jax.default_backend()
@@ -204,7 +213,8 @@ def attention(q, k, v, *, causal: bool = False):
   # cuDNN's kernels: NVIDIA GPUs from Ampere on, half precision, head widths that are multiples of 8 up to 128,
   # and self-attention over equal lengths (the class-token-only last block of the ViT, one query, stays with XLA:
   # it is tiny).
-  if impl == "cudnn" and (_target_platform() not in ("gpu", "cuda") or not _cudnn_flash_attention_available()
+  if impl == "cudnn" and (_target_platform() not in ("gpu", "cuda")
+                          or not (TARGET_PLATFORM == "gpu" or _cudnn_flash_attention_available())
                           or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 8 or q.shape[-1] > 128
                           or q.shape[1] != k.shape[1]):
     impl = None

@@ -259,22 +259,17 @@ class GeometryError(ValueError):
   """An input size or patch stride the CLIP cannot take; the message starts with the argument's name."""
 
 
-def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, input_size: tuple[int, int],
-              stride: int = 16, sie_camera=False, sie_view=False, camera_num=1, view_num=1, sie_coe=3.0,
-              dataset: str = "market1501", with_text: bool = True, prompt_tokens: int = N_CTX, rng=None,
-              dtype=jnp.float32, prompt_noun: str | None = None):
-  """A CLIP-ReID model initialised from converted CLIP variables, as the official `make_model` does.
-
-  The image positional embedding is resized to the ReID grid; heads, SIE and prompt tokens are drawn
-  fresh from `rng`; the prompt's prefix/suffix come from CLIP's token embedding. `prompt_noun`: the prompt's last
-  word(s) (default: the dataset's, `prompt_noun_for`).
+def reid_config(clip_cfg: CLIPConfig, *, num_classes: int, input_size: tuple[int, int], stride: int = 16,
+                sie_camera=False, sie_view=False, camera_num=1, view_num=1, sie_coe=3.0, dataset: str = "market1501",
+                with_text: bool = True, prompt_tokens: int = N_CTX, prompt_noun: str | None = None) -> ReIDConfig:
+  """The configuration of the CLIP-ReID model `from_clip` builds on a CLIP of `clip_cfg` (its arguments).
 
   Raises:
     GeometryError: an input size below one token, or a stride above the patch size (it would skip pixels).
     CheckpointError: a CLIP whose token grid was resized for another geometry.
   """
   from clipreid_jax.checkpoints import CheckpointError
-  from clipreid_jax.convert import grid_for, grid_unit, resize_pos_embed
+  from clipreid_jax.convert import grid_for, grid_unit
   if clip_cfg.is_vit and stride > clip_cfg.vision_patch_size:  # the official code has no such recipe
     raise GeometryError(f"stride: {stride} is more than the CLIP's {clip_cfg.vision_patch_size}-pixel patch, which "
                         f"would skip pixels; expected 1..{clip_cfg.vision_patch_size}")
@@ -299,10 +294,29 @@ def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, i
                           f"convert without --input_size, or with {how}")
   noun = prompt_noun or prompt_noun_for(dataset)
   tokens = tokenize(prompt_template(noun, prompt_tokens))[0]
-  cfg = ReIDConfig(clip=dataclasses.replace(clip_cfg, vision_grid=grid, vision_grid_source=()),
-                   num_classes=num_classes, sie_camera=sie_camera, sie_view=sie_view, camera_num=camera_num,
-                   view_num=view_num, sie_coe=sie_coe, prompt_noun=noun, with_text=with_text, eot_index=int(tokens.argmax()),
-                   image_size=tuple(input_size), prompt_tokens=prompt_tokens)
+  return ReIDConfig(clip=dataclasses.replace(clip_cfg, vision_grid=grid, vision_grid_source=()),
+                    num_classes=num_classes, sie_camera=sie_camera, sie_view=sie_view, camera_num=camera_num,
+                    view_num=view_num, sie_coe=sie_coe, prompt_noun=noun, with_text=with_text,
+                    eot_index=int(tokens.argmax()), image_size=tuple(input_size), prompt_tokens=prompt_tokens)
+
+
+def from_clip(clip_cfg: CLIPConfig, clip_variables: dict, *, num_classes: int, input_size: tuple[int, int],
+              stride: int = 16, sie_camera=False, sie_view=False, camera_num=1, view_num=1, sie_coe=3.0,
+              dataset: str = "market1501", with_text: bool = True, prompt_tokens: int = N_CTX, rng=None,
+              dtype=jnp.float32, prompt_noun: str | None = None):
+  """A CLIP-ReID model initialised from converted CLIP variables, as the official `make_model` does.
+
+  The image positional embedding is resized to the ReID grid; heads, SIE and prompt tokens are drawn
+  fresh from `rng`; the prompt's prefix/suffix come from CLIP's token embedding. `prompt_noun`: the prompt's last
+  word(s) (default: the dataset's, `prompt_noun_for`). Raises what `reid_config` raises.
+  """
+  from clipreid_jax.convert import resize_pos_embed
+  from clipreid_jax.tokenizer import tokenize
+  cfg = reid_config(clip_cfg, num_classes=num_classes, input_size=input_size, stride=stride, sie_camera=sie_camera,
+                    sie_view=sie_view, camera_num=camera_num, view_num=view_num, sie_coe=sie_coe, dataset=dataset,
+                    with_text=with_text, prompt_tokens=prompt_tokens, prompt_noun=prompt_noun)
+  grid = tuple(cfg.clip.vision_grid)
+  tokens = tokenize(prompt_template(cfg.prompt_noun, prompt_tokens))[0]
   model = CLIPReID(cfg, dtype)
   variables = jax.tree.map(np.asarray, init_variables(model, rng if rng is not None else jax.random.PRNGKey(0)))
   params, stats = variables["params"], variables.get("batch_stats", {})
