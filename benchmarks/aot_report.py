@@ -43,6 +43,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as C  # pylint: disable=g-import-not-at-top,wrong-import-position
+import profile_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # XLA's description of each GPU (stream_executor's DeviceDescription fields, as its gpu_specs/*.txtpb give them).
 _GPU_COMMON = """
@@ -64,12 +65,11 @@ GPU_SPECS = {
     "h200": "gpu_device_info {" + _GPU_COMMON.format(bandwidth=4800000000000, memory=150754820096,
                                                      name="NVIDIA H200"),
 }
-VARIANTS = {  # name -> (compiler options, step without grad_norm)
+VARIANTS = {  # name -> (compiler options, step without grad_norm); the graph options are profile_step's
     "default": ({}, False),
     "nogradnorm": ({}, True),
-    "nographs": ({"xla_gpu_enable_command_buffer": ""}, False),
-    "allgraphs": ({"xla_gpu_enable_command_buffer":
-                   "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL"}, False),
+    "nographs": (profile_step.VARIANTS["nographs"][1], False),
+    "allgraphs": (profile_step.VARIANTS["allgraphs"][1], False),
 }
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -122,7 +122,7 @@ class Recipe:
   num_train: int
 
 
-def recipe(config_path: str, platform: str, tiny: bool) -> Recipe:
+def recipe(config_path: str, platform: str, tiny: bool, attention: str = "auto") -> Recipe:
   """The recipe's model for `platform` ('gpu', 'tpu', 'cpu'), abstract, with MSMT17's identities and cameras."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from clipreid_jax import train  # pylint: disable=g-import-not-at-top
@@ -130,6 +130,7 @@ def recipe(config_path: str, platform: str, tiny: bool) -> Recipe:
   from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   path, _, arg = config_path.partition(":")
   config = runpy.run_path(path)["get_config"](*([arg] if arg else []))
+  config.model.attention = attention
   m = config.model
   backbone = "vit" if m.backbone.startswith("ViT") else "rn50"
   clip_cfg = C.clip_config(backbone)
@@ -264,8 +265,7 @@ def report(fn, args, platform: str, dump_dir: str | None) -> dict:
     gib = lambda b: b / 2**30
     row.update(arguments_gib=gib(mem.argument_size_in_bytes), outputs_gib=gib(mem.output_size_in_bytes),
                donated_gib=gib(mem.alias_size_in_bytes), temp_gib=gib(mem.temp_size_in_bytes),
-               peak_gib=gib(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                            + mem.temp_size_in_bytes))
+               peak_gib=gib(C.buffer_bytes(compiled)))
   row["collectives"] = collectives(compiled.as_text())
   if platform == "gpu" and dump_dir:
     files = (sorted(glob.glob(os.path.join(dump_dir, "*thunk_sequence_after_thunk_passes.txt")))
@@ -282,7 +282,7 @@ def _fmt(x, digits=2) -> str:
 
 def print_table(rows: list[dict]) -> None:
   print("| target | devices | program | variant | compile s | arguments GiB | temporaries GiB | peak GiB per device "
-        "| kernels per call | CUDA graphs | host launches per call (per loop iteration) | outside the graphs "
+        "| kernels in the program | CUDA graphs | host launches per call (per loop iteration) | outside the graphs "
         "| collectives |")
   print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
   for r in rows:
@@ -295,7 +295,8 @@ def print_table(rows: list[dict]) -> None:
     if r.get("per_iteration"):
       launches = f"{launches} ({r['per_iteration']})"
     coll = ", ".join(f"{k} {v}" for k, v in r["collectives"].items()) or "-"
-    variant = r["variant"] + (f" ({r['note']})" if r.get("note") else "")
+    variant = (r["variant"] + (", XLA's attention" if r.get("attention") == "xla" else "")
+               + (f" ({r['note']})" if r.get("note") else ""))
     print(f"| {r['target']} | {r['devices']} | {r['program']} | {variant} | {r['compile_s']:.1f} "
           f"| {_fmt(r.get('arguments_gib'))} | {_fmt(r.get('temp_gib'))} | {_fmt(r.get('peak_gib'))} "
           f"| {r.get('kernels', '-')} | {r.get('graphs', '-')} | {launches} | {outside} "
@@ -309,6 +310,8 @@ def main(argv=None) -> int:
                  help="a recipe config file, optionally with ':variant' (configs/msmt17_vit.py:sie_olp)")
   p.add_argument("--programs", default="stage2,stage1,eval")
   p.add_argument("--variants", default="default", help=f"comma-separated, of {', '.join(VARIANTS)}")
+  p.add_argument("--attention", choices=["auto", "xla"], default="auto",
+                 help="as model.attention: auto (cuDNN's on a GPU target, as the trainer's default), xla (XLA's)")
   p.add_argument("--tiny", action="store_true", help="a small model (smoke run)")
   p.add_argument("--json", default=None, help="write the rows here")
   args = p.parse_args(argv)
@@ -318,6 +321,21 @@ def main(argv=None) -> int:
     if v not in VARIANTS:
       p.error(f"--variants: unknown variant {v!r}; expected one of {', '.join(VARIANTS)}")
   _prepare_environment(targets)
+  from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  saved = clip_lib.TARGET_PLATFORM, clip_lib.ATTENTION_IMPLEMENTATION  # recipe() sets both for each target
+  try:
+    rows = _rows(args, targets, variants)
+  finally:
+    clip_lib.TARGET_PLATFORM, clip_lib.ATTENTION_IMPLEMENTATION = saved
+  print()
+  print_table(rows)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+  return 1 if any("error" in r for r in rows) else 0
+
+
+def _rows(args, targets: list[str], variants: list[str]) -> list[dict]:
   wanted = [x for x in args.programs.split(",") if x]
   rows = []
   for target in targets:
@@ -327,16 +345,21 @@ def main(argv=None) -> int:
       print(f"error: --targets {target}: {e}", file=sys.stderr)
       rows.append({"target": target, "program": "-", "variant": "-", "error": str(e).split(" (")[0]})
       continue
-    r = recipe(args.config, platform, args.tiny)
+    r = recipe(args.config, platform, args.tiny, args.attention)
     for variant in variants:
       options, without_grad_norm = VARIANTS[variant]
+      if options and platform != "gpu":
+        continue  # XLA:GPU's options: elsewhere the program would be the default's
       progs = programs(r, mesh, without_grad_norm)
       for name in [x for x in wanted if x in progs]:
+        if without_grad_norm and name != "stage2":
+          continue  # the other programs have no grad_norm
         build, prog_args = progs[name]
         # XLA:GPU's thunk sequence is read from its dump (HLO passes not dumped), removed once read.
         dump_dir = tempfile.mkdtemp(prefix=f"aot_{name}_") if platform == "gpu" else None
         opts = dict(options, xla_dump_to=dump_dir, xla_dump_hlo_pass_re="^$") if dump_dir else {}
-        row = {"target": target, "devices": mesh.size, "program": name, "variant": variant}
+        row = {"target": target, "devices": mesh.size, "program": name, "variant": variant,
+               "attention": args.attention}
         try:
           try:
             row.update(report(build(opts or None), prog_args, platform, dump_dir))
@@ -355,12 +378,7 @@ def main(argv=None) -> int:
             shutil.rmtree(dump_dir, ignore_errors=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
-  print()
-  print_table(rows)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(rows, f, indent=1)
-  return 1 if any("error" in r for r in rows) else 0
+  return rows
 
 
 if __name__ == "__main__":

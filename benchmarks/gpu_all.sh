@@ -100,9 +100,10 @@ fi
 
 # 1a. Optional (part cbupdate, ~1 min): the default variant again in a process of its own in which XLA keeps the
 #     executables' temporary buffers at fixed virtual addresses (XLA_FLAGS --xla_gpu_command_buffer_update_mode=
-#     SKIP_TEMP, which takes XLA's VMM allocator; jax 0.11 has it), so that its CUDA graphs need no update for them at
-#     each call. The step runs in 25 graphs and 24 thunks outside them (benchmarks/aot_report.py), 49 launches, yet
-#     the H200's host took 12.6 ms per call: its "dispatch" against the profile's says how much of that is updates.
+#     SKIP_TEMP, which takes XLA's VMM allocator; a value of jax 0.11's XLA, where 0.10's has other modes), so that
+#     its CUDA graphs need no update for them at each call. The step runs as 25 graphs and 24 thunks outside them
+#     (benchmarks/aot_report.py), 49 launches; the H200's host took 12.6 ms per call (twelfth session): this
+#     "dispatch" against the profile's says how much of the host's time per call is graph updates of temporaries.
 if part cbupdate; then
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=SKIP_TEMP" timeout "${CBUPDATE_BUDGET_S:-120}" \
     "$PY" benchmarks/profile_step.py --variants default --profile_steps 0 --json "$OUT/profile_skiptemp.json" 2>&1 \

@@ -214,7 +214,7 @@ def attention(q, k, v, *, causal: bool = False):
   # and self-attention over equal lengths (the class-token-only last block of the ViT, one query, stays with XLA:
   # it is tiny).
   if impl == "cudnn" and (_target_platform() not in ("gpu", "cuda")
-                          or not (TARGET_PLATFORM == "gpu" or _cudnn_flash_attention_available())
+                          or not (TARGET_PLATFORM in ("gpu", "cuda") or _cudnn_flash_attention_available())
                           or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 8 or q.shape[-1] > 128
                           or q.shape[1] != k.shape[1]):
     impl = None
