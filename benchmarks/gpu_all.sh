@@ -84,6 +84,30 @@ except Exception as e:
   print(f"  cuDNN flash attention check failed: {type(e).__name__}: {e}")
 EOF
 
+# Always (~15 s): the test feature's program compiles here. It runs in float32 with full-precision products since
+# the sixteenth session and has not run on a GPU since; compiled without a device (benchmarks/aot_report.py), XLA's
+# default tiling of one of its Triton GEMMs was invalid, which the autotuner on the machine should avoid.
+timeout 120 "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt"
+import sys, time
+sys.path.insert(0, "benchmarks")
+import jax, jax.numpy as jnp
+import _common as C
+from clipreid_jax import steps
+from clipreid_jax.models import clipreid
+cfg = clipreid.reid_config(C.clip_config("vit"), num_classes=C.NUM_CLASSES, input_size=(256, 128), dataset="msmt17")
+n = 64  # eval.batch_size
+batch = {"image": jax.ShapeDtypeStruct((n, 256, 128, 3), jnp.uint8), "camid": jax.ShapeDtypeStruct((n,), jnp.int32),
+         "viewid": jax.ShapeDtypeStruct((n,), jnp.int32)}
+t = time.perf_counter()
+try:
+  fn = jax.jit(steps.make_feature_fn(clipreid.CLIPReID(cfg, jnp.bfloat16), "eval"))
+  fn.lower(clipreid.expected_variables(cfg), batch).compile()
+  print(f"test feature (ViT-B/16, float32, full-precision products, batch {n}) compiles here in "
+        f"{time.perf_counter() - t:.1f} s")
+except Exception as e:  # the evaluation of every GPU run would fail the same way
+  print(f"test feature does NOT compile here: {type(e).__name__}: {str(e)[:400]}")
+EOF
+
 # 0. Optional (part rss, ~1 min): the host memory JAX's backend holds before any work, under the environment
 #    settings that might lower it (the floor under the evaluation's 3 GB peak-RSS goal, docs/evaluation.md).
 part rss && timeout 150 "$PY" benchmarks/runtime_memory.py \
