@@ -16,9 +16,10 @@ split over one 'data' axis of all the target's devices, as on a real run (train.
 
 Per target and program: compile s; per-device memory from XLA's buffer assignment (arguments, outputs, donated
 arguments reused as outputs, temporaries; peak = arguments + outputs - donated + temporaries); on a GPU target,
-from XLA's thunk dump: kernels per call, the CUDA graphs (command buffers) XLA records them into, and the thunks
-the host launches one by one per call (graphs, and the kinds left outside them: cuDNN's attention, convolutions);
-the collectives (all-reduce etc.) in the optimised HLO.
+from XLA's thunk dump: the thunks in the program (kernels, cuDNN and cuBLAS calls, copies; a loop's body counted
+once), the CUDA graphs (command buffers) XLA records them into, and the thunks the host launches one by one per
+call and per loop iteration (graphs, and the kinds left outside them: cuDNN's attention, convolutions); the
+collectives (all-reduce etc.) in the optimised HLO.
 
 Not measured here: time. XLA picks its kernels' tiling without a device (no autotuning), so the executable may
 differ in tiling, not in structure, from one compiled on the machine.
@@ -307,7 +308,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--targets", default="h100", help="comma-separated: h100, h200, tpu:<topology>, cpu")
   p.add_argument("--config", default=os.path.join(C.REPO, "configs", "msmt17_vit.py"),
-                 help="a recipe config file, optionally with ':variant' (configs/msmt17_vit.py:sie_olp)")
+                 help="a recipe config file, optionally with ':variant' (configs/msmt17_vit.py:sie_olp); the "
+                      "model gets MSMT17's identities and cameras, stage 1 its 32,621 images")
   p.add_argument("--programs", default="stage2,stage1,eval")
   p.add_argument("--variants", default="default", help=f"comma-separated, of {', '.join(VARIANTS)}")
   p.add_argument("--attention", choices=["auto", "xla"], default="auto",
