@@ -214,9 +214,24 @@ def main(argv):
   except TrainingStopped as e:  # non-finite loss, failed save: the last good checkpoint is kept
     stderr_line(f"error: {e}")
     return 1
+  except Exception as e:  # pylint: disable=broad-except
+    if not _out_of_device_memory(e):
+      raise
+    # XLA's message goes on with the allocator's state, many lines; its first line says how much was asked for.
+    kept = "; the training checkpoints are kept" if config.get("mode", "train") == "train" else ""
+    stderr_line(f"error: the device ran out of memory ({str(e).strip().splitlines()[0]}); expected more device memory "
+                "or a smaller stage2.num_ids, stage1.batch_size, eval.batch_size or model.input_size (python "
+                f"benchmarks/aot_report.py reports what a config needs per device){kept}")
+    return 1
   except KeyboardInterrupt:  # a second Ctrl-C (the first saves and exits 130), or one outside training
     stderr_line("error: interrupted (Ctrl-C); rerun the same command to resume a training run")
     return 130
+
+
+def _out_of_device_memory(e: Exception) -> bool:
+  """XLA's out-of-memory error, at compilation (the program does not fit) or at run time (an allocation failed)."""
+  import jax  # pylint: disable=g-import-not-at-top  # after host_memory's settings
+  return isinstance(e, jax.errors.JaxRuntimeError) and str(e).lstrip().startswith("RESOURCE_EXHAUSTED")
 
 
 # The line that starts a traceback's exception text ("ValueError: ...", "pkg.CustomError: ...").

@@ -283,6 +283,38 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, reference
   assert not (work / "model").exists() and (work / "stage1").is_dir()
 
 
+# Python run before the CLI: stage 2's step runs out of device memory at its first call, as XLA reports it (its
+# allocator's state follows the first line).
+OUT_OF_MEMORY = """
+import jax
+from clipreid_jax import steps
+_loop_step = steps.loop_step
+def _out_of_memory(*args, **kwargs):
+  _loop_step(*args, **kwargs)
+  def call(*a):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2634022912 bytes."
+                                     "\\nBFCAllocator dump for GPU_0_bfc\\nBin (256): Total Chunks: 1")
+  return call
+steps.loop_step = _out_of_memory
+"""
+
+
+def test_device_out_of_memory_is_one_line_and_keeps_the_checkpoints(env, reference):
+  work = env["root"] / "out_of_memory"
+  out = _run(env, work, code=OUT_OF_MEMORY)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr and "BFCAllocator" not in out.stderr, out.stderr[-3000:]
+  line = out.stderr.strip().splitlines()[-1]
+  assert line == ("error: the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                  "2634022912 bytes.); expected more device memory or a smaller stage2.num_ids, stage1.batch_size, "
+                  "eval.batch_size or model.input_size (python benchmarks/aot_report.py reports what a config needs "
+                  "per device); the training checkpoints are kept"), line
+  assert _steps(work) == [1, 2] and (work / "stage1").is_dir() and not (work / "model").exists()
+  out = _run(env, work)  # memory freed: the run resumes at stage 2 and ends as an uninterrupted one
+  assert out.returncode == 0, out.stderr[-3000:]
+  _assert_same_run(work, reference)
+
+
 def test_workdir_of_another_configuration(env, reference):
   before = folder_state(reference)
   out = _run(env, reference, "--config.seed=7")
