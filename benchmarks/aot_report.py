@@ -72,6 +72,7 @@ VARIANTS = {  # name -> (compiler options, step without grad_norm); the graph op
     "nographs": (profile_step.VARIANTS["nographs"][1], False),
     "allgraphs": (profile_step.VARIANTS["allgraphs"][1], False),
 }
+PROGRAMS = ("stage2", "stage1", "eval")  # stage1 only where the model has a text side (not a baseline)
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -310,7 +311,7 @@ def main(argv=None) -> int:
   p.add_argument("--config", default=os.path.join(C.REPO, "configs", "msmt17_vit.py"),
                  help="a recipe config file, optionally with ':variant' (configs/msmt17_vit.py:sie_olp); the "
                       "model gets MSMT17's identities and cameras, stage 1 its 32,621 images")
-  p.add_argument("--programs", default="stage2,stage1,eval")
+  p.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated, of {', '.join(PROGRAMS)}")
   p.add_argument("--variants", default="default", help=f"comma-separated, of {', '.join(VARIANTS)}")
   p.add_argument("--attention", choices=["auto", "xla"], default="auto",
                  help="as model.attention: auto (cuDNN's on a GPU target, as the trainer's default), xla (XLA's)")
@@ -322,6 +323,9 @@ def main(argv=None) -> int:
   for v in variants:
     if v not in VARIANTS:
       p.error(f"--variants: unknown variant {v!r}; expected one of {', '.join(VARIANTS)}")
+  for name in [x for x in args.programs.split(",") if x]:
+    if name not in PROGRAMS:
+      p.error(f"--programs: unknown program {name!r}; expected one of {', '.join(PROGRAMS)}")
   _prepare_environment(targets)
   from clipreid_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   saved = clip_lib.TARGET_PLATFORM, clip_lib.ATTENTION_IMPLEMENTATION  # recipe() sets both for each target

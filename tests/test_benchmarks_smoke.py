@@ -233,6 +233,10 @@ def test_aot_report_compiles_the_trainers_programs(tmp_path):
   assert rows["stage2"]["donated_gib"] == pytest.approx(rows["stage2"]["outputs_gib"], rel=0.01)
   assert rows["eval"]["donated_gib"] == 0
   assert "| cpu | 1 | stage2 | default |" in out.stdout
+  bad = subprocess.run([sys.executable, "benchmarks/aot_report.py", "--targets", "cpu", "--programs",
+                        "stage2,stage3"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert bad.returncode == 2 and "--programs: unknown program 'stage3'" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_aot_report_reads_xla_gpu_thunk_sequences():
