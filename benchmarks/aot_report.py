@@ -78,7 +78,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 
 def _prepare_environment(targets: list[str]) -> None:
   """Before JAX starts: a GPU target on a host without a GPU needs the CUDA plugin to skip its device checks."""
-  if any(t in GPU_SPECS for t in targets) and not (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")):
+  if any(t in GPU_SPECS for t in targets) and not C.on_gpu_machine():
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
@@ -172,12 +172,10 @@ def programs(r: Recipe, mesh, without_grad_norm: bool) -> dict:
 
   s2 = config.stage2
   batch = s2.num_ids * s2.num_instances
-  tx = optim.stage2_optimizer(train.stage2_solver(config), -(-r.num_train // batch))
+  tx = train.stage2_optimizer(config, model, -(-r.num_train // batch))
   text = sds((cfg.num_classes, cfg.clip.embed_dim), jnp.float32) if cfg.with_text else None
   state = jax.eval_shape(lambda v, t: steps.create_state(v["params"], v["batch_stats"], tx, t), variables, text)
-  a = config.augment
-  step = steps.make_stage2_step(model, tx, train.loss_weights(config), erase_prob=a.erase_prob,
-                                flip_prob=a.flip_prob, padding=a.padding)
+  step = train.stage2_step(config, model, tx)
   if without_grad_norm:
     with_norm = step
 

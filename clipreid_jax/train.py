@@ -569,6 +569,19 @@ def loss_weights(config) -> losses.LossWeights:
                             i2t=lw.i2t_weight, label_smoothing=lw.label_smoothing, margin=lw.margin)
 
 
+def stage2_optimizer(config, model, steps_per_epoch):
+  """The stage-2 optimizer of `config` (the baseline's for a model without a text side)."""
+  make = optim.stage2_optimizer if model.config.with_text else optim.baseline_optimizer
+  return make(stage2_solver(config), steps_per_epoch)
+
+
+def stage2_step(config, model, tx):
+  """`step(state, batch, rng)` of stage 2 with the config's losses and augmentation (not yet jitted)."""
+  a = config.augment
+  return steps.make_stage2_step(model, tx, loss_weights(config), erase_prob=a.erase_prob, flip_prob=a.flip_prob,
+                                padding=a.padding)
+
+
 def run_stage1(config, run: Run, mesh, model, variables, dataset, meta: dict) -> dict:
   """Prompt learning on the cached image-feature bank. Returns the updated parameters."""
   s = config.stage1
@@ -645,7 +658,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
                                          epoch=e).shape[0] for e in range(1, s.max_epochs + 1)]
   baseline = not model.config.with_text
   solver = stage2_solver(config)
-  tx = (optim.baseline_optimizer if baseline else optim.stage2_optimizer)(solver, epoch_lengths)
+  tx = stage2_optimizer(config, model, epoch_lengths)
   text = None if baseline else steps.text_features_all(model, variables["params"])
   state = steps.create_state(variables["params"], variables["batch_stats"], tx, text)
   # Checkpoint counters grow through both stages: stage-1 epochs first, then stage-2 steps.
@@ -662,9 +675,7 @@ def run_stage2(config, run: Run, mesh, model, variables, dataset, meta: dict, ev
   treedef, leaves = jax.tree.structure(state), jax.tree.leaves(state)
   del state
   current = lambda: jax.tree.unflatten(treedef, leaves)
-  a = config.augment
-  step = steps.loop_step(steps.make_stage2_step(model, tx, loss_weights(config), erase_prob=a.erase_prob,
-                                                flip_prob=a.flip_prob, padding=a.padding), treedef)
+  step = steps.loop_step(stage2_step(config, model, tx), treedef)
   # The step's randomness is fold_in(key, optimizer step) (steps.loop_step), so a resumed run draws the same. (Not
   # epoch * steps_per_epoch + count: PK epochs differ in length, and two steps would share their draws.)
   key = jax.random.PRNGKey(config.seed + 2)
