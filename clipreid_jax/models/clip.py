@@ -203,6 +203,14 @@ def _cudnn_flash_attention_available() -> bool:
     return False
 
 
+def _cudnn_attention_target() -> bool:
+  """Whether the model is built for a GPU cuDNN's flash attention runs on: TARGET_PLATFORM 'gpu' is taken to be one
+  (there is no device to ask); otherwise the platform new computations go to, and its GPUs."""
+  if TARGET_PLATFORM is not None:
+    return TARGET_PLATFORM in ("gpu", "cuda")
+  return _target_platform() in ("gpu", "cuda") and _cudnn_flash_attention_available()
+
+
 def _on_cpu_by_default(setting: Optional[bool]) -> bool:
   """A CPU-only speed setting: None follows the target platform, True / False force it."""
   return _target_platform() == "cpu" if setting is None else bool(setting)
@@ -213,8 +221,7 @@ def attention(q, k, v, *, causal: bool = False):
   # cuDNN's kernels: NVIDIA GPUs from Ampere on, half precision, head widths that are multiples of 8 up to 128,
   # and self-attention over equal lengths (the class-token-only last block of the ViT, one query, stays with XLA:
   # it is tiny).
-  if impl == "cudnn" and (_target_platform() not in ("gpu", "cuda")
-                          or not (TARGET_PLATFORM in ("gpu", "cuda") or _cudnn_flash_attention_available())
+  if impl == "cudnn" and (not _cudnn_attention_target()
                           or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 8 or q.shape[-1] > 128
                           or q.shape[1] != k.shape[1]):
     impl = None
