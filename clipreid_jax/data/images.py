@@ -93,12 +93,10 @@ def decode_image(data: bytes, name: str) -> Image.Image:
 
 def to_rgb(img: Image.Image) -> Image.Image:
   """A PIL image of any mode as RGB (gray repeated, alpha dropped, palette and CMYK converted)."""
-  if img.mode.startswith("I;16"):
-    # 16-bit gray: PIL's convert("RGB") (the official path) clips at 255 and whitens the picture; keep the top byte.
-    img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), "L")
-  elif img.mode == "I" and np.asarray(img).max() > 255:
-    # 32-bit gray holding 16-bit values (a 16-bit PGM opens so): the same whitening; the same top byte. Values up to
-    # 255 (8-bit data in an int32 image) convert as they are.
+  # 16-bit gray, or 32-bit gray holding 16-bit values (a 16-bit PGM opens so): PIL's convert("RGB") (the official
+  # path) clips at 255 and whitens the picture; keep the top byte. Values up to 255 (8-bit data in an int32 image)
+  # convert as they are.
+  if img.mode.startswith("I;16") or (img.mode == "I" and np.asarray(img).max() > 255):
     img = Image.fromarray((np.clip(np.asarray(img), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8), "L")
   return img if img.mode == "RGB" else img.convert("RGB")
 
