@@ -171,6 +171,11 @@ def reid_model(backbone: str, *, stride: int = 16, dtype=None, input_size=(256, 
   return model, jax.tree.map(np.asarray, variables), source
 
 
+def on_gpu_machine() -> bool:
+  """An NVIDIA driver's device files are here (without asking JAX, which would start its backend)."""
+  return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
 def default_dtype():
   """What the trainer's model.dtype 'auto' picks: bfloat16 compute on GPU/TPU, float32 on CPU."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -42,10 +42,6 @@ import _common as C  # pylint: disable=g-import-not-at-top,wrong-import-position
 GOALS = dict(cpu_stage1_ratio=0.2, cpu_stage2_vit_ratio=1.0, gpu_stage2_images_per_s=4000.0, gpu_stage2_speedup=3.0)
 
 
-def _on_gpu_machine() -> bool:
-  return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
-
-
 # --------------------------------------------------------------------------------------------------
 # Workers: one job each, printing "RESULT {json}".
 
@@ -450,7 +446,7 @@ def main(argv=None) -> int:
   if args.job:
     worker(args.job)
     return 0
-  gpu = _on_gpu_machine() if args.platform == "auto" else args.platform == "gpu"
+  gpu = C.on_gpu_machine() if args.platform == "auto" else args.platform == "gpu"
   args.batch = args.batch or (64 if gpu else 8)
   args.iters = args.iters or (20 if gpu else 3)
   args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
