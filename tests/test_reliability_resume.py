@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from clipreid_jax.models.clipreid import load_clipreid
-from train_helpers import CLI_MAIN, SLOW_STEPS, folder_state, tensorboard_scalars
+from train_helpers import CLI_MAIN, SLOW_STEPS, checkpoint_steps, folder_state, tensorboard_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "tiny_run_config.py"
@@ -76,10 +76,6 @@ def _assert_same_run(workdir, reference) -> None:
 def _leftovers(workdir) -> list[pathlib.Path]:
   return [*workdir.glob(".*.partial-*"), *workdir.glob(".*.tmp-*"),
           *(workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*")]
-
-
-def _steps(workdir) -> list[int]:
-  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def _meta(workdir, step: int) -> dict:
@@ -167,7 +163,7 @@ def test_killed_anywhere_resumes_bit_exactly(env, reference):
       ("stage 2 epoch 1, Ctrl-C", lambda p: p.saw("stage 2 epoch 1 step 3/"), signal.SIGINT),
       ("stage 2 epoch 2, pre-empted", lambda p: p.saw("stage 2 epoch 2 step 1/"), signal.SIGTERM),
       ("stage 2, writing the last checkpoint", lambda p: p.saw("stage 2 epoch 2/2") and (
-          _orbax_tmp(work) or _meta(work, _steps(work)[-1]).get("epoch") == 2), signal.SIGKILL),
+          _orbax_tmp(work) or _meta(work, checkpoint_steps(work)[-1]).get("epoch") == 2), signal.SIGKILL),
       ("after training, writing model/ or evaluating",
        lambda p: any(work.glob(".model.partial-*")) or (work / "model").is_dir(), signal.SIGKILL),
   ]
@@ -185,7 +181,7 @@ def test_killed_anywhere_resumes_bit_exactly(env, reference):
       assert code == 128 + sig, (name, code, "".join(proc.lines[-30:]))
       assert not proc.saw("Traceback"), "".join(proc.lines[-30:])
       epoch = 1 if sig == signal.SIGINT else 2
-      meta = _meta(work, _steps(work)[-1])
+      meta = _meta(work, checkpoint_steps(work)[-1])
       assert meta["stage"] == 2, meta
       assert meta["epoch"] == epoch or meta["next_batch"] > 0, meta  # saved mid-epoch (or at its end)
       assert proc.saw(f"pre-empted: saved stage 2 epoch {epoch}") or meta["epoch"] == epoch
@@ -226,7 +222,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(env, reference):
   line = out.stderr.strip().splitlines()[-1]
   assert line.startswith("error: ") and "No space left on device" in line, line
   assert f"the last good checkpoint {work / 'checkpoints' / '2'} is kept" in line, line
-  assert _steps(work) == [1, 2] and not _leftovers(work)  # the half-written step is gone
+  assert checkpoint_steps(work) == [1, 2] and not _leftovers(work)  # the half-written step is gone
   assert not (work / "model").exists()
   out = _run(env, work)  # space freed: the same command resumes from checkpoint 2
   assert out.returncode == 0, out.stderr[-3000:]
@@ -279,7 +275,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, reference
   for piece in ("non-finite", "loss", "id_cls", "tri_proj", "i2t", "grad_norm",
                 f"the last good checkpoint {work / 'checkpoints' / '2'} is kept"):
     assert piece in line, (piece, line)
-  assert _steps(work) == [1, 2]  # stage 1 only: nothing non-finite was saved
+  assert checkpoint_steps(work) == [1, 2]  # stage 1 only: nothing non-finite was saved
   assert not (work / "model").exists() and (work / "stage1").is_dir()
 
 
@@ -309,7 +305,7 @@ def test_device_out_of_memory_is_one_line_and_keeps_the_checkpoints(env, referen
                   "2634022912 bytes.); expected more device memory or a smaller stage2.num_ids, stage1.batch_size, "
                   "eval.batch_size or model.input_size (python benchmarks/aot_report.py reports what a config needs "
                   "per device); the training checkpoints are kept"), line
-  assert _steps(work) == [1, 2] and (work / "stage1").is_dir() and not (work / "model").exists()
+  assert checkpoint_steps(work) == [1, 2] and (work / "stage1").is_dir() and not (work / "model").exists()
   out = _run(env, work)  # memory freed: the run resumes at stage 2 and ends as an uninterrupted one
   assert out.returncode == 0, out.stderr[-3000:]
   _assert_same_run(work, reference)
@@ -327,7 +323,7 @@ def test_workdir_of_another_configuration(env, reference):
 def test_unreadable_checkpoint_is_named_and_nothing_changes(env, reference):
   for name, cut in (("corrupt", lambda f: f.stat().st_size // 2), ("one_cut", lambda f: 100)):
     work = shutil.copytree(reference, env["root"] / name)
-    last = _steps(work)[-1]
+    last = checkpoint_steps(work)[-1]
     files = [f for f in (work / "checkpoints" / str(last) / "state").rglob("*") if f.is_file() and f.stat().st_size > 64]
     if name == "one_cut":  # one array file cut short while the others read: their late reads printed tracebacks
       files = [max(files, key=lambda f: f.stat().st_size)]

@@ -21,7 +21,7 @@ from clipreid_jax import config_defaults, convert, inference, train, workdir
 from clipreid_jax.checkpoints import CheckpointError
 from clipreid_jax.models.clipreid import load_clipreid
 from conftest import golden_root
-from train_helpers import folder_state, tensorboard_scalars, tiny_config, tiny_stage2_parts
+from train_helpers import checkpoint_steps, folder_state, tensorboard_scalars, tiny_config, tiny_stage2_parts
 
 
 def _variables(path):
@@ -282,7 +282,7 @@ def test_preemption_at_the_first_stage2_step_keeps_the_stage1_checkpoints(finish
   assert stop.value.code == 143
   meta = runs[-1].latest_meta()
   assert meta["stage"] == 2 and meta["epoch"] == 0 and meta["next_batch"] == 1, meta
-  steps_done = sorted(int(p.name) for p in (tmp_path / "work" / "checkpoints").iterdir() if p.name.isdigit())
+  steps_done = checkpoint_steps(tmp_path / "work")
   assert steps_done[-2] == config.stage1.max_epochs < steps_done[-1], steps_done  # stage 1's last one is kept
   monkeypatch.undo()
   train.train_and_evaluate(config, str(tmp_path / "work"))
@@ -503,7 +503,7 @@ def test_the_last_two_checkpoints_are_kept(tmp_path):
   for counter in (1, 2, 3, 4):
     run.save(counter, _small_state(), {"stage": 1, "epoch": counter})
   run.close()
-  assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [3, 4]
+  assert checkpoint_steps(work) == [3, 4]
   again = train.Run(str(work), tiny_config(tmp_path / "data"))
   assert again.resume()["epoch"] == 4
   again.close()

@@ -89,6 +89,11 @@ app.run(lambda argv: sys.exit(main.main(argv)), flags_parser=main.parse_flags)
 """
 
 
+def checkpoint_steps(workdir) -> list[int]:
+  """The counters of the training checkpoints in `workdir`, oldest first."""
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
 def folder_state(folder) -> list[tuple]:
   """Every path below `folder` with its mtime and size: equal before and after means nothing was written there."""
   return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in pathlib.Path(folder).rglob("*"))
